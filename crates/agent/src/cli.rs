@@ -1,0 +1,231 @@
+//! `tether-agent`'s command line: init, fingerprint, check, run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether_common::cli::{self as common, failure, usage_error};
+use tether_common::config::{AgentConfig, HostPort};
+use tether_common::identity::{Fingerprint, Identity};
+use tokio_util::sync::CancellationToken;
+
+use crate::Agent;
+
+const DEFAULT_CONFIG: &str = "/etc/tether/agent.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "The home end of a tether tunnel"
+)]
+struct Cli {
+    /// More log output: -v debug, -vv trace (RUST_LOG overrides)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write DIR/agent.toml and a new DIR/agent.key; never overwrites
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The relay's public name or address and UDP port
+        #[arg(long, value_name = "HOST:PORT", value_parser = parse_host_port)]
+        relay: HostPort,
+        /// What `tether-relay fingerprint` prints on the relay
+        #[arg(long, value_name = "FP", value_parser = parse_fingerprint)]
+        relay_fingerprint: Fingerprint,
+        /// This agent's name in the relay's logs and status (default: the host name)
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// Print this agent's key fingerprint, for the relay's allowlist
+    Fingerprint {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and the key; exit 0, or print every problem and exit 64
+    Check {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Keep the tunnel up until SIGINT or SIGTERM
+    Run {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+fn parse_host_port(text: &str) -> Result<HostPort, String> {
+    text.parse()
+}
+
+fn parse_fingerprint(text: &str) -> Result<Fingerprint, String> {
+    text.parse().map_err(|e| format!("{e}"))
+}
+
+/// Parses the command line and runs the command; the whole of `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                usage_error()
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Init {
+            dir,
+            relay,
+            relay_fingerprint,
+            name,
+        } => init(&dir, &relay, relay_fingerprint, name),
+        Command::Fingerprint { config } => match load(&config) {
+            Ok((_, identity)) => {
+                println!("{}", identity.fingerprint());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Check { config: file } => match load(&file) {
+            Ok((config, _)) => {
+                println!(
+                    "{}: ok ({} forwards)",
+                    file.display(),
+                    config.forwards.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let Ok((config, identity)) = load(&config) else {
+                return usage_error();
+            };
+            common::init_logging(cli.verbose);
+            run(config, &identity)
+        }
+    }
+}
+
+/// Loads the config and the key it names, printing every problem.
+fn load(file: &Path) -> Result<(AgentConfig, Identity), ExitCode> {
+    let config = AgentConfig::load(file).map_err(|e| {
+        eprintln!("{e}");
+        usage_error()
+    })?;
+    let identity = Identity::load(&config.key).map_err(|e| {
+        eprintln!("{}: key: {e}", file.display());
+        usage_error()
+    })?;
+    Ok((config, identity))
+}
+
+fn run(config: AgentConfig, identity: &Identity) -> ExitCode {
+    let runtime = match common::runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return failure();
+        }
+    };
+    runtime.block_on(async {
+        let agent = match Agent::new(config, identity) {
+            Ok(agent) => agent,
+            Err(error) => {
+                tracing::error!("{error}");
+                return failure();
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = common::shutdown_signal().await {
+                tracing::error!(%error, "cannot listen for signals");
+            }
+            signal.cancel();
+        });
+        agent.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init(
+    dir: &Path,
+    relay: &HostPort,
+    relay_fingerprint: Fingerprint,
+    name: Option<String>,
+) -> ExitCode {
+    let name = name.unwrap_or_else(host_name);
+    let (config_path, key_path) = (dir.join("agent.toml"), dir.join("agent.key"));
+    let written = common::refuse_existing(&[&config_path, &key_path])
+        .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display())))
+        .and_then(|()| Identity::generate(&key_path).map_err(|e| e.to_string()))
+        .and_then(|identity| {
+            let text = config_template(relay, relay_fingerprint);
+            common::write_new(&config_path, &text).map(|()| identity)
+        });
+    let identity = match written {
+        Ok(identity) => identity,
+        Err(message) => {
+            eprintln!("tether-agent init: {message}");
+            return failure();
+        }
+    };
+    println!(
+        "Wrote {} and {}.",
+        config_path.display(),
+        key_path.display()
+    );
+    println!("Agent fingerprint: {}", identity.fingerprint());
+    println!();
+    println!("Paste this into relay.toml on the relay, then restart tether-relay:");
+    println!();
+    println!("[[agent]]");
+    println!("name = \"{name}\"");
+    println!("fingerprint = \"{}\"", identity.fingerprint());
+    println!("ports = [\"2222/tcp\"]");
+    ExitCode::SUCCESS
+}
+
+/// This machine's name, made fit for a config name; "home" if it has none.
+fn host_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+        .take(tether_common::protocol::MAX_NAME_LEN)
+        .collect();
+    if name.is_empty() {
+        "home".into()
+    } else {
+        name
+    }
+}
+
+fn config_template(relay: &HostPort, relay_fingerprint: Fingerprint) -> String {
+    format!(
+        r#"# tether agent
+relay = "{relay}"   # re-resolved on every reconnect
+relay_fingerprint = "{relay_fingerprint}"   # printed by `tether-relay fingerprint`
+key = "agent.key"
+# keepalive = "10s"
+# idle_timeout = "30s"
+
+[[forward]]
+name = "ssh"
+proto = "tcp"
+remote = 2222                    # port on the relay
+local = "127.0.0.1:22"
+"#
+    )
+}

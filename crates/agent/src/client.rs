@@ -1,0 +1,237 @@
+//! The agent's connect loop: resolve the relay, handshake with its pinned key, run a session,
+//! and when it ends, try again after a backoff, or at once if the relay said it was restarting.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tether_common::config::{AgentConfig, Forward};
+use tether_common::identity::{Fingerprint, Identity};
+use tether_common::ports::Proto;
+use tether_common::protocol::{CloseCode, SessionId};
+use tether_common::tls::{self, RelayPin, TlsError};
+use tether_common::transport;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::session::{self, SessionEnd};
+use crate::status::AgentStatus;
+
+/// How long one attempt to reach the relay may take, name lookup and handshake included.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A session that stayed up this long resets the backoff.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// How long the agent waits for its goodbye to the relay to go out when it stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("idle_timeout is too long for QUIC")]
+    IdleTimeout,
+}
+
+/// Why one attempt to reach the relay failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot resolve {relay}: {source}")]
+    Resolve { relay: String, source: io::Error },
+    #[error("{relay} resolves to no address")]
+    NoAddress { relay: String },
+    #[error("cannot open a UDP socket: {0}")]
+    Socket(io::Error),
+    #[error("no answer from the relay at {relay} within {CONNECT_TIMEOUT:?}")]
+    Timeout { relay: String },
+    #[error(
+        "the relay at {address} shows key {got}, but relay_fingerprint pins {expected}; \
+         refusing to connect"
+    )]
+    WrongRelay {
+        address: SocketAddr,
+        expected: Fingerprint,
+        got: Fingerprint,
+    },
+    #[error(
+        "the relay at {address} refused this agent's key {fingerprint}; list it in the relay's \
+         relay.toml (tether-agent fingerprint prints it)"
+    )]
+    KeyRefused {
+        address: SocketAddr,
+        fingerprint: Fingerprint,
+    },
+    #[error("handshake with {address} failed: {source}")]
+    Handshake {
+        address: SocketAddr,
+        source: quinn::ConnectionError,
+    },
+    #[error("cannot start a connection: {0}")]
+    Connect(#[from] quinn::ConnectError),
+}
+
+/// The agent: keeps one session to the relay up for as long as it runs.
+pub struct Agent {
+    config: AgentConfig,
+    fingerprint: Fingerprint,
+    client: quinn::ClientConfig,
+    pin: Arc<RelayPin>,
+    /// The forwards offered to the relay, in the order of the Hello.
+    forwards: Arc<[Forward]>,
+    status: watch::Sender<AgentStatus>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig, identity: &Identity) -> Result<Self, AgentError> {
+        let (mut client, pin) = tls::client_config(identity, config.relay_fingerprint)?;
+        let transport = transport::agent(config.keepalive, config.idle_timeout)
+            .map_err(|_| AgentError::IdleTimeout)?;
+        client.transport_config(transport);
+        let (tcp, skipped): (Vec<_>, Vec<_>) = config
+            .forwards
+            .iter()
+            .cloned()
+            .partition(|f| f.proto == Proto::Tcp);
+        for forward in skipped {
+            tracing::warn!(
+                forward = %forward.name,
+                "UDP forwards are not carried by this version yet; skipping"
+            );
+        }
+        Ok(Self {
+            fingerprint: identity.fingerprint(),
+            client,
+            pin,
+            forwards: tcp.into(),
+            status: watch::Sender::new(AgentStatus::Connecting),
+            config,
+        })
+    }
+
+    /// Follows what the agent is doing.
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Connects and reconnects until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        let mut last_session: Option<SessionId> = None;
+        tracing::info!(relay = %self.config.relay, fingerprint = %self.fingerprint, "agent starting");
+        while !shutdown.is_cancelled() {
+            self.status.send_replace(AgentStatus::Connecting);
+            let attempt = tokio::select! {
+                () = shutdown.cancelled() => break,
+                attempt = self.connect() => attempt,
+            };
+            let error = match attempt {
+                Ok((endpoint, conn)) => {
+                    let started = Instant::now();
+                    let span = tracing::info_span!("session", relay = %conn.remote_address());
+                    let end = session::run(
+                        &conn,
+                        self.forwards.clone(),
+                        last_session,
+                        &self.status,
+                        &shutdown,
+                    )
+                    .instrument(span)
+                    .await;
+                    if started.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                    match end {
+                        SessionEnd::Stopped => {
+                            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+                            break;
+                        }
+                        SessionEnd::RelayRestarting { session } => {
+                            tracing::info!("relay is restarting; reconnecting at once");
+                            last_session = session;
+                            backoff.reset();
+                            continue;
+                        }
+                        SessionEnd::Lost { session, error } => {
+                            last_session = session.or(last_session);
+                            error
+                        }
+                    }
+                }
+                Err(error) => error.to_string(),
+            };
+            let retry_in = backoff.next_delay(rand::random());
+            tracing::warn!(%error, "reconnecting in {:.1}s", retry_in.as_secs_f64());
+            self.status
+                .send_replace(AgentStatus::Waiting { retry_in, error });
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(retry_in) => {}
+            }
+        }
+        self.status.send_replace(AgentStatus::Stopped);
+        tracing::info!("agent stopped");
+    }
+
+    /// One attempt: resolve the relay's name afresh and handshake.
+    async fn connect(&self) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+        let relay = &self.config.relay;
+        let attempt = async {
+            let address = tokio::net::lookup_host((relay.host.as_str(), relay.port))
+                .await
+                .map_err(|source| ConnectError::Resolve {
+                    relay: relay.to_string(),
+                    source,
+                })?
+                .next()
+                .ok_or_else(|| ConnectError::NoAddress {
+                    relay: relay.to_string(),
+                })?;
+            let local: SocketAddr = match address {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Socket)?;
+            let connecting =
+                endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME)?;
+            Ok::<_, ConnectError>((endpoint, address, connecting.await))
+        };
+        let (endpoint, address, result) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+            relay: relay.to_string(),
+        })??;
+        match result {
+            Ok(conn) => Ok((endpoint, conn)),
+            Err(source) => Err(self.explain(address, source)),
+        }
+    }
+
+    fn explain(&self, address: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
+        if let Some(got) = self.pin.take_mismatch() {
+            return ConnectError::WrongRelay {
+                address,
+                expected: self.pin.expected(),
+                got,
+            };
+        }
+        if let quinn::ConnectionError::ConnectionClosed(close) = &source {
+            if u64::from(close.error_code) == tls::REFUSED_KEY_ERROR_CODE {
+                return ConnectError::KeyRefused {
+                    address,
+                    fingerprint: self.fingerprint,
+                };
+            }
+        }
+        ConnectError::Handshake { address, source }
+    }
+}
+
+/// Whether a lost session was closed by a relay that is restarting.
+pub(crate) fn relay_restarting(error: &quinn::ConnectionError) -> bool {
+    matches!(error, quinn::ConnectionError::ApplicationClosed(close)
+        if CloseCode::from_code(close.error_code) == Some(CloseCode::RelayShutdown))
+}

@@ -1,0 +1,11 @@
+//! tether's agent: the end of the tunnel beside the home machine. It keeps one QUIC session to
+//! the relay and carries each visitor the relay sends to the local service of its forward.
+
+pub mod backoff;
+pub mod cli;
+pub mod client;
+pub mod session;
+pub mod status;
+
+pub use client::{Agent, AgentError};
+pub use status::AgentStatus;

@@ -1,0 +1,289 @@
+//! `agent.toml`: where the relay is, which key it must show, and what to forward.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+use super::{
+    duration, fingerprint, name, optional_duration, path_in, port_range, read, split_host,
+    ConfigError, Problems,
+};
+use crate::identity::Fingerprint;
+use crate::ports::{PortRange, Proto};
+
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// Resolved again on every connection attempt.
+    pub relay: HostPort,
+    pub relay_fingerprint: Fingerprint,
+    pub key: PathBuf,
+    /// `None`: no keepalives (only useful to prove that they matter).
+    pub keepalive: Option<Duration>,
+    pub idle_timeout: Duration,
+    pub forwards: Vec<Forward>,
+}
+
+/// A host name or address and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for HostPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One exposed service: public ports on the relay, a local address beside the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    pub name: String,
+    pub proto: Proto,
+    pub remote: PortRange,
+    pub local: LocalTarget,
+}
+
+/// Where a forward's traffic goes beside the agent: a host and a port or a range as long as
+/// the forward's remote range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalTarget {
+    pub host: String,
+    pub ports: PortRange,
+}
+
+impl Forward {
+    /// The local host and port for a visitor who reached public `port`.
+    pub fn local_for(&self, port: u16) -> Option<(&str, u16)> {
+        let local = self.local.ports.map_from(self.remote, port)?;
+        Some((&self.local.host, local))
+    }
+}
+
+impl fmt::Display for LocalTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = HostPort {
+            host: self.host.clone(),
+            port: 0,
+        }
+        .to_string();
+        let host = host.strip_suffix(":0").unwrap_or(&host);
+        write!(f, "{host}:{}", self.ports)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAgentConfig {
+    relay: String,
+    relay_fingerprint: String,
+    key: Option<String>,
+    keepalive: Option<String>,
+    idle_timeout: Option<String>,
+    #[serde(default)]
+    forward: Vec<RawForward>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    name: String,
+    proto: String,
+    remote: RawPorts,
+    local: String,
+}
+
+/// `remote` is written as a number (`2222`) or a string (`"60000-60010"`).
+struct RawPorts(String);
+
+impl<'de> Deserialize<'de> for RawPorts {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct PortsVisitor;
+        impl Visitor<'_> for PortsVisitor {
+            type Value = RawPorts;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a port like 2222 or a range like \"60000-60010\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawPorts, E> {
+                Ok(RawPorts(v.to_string()))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawPorts, E> {
+                Ok(RawPorts(v.to_owned()))
+            }
+        }
+        deserializer.deserialize_any(PortsVisitor)
+    }
+}
+
+impl AgentConfig {
+    /// Reads and validates `file`; relative paths in it are relative to its folder.
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let (raw, dir) = read::<RawAgentConfig>(file)?;
+        Self::validate(raw, &dir, file)
+    }
+
+    /// Validates the text of an agent.toml kept at `file` (only used to name it and its folder).
+    pub fn from_toml(text: &str, file: &Path) -> Result<Self, ConfigError> {
+        let raw = super::parse::<RawAgentConfig>(text).map_err(|p| ConfigError {
+            file: file.into(),
+            problems: vec![p],
+        })?;
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        Self::validate(raw, &dir, file)
+    }
+
+    fn validate(raw: RawAgentConfig, dir: &Path, file: &Path) -> Result<Self, ConfigError> {
+        let mut p = Problems::default();
+        let relay = p.check("relay", host_port(&raw.relay));
+        let relay_fingerprint = p.check("relay_fingerprint", fingerprint(&raw.relay_fingerprint));
+        let key = p.check(
+            "key",
+            path_in(dir, raw.key.as_deref().unwrap_or("agent.key")),
+        );
+        let keepalive = match &raw.keepalive {
+            None => Some(Some(DEFAULT_KEEPALIVE)),
+            Some(text) => p.check("keepalive", optional_duration(text)),
+        };
+        let idle_timeout = match &raw.idle_timeout {
+            None => Some(DEFAULT_IDLE_TIMEOUT),
+            Some(text) => p.check("idle_timeout", duration(text).and_then(nonzero)),
+        };
+        if let (Some(Some(keepalive)), Some(idle)) = (keepalive, idle_timeout) {
+            if keepalive >= idle {
+                p.add(
+                    "keepalive",
+                    format!(
+                        "must be shorter than idle_timeout ({}), got {}",
+                        humantime::format_duration(idle),
+                        humantime::format_duration(keepalive)
+                    ),
+                );
+            }
+        }
+        let forwards = forwards(&raw.forward, &mut p);
+        p.finish(file, || {
+            Some(AgentConfig {
+                relay: relay?,
+                relay_fingerprint: relay_fingerprint?,
+                key: key?,
+                keepalive: keepalive?,
+                idle_timeout: idle_timeout?,
+                forwards,
+            })
+        })
+    }
+}
+
+fn nonzero(d: Duration) -> Result<Duration, String> {
+    if d.is_zero() {
+        Err("must be longer than zero".into())
+    } else {
+        Ok(d)
+    }
+}
+
+fn forwards(raw: &[RawForward], p: &mut Problems) -> Vec<Forward> {
+    let mut out: Vec<Forward> = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.iter().enumerate() {
+        let key = |field: &str| format!("forward[{i}].{field}");
+        let name = p.check(key("name"), name(&raw.name));
+        let proto = p.check(
+            key("proto"),
+            raw.proto
+                .parse::<Proto>()
+                .map_err(|()| format!("expected \"tcp\" or \"udp\", got \"{}\"", raw.proto)),
+        );
+        let remote = p.check(
+            key("remote"),
+            port_range(&raw.remote.0).ok_or_else(|| {
+                format!(
+                    "expected a port like 2222 or a range like \"60000-60010\", got \"{}\"",
+                    raw.remote.0
+                )
+            }),
+        );
+        let local = p.check(key("local"), local_target(&raw.local));
+        let (Some(name), Some(proto), Some(remote), Some(local)) = (name, proto, remote, local)
+        else {
+            continue;
+        };
+        if local.ports.size() != remote.size() {
+            p.add(
+                key("local"),
+                format!(
+                    "expected {} local ports to match remote {remote}, got \"{}\"",
+                    remote.size(),
+                    raw.local
+                ),
+            );
+            continue;
+        }
+        if let Some(other) = out.iter().find(|f| f.name == name) {
+            p.add(
+                key("name"),
+                format!("\"{}\" is already the name of another forward", other.name),
+            );
+            continue;
+        }
+        if let Some(other) = out
+            .iter()
+            .find(|f| f.proto == proto && f.remote.overlaps(remote))
+        {
+            p.add(
+                key("remote"),
+                format!(
+                    "{remote}/{proto} overlaps forward \"{}\" ({}/{proto})",
+                    other.name, other.remote
+                ),
+            );
+            continue;
+        }
+        out.push(Forward {
+            name,
+            proto,
+            remote,
+            local,
+        });
+    }
+    out
+}
+
+impl std::str::FromStr for HostPort {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        host_port(text)
+    }
+}
+
+fn host_port(text: &str) -> Result<HostPort, String> {
+    let err = || format!("expected HOST:PORT, got \"{text}\"");
+    let (host, port) = split_host(text).ok_or_else(err)?;
+    let port = port
+        .parse::<u16>()
+        .ok()
+        .filter(|&p| p != 0)
+        .ok_or_else(err)?;
+    Ok(HostPort { host, port })
+}
+
+fn local_target(text: &str) -> Result<LocalTarget, String> {
+    let err = || format!("expected HOST:PORT, got \"{text}\"");
+    let (host, ports) = split_host(text).ok_or_else(err)?;
+    Ok(LocalTarget {
+        host,
+        ports: port_range(ports).ok_or_else(err)?,
+    })
+}

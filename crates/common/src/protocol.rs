@@ -1,0 +1,691 @@
+//! The tether wire protocol, version 1 (ALPN `tether/1`).
+//!
+//! # Protocol flow
+//!
+//! ```text
+//!  agent                                              relay
+//!    | QUIC, TLS 1.3, both certificates pinned by key   |
+//!    |=================================================>|
+//!    | control stream: the first bidirectional stream,  |
+//!    | opened by the agent                              |
+//!    |   Hello { version, resume, forwards }            |
+//!    |------------------------------------------------->| each forward checked against the
+//!    |   Welcome { session, results }                   | agent's allowlist and the port
+//!    |<-------------------------------------------------| registry; listeners opened
+//!    |                                                  |
+//!    | data stream: one bidirectional stream per        | a visitor connects to a
+//!    | visitor TCP connection, opened by the relay      | public port
+//!    |   StreamHeader, then the visitor's bytes at once |
+//!    |<-------------------------------------------------|
+//!    |   the local service's bytes                      |
+//!    |------------------------------------------------->|
+//!    |                                                  |
+//!    | CONNECTION_CLOSE with a CloseCode and a reason   |
+//!    |<------------------------------------------------>|
+//! ```
+//!
+//! The relay does not wait for the agent before it sends a visitor's first bytes: they follow
+//! the [`StreamHeader`] on the same stream, so a new visitor connection costs no round trip
+//! beyond the one to the local service. The agent answers a local service that refuses by
+//! resetting the stream with [`StreamCode::LocalUnreachable`]; the relay then resets the visitor.
+//!
+//! Control messages are framed as `type: u8, length: u32 (big-endian), body`. The length is
+//! checked against [`MAX_FRAME_LEN`] before anything is allocated. Integers are big-endian.
+//! Sessions and data streams carry ids from version 1 so that a later version can resume a lost
+//! session's streams.
+
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::ports::{PortRange, Proto};
+
+/// The version carried in [`Hello`]. ALPN already selects it; the field lets a relay explain a
+/// mismatch instead of failing the handshake.
+pub const VERSION: u16 = 1;
+
+/// The largest control frame body either side accepts.
+pub const MAX_FRAME_LEN: usize = 64 * 1024;
+
+/// Forwards in one [`Hello`] at most.
+pub const MAX_FORWARDS: usize = 256;
+
+/// Bytes in a forward's name at most.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The bytes in front of each control frame's body: type and length.
+pub const FRAME_HEADER_LEN: usize = 5;
+
+/// An id the relay gives each session; an agent presents its last one when it reconnects.
+pub type SessionId = u64;
+
+/// An id the relay gives each data stream of an agent; unique across that agent's sessions.
+pub type StreamId = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame body of {len} bytes is larger than the limit of {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("message is truncated")]
+    Truncated,
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("invalid {0}")]
+    Invalid(&'static str),
+}
+
+impl From<bytes::TryGetError> for DecodeError {
+    fn from(_: bytes::TryGetError) -> Self {
+        DecodeError::Truncated
+    }
+}
+
+/// What the agent asks for when a session opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// The session this agent had before, if any: room for resuming its streams.
+    pub resume: Option<SessionId>,
+    pub forwards: Vec<ForwardRequest>,
+}
+
+/// One forward as the agent asks for it: which public ports, for which protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardRequest {
+    pub name: String,
+    pub proto: Proto,
+    pub remote: PortRange,
+}
+
+/// The relay's answer to [`Hello`]: one result per requested forward, in the same order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Welcome {
+    pub session: SessionId,
+    pub results: Vec<ForwardResult>,
+}
+
+/// Whether the relay opened a forward's public ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardResult {
+    Opened,
+    Refused(Refusal),
+}
+
+/// Why the relay refused a forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("the relay does not allow this agent these ports")]
+    NotAllowed,
+    #[error("the port is in use on the relay")]
+    InUse,
+    #[error("the request is invalid (bad range, or it overlaps another forward)")]
+    Invalid,
+    #[error("the relay could not open the port")]
+    Unavailable,
+}
+
+/// Control messages from the agent to the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AgentMessage {
+    Hello(Hello),
+}
+
+/// Control messages from the relay to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelayMessage {
+    Welcome(Welcome),
+}
+
+const TYPE_HELLO: u8 = 0x01;
+const TYPE_WELCOME: u8 = 0x81;
+
+impl AgentMessage {
+    pub fn encode(&self) -> Bytes {
+        match self {
+            AgentMessage::Hello(hello) => frame(TYPE_HELLO, |body| hello.encode(body)),
+        }
+    }
+
+    pub fn decode(kind: u8, mut body: &[u8]) -> Result<Self, DecodeError> {
+        let message = match kind {
+            TYPE_HELLO => AgentMessage::Hello(Hello::decode(&mut body)?),
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        ensure_consumed(body)?;
+        Ok(message)
+    }
+}
+
+impl RelayMessage {
+    pub fn encode(&self) -> Bytes {
+        match self {
+            RelayMessage::Welcome(welcome) => frame(TYPE_WELCOME, |body| welcome.encode(body)),
+        }
+    }
+
+    pub fn decode(kind: u8, mut body: &[u8]) -> Result<Self, DecodeError> {
+        let message = match kind {
+            TYPE_WELCOME => RelayMessage::Welcome(Welcome::decode(&mut body)?),
+            other => return Err(DecodeError::UnknownType(other)),
+        };
+        ensure_consumed(body)?;
+        Ok(message)
+    }
+}
+
+/// Parses the five bytes in front of a frame into its type and body length, refusing a length
+/// over [`MAX_FRAME_LEN`] before the caller allocates for it.
+pub fn decode_frame_header(header: [u8; FRAME_HEADER_LEN]) -> Result<(u8, usize), DecodeError> {
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(DecodeError::TooLong {
+            len,
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok((header[0], len))
+}
+
+fn frame(kind: u8, write_body: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut buf = BytesMut::with_capacity(64);
+    buf.put_u8(kind);
+    buf.put_u32(0);
+    write_body(&mut buf);
+    let len = (buf.len() - FRAME_HEADER_LEN) as u32;
+    buf[1..FRAME_HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+fn ensure_consumed(rest: &[u8]) -> Result<(), DecodeError> {
+    match rest.len() {
+        0 => Ok(()),
+        n => Err(DecodeError::TrailingBytes(n)),
+    }
+}
+
+impl Hello {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u16(self.version);
+        match self.resume {
+            None => buf.put_u8(0),
+            Some(id) => {
+                buf.put_u8(1);
+                buf.put_u64(id);
+            }
+        }
+        buf.put_u16(self.forwards.len() as u16);
+        for forward in &self.forwards {
+            let name = forward.name.as_bytes();
+            buf.put_u8(name.len() as u8);
+            buf.put_slice(name);
+            buf.put_u8(forward.proto.wire());
+            buf.put_u16(forward.remote.start());
+            buf.put_u16(forward.remote.end());
+        }
+    }
+
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let version = buf.try_get_u16()?;
+        let resume = match buf.try_get_u8()? {
+            0 => None,
+            1 => Some(buf.try_get_u64()?),
+            _ => return Err(DecodeError::Invalid("resume flag")),
+        };
+        let count = usize::from(buf.try_get_u16()?);
+        if count > MAX_FORWARDS {
+            return Err(DecodeError::Invalid("forward count"));
+        }
+        let mut forwards = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name_len = usize::from(buf.try_get_u8()?);
+            if name_len > MAX_NAME_LEN {
+                return Err(DecodeError::Invalid("forward name length"));
+            }
+            if buf.remaining() < name_len {
+                return Err(DecodeError::Truncated);
+            }
+            let name = std::str::from_utf8(&buf[..name_len])
+                .map_err(|_| DecodeError::Invalid("forward name"))?
+                .to_owned();
+            buf.advance(name_len);
+            let proto = Proto::from_wire(buf.try_get_u8()?).ok_or(DecodeError::Invalid("proto"))?;
+            let (start, end) = (buf.try_get_u16()?, buf.try_get_u16()?);
+            let remote = PortRange::new(start, end).ok_or(DecodeError::Invalid("port range"))?;
+            forwards.push(ForwardRequest {
+                name,
+                proto,
+                remote,
+            });
+        }
+        Ok(Hello {
+            version,
+            resume,
+            forwards,
+        })
+    }
+}
+
+impl ForwardResult {
+    fn wire(self) -> u8 {
+        match self {
+            ForwardResult::Opened => 0,
+            ForwardResult::Refused(Refusal::NotAllowed) => 1,
+            ForwardResult::Refused(Refusal::InUse) => 2,
+            ForwardResult::Refused(Refusal::Invalid) => 3,
+            ForwardResult::Refused(Refusal::Unavailable) => 4,
+        }
+    }
+
+    fn from_wire(byte: u8) -> Option<Self> {
+        Some(match byte {
+            0 => ForwardResult::Opened,
+            1 => ForwardResult::Refused(Refusal::NotAllowed),
+            2 => ForwardResult::Refused(Refusal::InUse),
+            3 => ForwardResult::Refused(Refusal::Invalid),
+            4 => ForwardResult::Refused(Refusal::Unavailable),
+            _ => return None,
+        })
+    }
+}
+
+impl Welcome {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u64(self.session);
+        buf.put_u16(self.results.len() as u16);
+        for result in &self.results {
+            buf.put_u8(result.wire());
+        }
+    }
+
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let session = buf.try_get_u64()?;
+        let count = usize::from(buf.try_get_u16()?);
+        if count > MAX_FORWARDS {
+            return Err(DecodeError::Invalid("result count"));
+        }
+        let mut results = Vec::with_capacity(count);
+        for _ in 0..count {
+            let byte = buf.try_get_u8()?;
+            results.push(ForwardResult::from_wire(byte).ok_or(DecodeError::Invalid("result"))?);
+        }
+        Ok(Welcome { session, results })
+    }
+}
+
+/// What the relay writes at the start of each data stream, before the visitor's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamHeader {
+    pub id: StreamId,
+    /// The index of the forward in the agent's [`Hello`].
+    pub forward: u16,
+    /// The public port the visitor connected to; with a range, it selects the local port.
+    pub port: u16,
+    pub visitor: SocketAddr,
+}
+
+impl StreamHeader {
+    /// kind (1), id (8), forward (2), port (2), visitor address (16, IPv4 mapped), visitor port (2).
+    pub const LEN: usize = 31;
+    const KIND_OPEN: u8 = 0x01;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        let mut buf = &mut out[..];
+        buf.put_u8(Self::KIND_OPEN);
+        buf.put_u64(self.id);
+        buf.put_u16(self.forward);
+        buf.put_u16(self.port);
+        let ip = match self.visitor.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        buf.put_slice(&ip.octets());
+        buf.put_u16(self.visitor.port());
+        out
+    }
+
+    pub fn decode(bytes: &[u8; Self::LEN]) -> Result<Self, DecodeError> {
+        let mut buf = &bytes[..];
+        if buf.get_u8() != Self::KIND_OPEN {
+            return Err(DecodeError::Invalid("stream kind"));
+        }
+        let id = buf.get_u64();
+        let forward = buf.get_u16();
+        let port = buf.get_u16();
+        let mut ip = [0u8; 16];
+        buf.copy_to_slice(&mut ip);
+        let ip = Ipv6Addr::from(ip).to_canonical();
+        let visitor = SocketAddr::new(ip, buf.get_u16());
+        Ok(StreamHeader {
+            id,
+            forward,
+            port,
+            visitor,
+        })
+    }
+}
+
+/// Why a session was closed: the application error code of QUIC's CONNECTION_CLOSE.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// The agent is stopping.
+    AgentShutdown,
+    /// The relay is stopping or restarting: reconnect at once.
+    RelayShutdown,
+    /// A newer session of the same agent took over.
+    Replaced,
+    /// The peer broke the protocol.
+    ProtocolError,
+    /// The agent speaks a version the relay does not.
+    UnsupportedVersion,
+    /// The agent's key is no longer listed.
+    Unauthorized,
+    /// A step of the session set-up took too long.
+    Timeout,
+}
+
+impl CloseCode {
+    const ALL: [CloseCode; 7] = [
+        CloseCode::AgentShutdown,
+        CloseCode::RelayShutdown,
+        CloseCode::Replaced,
+        CloseCode::ProtocolError,
+        CloseCode::UnsupportedVersion,
+        CloseCode::Unauthorized,
+        CloseCode::Timeout,
+    ];
+
+    pub fn code(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(match self {
+            CloseCode::AgentShutdown => 1,
+            CloseCode::RelayShutdown => 2,
+            CloseCode::Replaced => 3,
+            CloseCode::ProtocolError => 4,
+            CloseCode::UnsupportedVersion => 5,
+            CloseCode::Unauthorized => 6,
+            CloseCode::Timeout => 7,
+        })
+    }
+
+    pub fn from_code(code: quinn::VarInt) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.code() == code)
+    }
+
+    /// Words for the peer's log, sent as the close reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CloseCode::AgentShutdown => "agent shutting down",
+            CloseCode::RelayShutdown => "relay shutting down",
+            CloseCode::Replaced => "a newer session of this agent took over",
+            CloseCode::ProtocolError => "protocol error",
+            CloseCode::UnsupportedVersion => "unsupported protocol version",
+            CloseCode::Unauthorized => "agent not authorized",
+            CloseCode::Timeout => "session set-up timed out",
+        }
+    }
+
+    /// Closes `conn` with this code and its reason.
+    pub fn close(self, conn: &quinn::Connection) {
+        conn.close(self.code(), self.reason().as_bytes());
+    }
+}
+
+/// Why a data stream was reset or stopped: the application error code of RESET_STREAM and
+/// STOP_SENDING.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCode {
+    /// The agent could not connect to the local service.
+    LocalUnreachable,
+    /// The TCP connection at the other end failed or was reset.
+    Aborted,
+    /// The stream header was malformed or named an unknown forward.
+    BadHeader,
+}
+
+impl StreamCode {
+    pub fn code(self) -> quinn::VarInt {
+        quinn::VarInt::from_u32(match self {
+            StreamCode::LocalUnreachable => 1,
+            StreamCode::Aborted => 2,
+            StreamCode::BadHeader => 3,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(start: u16, end: u16) -> PortRange {
+        PortRange::new(start, end).unwrap()
+    }
+
+    fn hello() -> Hello {
+        Hello {
+            version: VERSION,
+            resume: Some(0x0102_0304_0506_0708),
+            forwards: vec![
+                ForwardRequest {
+                    name: "ssh".into(),
+                    proto: Proto::Tcp,
+                    remote: range(2222, 2222),
+                },
+                ForwardRequest {
+                    name: "mosh".into(),
+                    proto: Proto::Udp,
+                    remote: range(60000, 60010),
+                },
+            ],
+        }
+    }
+
+    fn welcome() -> Welcome {
+        Welcome {
+            session: u64::MAX,
+            results: vec![
+                ForwardResult::Opened,
+                ForwardResult::Refused(Refusal::NotAllowed),
+                ForwardResult::Refused(Refusal::InUse),
+                ForwardResult::Refused(Refusal::Invalid),
+                ForwardResult::Refused(Refusal::Unavailable),
+            ],
+        }
+    }
+
+    fn split(frame: &[u8]) -> (u8, &[u8]) {
+        let header: [u8; FRAME_HEADER_LEN] = frame[..FRAME_HEADER_LEN].try_into().unwrap();
+        let (kind, len) = decode_frame_header(header).unwrap();
+        assert_eq!(len, frame.len() - FRAME_HEADER_LEN);
+        (kind, &frame[FRAME_HEADER_LEN..])
+    }
+
+    #[test]
+    fn hello_round_trips() {
+        for message in [
+            AgentMessage::Hello(hello()),
+            AgentMessage::Hello(Hello {
+                version: 7,
+                resume: None,
+                forwards: vec![],
+            }),
+        ] {
+            let frame = message.encode();
+            let (kind, body) = split(&frame);
+            assert_eq!(AgentMessage::decode(kind, body), Ok(message));
+        }
+    }
+
+    #[test]
+    fn welcome_round_trips() {
+        let message = RelayMessage::Welcome(welcome());
+        let frame = message.encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(RelayMessage::decode(kind, body), Ok(message));
+    }
+
+    #[test]
+    fn every_truncation_is_refused() {
+        let frame = AgentMessage::Hello(hello()).encode();
+        let (kind, body) = split(&frame);
+        for cut in 0..body.len() {
+            assert_eq!(
+                AgentMessage::decode(kind, &body[..cut]),
+                Err(DecodeError::Truncated)
+            );
+        }
+        let frame = RelayMessage::Welcome(welcome()).encode();
+        let (kind, body) = split(&frame);
+        for cut in 0..body.len() {
+            assert_eq!(
+                RelayMessage::decode(kind, &body[..cut]),
+                Err(DecodeError::Truncated)
+            );
+        }
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let frame = AgentMessage::Hello(hello()).encode();
+        let (kind, body) = split(&frame);
+        let mut longer = body.to_vec();
+        longer.push(0);
+        assert_eq!(
+            AgentMessage::decode(kind, &longer),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_reading_the_body() {
+        let mut header = [TYPE_HELLO, 0, 0, 0, 0];
+        header[1..].copy_from_slice(&(MAX_FRAME_LEN as u32 + 1).to_be_bytes());
+        assert_eq!(
+            decode_frame_header(header),
+            Err(DecodeError::TooLong {
+                len: MAX_FRAME_LEN + 1,
+                max: MAX_FRAME_LEN
+            })
+        );
+        header[1..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            decode_frame_header(header),
+            Err(DecodeError::TooLong { .. })
+        ));
+        header[1..].copy_from_slice(&(MAX_FRAME_LEN as u32).to_be_bytes());
+        assert_eq!(decode_frame_header(header), Ok((TYPE_HELLO, MAX_FRAME_LEN)));
+    }
+
+    #[test]
+    fn unknown_types_and_directions_are_refused() {
+        let hello = AgentMessage::Hello(hello()).encode();
+        let (kind, body) = split(&hello);
+        assert_eq!(
+            RelayMessage::decode(kind, body),
+            Err(DecodeError::UnknownType(TYPE_HELLO))
+        );
+        assert_eq!(
+            AgentMessage::decode(0x7f, body),
+            Err(DecodeError::UnknownType(0x7f))
+        );
+    }
+
+    #[test]
+    fn invalid_fields_are_refused() {
+        // version 1, no resume, one forward named "a", proto 9.
+        let body = [0, 1, 0, 0, 1, 1, b'a', 9, 0, 22, 0, 22];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("proto"))
+        );
+        // A range that runs backwards.
+        let body = [0, 1, 0, 0, 1, 1, b'a', 1, 0, 23, 0, 22];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("port range"))
+        );
+        // Port 0.
+        let body = [0, 1, 0, 0, 1, 1, b'a', 1, 0, 0, 0, 0];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("port range"))
+        );
+        // A name that is not UTF-8.
+        let body = [0, 1, 0, 0, 1, 1, 0xff, 1, 0, 22, 0, 22];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("forward name"))
+        );
+        // A name longer than the limit.
+        let body = [0, 1, 0, 0, 1, MAX_NAME_LEN as u8 + 1];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("forward name length"))
+        );
+        // More forwards than the limit: refused before any allocation for them.
+        let count = (MAX_FORWARDS as u16 + 1).to_be_bytes();
+        let body = [0, 1, 0, count[0], count[1]];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("forward count"))
+        );
+        // A resume flag that is neither 0 nor 1.
+        let body = [0, 1, 2];
+        assert_eq!(
+            AgentMessage::decode(TYPE_HELLO, &body),
+            Err(DecodeError::Invalid("resume flag"))
+        );
+        // An unknown result.
+        let body = [0, 0, 0, 0, 0, 0, 0, 1, 0, 1, 99];
+        assert_eq!(
+            RelayMessage::decode(TYPE_WELCOME, &body),
+            Err(DecodeError::Invalid("result"))
+        );
+    }
+
+    #[test]
+    fn stream_header_round_trips_both_families() {
+        for visitor in ["203.0.113.9:40000", "[2001:db8::1]:1", "[::ffff:1.2.3.4]:5"] {
+            let visitor: SocketAddr = visitor.parse().unwrap();
+            let header = StreamHeader {
+                id: 42,
+                forward: 3,
+                port: 60005,
+                visitor,
+            };
+            let decoded = StreamHeader::decode(&header.encode()).unwrap();
+            assert_eq!(decoded.id, 42);
+            assert_eq!(decoded.forward, 3);
+            assert_eq!(decoded.port, 60005);
+            // IPv4 (also IPv4-mapped IPv6) comes back as plain IPv4.
+            let expected = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
+            assert_eq!(decoded.visitor, expected);
+        }
+    }
+
+    #[test]
+    fn stream_header_with_unknown_kind_is_refused() {
+        let visitor = "127.0.0.1:1".parse().unwrap();
+        let mut bytes = StreamHeader {
+            id: 1,
+            forward: 0,
+            port: 22,
+            visitor,
+        }
+        .encode();
+        bytes[0] = 0x7f;
+        assert_eq!(
+            StreamHeader::decode(&bytes),
+            Err(DecodeError::Invalid("stream kind"))
+        );
+    }
+
+    #[test]
+    fn close_codes_round_trip() {
+        for code in CloseCode::ALL {
+            assert_eq!(CloseCode::from_code(code.code()), Some(code));
+        }
+        assert_eq!(CloseCode::from_code(quinn::VarInt::from_u32(0)), None);
+    }
+}

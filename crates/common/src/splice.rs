@@ -1,0 +1,134 @@
+//! The one TCP copy loop, used by the relay for visitors and by the agent for local services:
+//! a TCP connection spliced to a QUIC stream, both directions at once.
+//!
+//! - Half-close: EOF from TCP finishes the stream, the end of the stream shuts down TCP's
+//!   write side; the other direction goes on until it ends too.
+//! - A failure on one side is passed on as a failure, not a clean end: a TCP error resets the
+//!   stream, a reset stream resets the TCP connection (RST), so neither end mistakes a broken
+//!   connection for a complete one.
+//! - Memory is bounded: one chunk in flight per direction, and QUIC flow control pushes back on
+//!   the sender when the TCP reader is slow. No buffer is held while a connection is idle.
+
+use std::io;
+use std::net::Shutdown;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{RecvStream, SendStream};
+use socket2::SockRef;
+use tokio::net::TcpStream;
+
+use crate::protocol::StreamCode;
+
+/// The most bytes read from either side at once.
+pub const CHUNK: usize = 16 * 1024;
+
+/// Bytes carried each way by one spliced connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transferred {
+    /// From the TCP connection into the stream.
+    pub to_stream: u64,
+    /// From the stream out to the TCP connection.
+    pub to_tcp: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("reading from TCP: {0}")]
+    TcpRead(io::Error),
+    #[error("writing to TCP: {0}")]
+    TcpWrite(io::Error),
+    #[error("reading from the tunnel: {0}")]
+    StreamRead(#[from] quinn::ReadError),
+    #[error("writing to the tunnel: {0}")]
+    StreamWrite(#[from] quinn::WriteError),
+}
+
+/// Carries bytes both ways between `tcp` and the stream until both directions have ended.
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
+) -> Result<Transferred, SpliceError> {
+    let mut moved = Transferred::default();
+    let result = tokio::try_join!(
+        tcp_to_stream(&tcp, &mut send, &mut moved.to_stream),
+        stream_to_tcp(&mut recv, &tcp, &mut moved.to_tcp),
+    );
+    match result {
+        Ok(_) => Ok(moved),
+        Err(error) => {
+            // Whichever side failed, tell the other one that this is no clean end.
+            let _ = send.reset(StreamCode::Aborted.code());
+            let _ = recv.stop(StreamCode::Aborted.code());
+            if matches!(
+                error,
+                SpliceError::StreamRead(_) | SpliceError::StreamWrite(_)
+            ) {
+                reset_tcp(&tcp);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Closes `tcp` with a RST instead of a FIN when it is dropped.
+pub fn reset_tcp(tcp: &TcpStream) {
+    let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
+async fn tcp_to_stream(
+    tcp: &TcpStream,
+    send: &mut SendStream,
+    count: &mut u64,
+) -> Result<(), SpliceError> {
+    loop {
+        tcp.readable().await.map_err(SpliceError::TcpRead)?;
+        // The buffer lives only until the chunk is copied out, never across an await, so an
+        // idle connection holds none.
+        let chunk = {
+            let mut buf = [0u8; CHUNK];
+            match tcp.try_read(&mut buf) {
+                Ok(0) => {
+                    let _ = send.finish();
+                    return Ok(());
+                }
+                Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(SpliceError::TcpRead(e)),
+            }
+        };
+        *count += chunk.len() as u64;
+        send.write_chunk(chunk).await?;
+    }
+}
+
+async fn stream_to_tcp(
+    recv: &mut RecvStream,
+    tcp: &TcpStream,
+    count: &mut u64,
+) -> Result<(), SpliceError> {
+    while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
+        write_all(tcp, &chunk.bytes)
+            .await
+            .map_err(SpliceError::TcpWrite)?;
+        *count += chunk.bytes.len() as u64;
+    }
+    match SockRef::from(tcp).shutdown(Shutdown::Write) {
+        // The peer may have closed already; there is nothing left to tell it.
+        Err(e) if e.kind() != io::ErrorKind::NotConnected => Err(SpliceError::TcpWrite(e)),
+        _ => Ok(()),
+    }
+}
+
+async fn write_all(tcp: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        tcp.writable().await?;
+        match tcp.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

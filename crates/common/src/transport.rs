@@ -1,0 +1,47 @@
+//! QUIC transport settings of a session, on each side.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::{IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
+
+/// Visitor TCP connections one session carries at once; more wait for a free stream.
+pub const MAX_DATA_STREAMS: u32 = 1024;
+
+/// Bytes one data stream may have in flight, and a whole session: the memory bound per session.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
+
+fn common() -> TransportConfig {
+    let mut config = TransportConfig::default();
+    config
+        .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(SESSION_WINDOW))
+        .send_window(u64::from(SESSION_WINDOW))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    config
+}
+
+/// The agent's side: it sends the keepalives and sets the idle timeout both sides use. It
+/// accepts the relay's data streams.
+pub fn agent(
+    keepalive: Option<Duration>,
+    idle_timeout: Duration,
+) -> Result<Arc<TransportConfig>, VarIntBoundsExceeded> {
+    let mut config = common();
+    config
+        .keep_alive_interval(keepalive)
+        .max_idle_timeout(Some(IdleTimeout::try_from(idle_timeout)?))
+        .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS));
+    Ok(Arc::new(config))
+}
+
+/// The relay's side: no idle timeout of its own, so the agent's applies; the agent may open
+/// its control stream and nothing else.
+pub fn relay() -> Arc<TransportConfig> {
+    let mut config = common();
+    config
+        .max_idle_timeout(None)
+        .max_concurrent_bidi_streams(VarInt::from_u32(1));
+    Arc::new(config)
+}

@@ -1,0 +1,241 @@
+//! The relay's table of agents: for each, its live session (if any) and the public ports it
+//! holds, with the port registry that keeps one owner per port.
+//!
+//! Ports belong to the agent, not to one session: a new session of the same agent takes them
+//! over at once, without closing the listeners, and an agent that went away keeps them for
+//! [`PORT_HOLD`] so that it finds them again when it reconnects.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::config::AgentEntry;
+use tether_common::ports::{PortSpec, Proto};
+use tether_common::protocol::{
+    CloseCode, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
+};
+use tokio::sync::watch;
+use tokio_util::sync::DropGuard;
+
+use crate::registry::PortRegistry;
+use crate::server::Shared;
+use crate::visitor;
+
+/// How long an agent that went away keeps its ports.
+pub const PORT_HOLD: Duration = Duration::from_secs(30);
+
+/// One authenticated session, as visitors need it.
+#[derive(Debug)]
+pub struct LiveSession {
+    pub id: SessionId,
+    pub conn: quinn::Connection,
+    /// Which forward of the agent's Hello serves each public port.
+    pub routes: HashMap<(Proto, u16), Route>,
+    next_stream: Arc<AtomicU64>,
+}
+
+impl LiveSession {
+    pub fn next_stream_id(&self) -> StreamId {
+        self.next_stream.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub forward: u16,
+    pub name: Arc<str>,
+}
+
+/// What listeners watch: the agent's live session, `None` while it is away.
+pub type SessionWatch = watch::Receiver<Option<Arc<LiveSession>>>;
+
+#[derive(Default)]
+pub struct Table {
+    registry: PortRegistry,
+    agents: HashMap<String, Slot>,
+}
+
+struct Slot {
+    live: watch::Sender<Option<Arc<LiveSession>>>,
+    /// The listener of each held port; dropping the guard closes it.
+    ports: HashMap<(Proto, u16), DropGuard>,
+    next_stream: Arc<AtomicU64>,
+    /// Counts sessions, so that a hold timer knows whether the agent came back meanwhile.
+    generation: u64,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            live: watch::Sender::new(None),
+            ports: HashMap::new(),
+            next_stream: Arc::new(AtomicU64::new(1)),
+            generation: 0,
+        }
+    }
+}
+
+impl Table {
+    /// Opens what a new session of `agent` asks for and returns a result per request and the
+    /// routes of the opened ports. Ports the agent held but no longer asks for are released.
+    pub fn open_forwards(
+        &mut self,
+        shared: &Arc<Shared>,
+        agent: &AgentEntry,
+        requests: &[ForwardRequest],
+    ) -> (Vec<ForwardResult>, HashMap<(Proto, u16), Route>) {
+        let slot = self
+            .agents
+            .entry(agent.name.clone())
+            .or_insert_with(Slot::new);
+        let mut held = std::mem::take(&mut slot.ports);
+        let mut ports = HashMap::new();
+        let mut routes = HashMap::new();
+        let mut results = Vec::with_capacity(requests.len());
+        for (index, request) in requests.iter().enumerate() {
+            let spec = PortSpec {
+                proto: request.proto,
+                range: request.remote,
+            };
+            let result = if requests[..index]
+                .iter()
+                .any(|r| r.proto == request.proto && r.remote.overlaps(request.remote))
+            {
+                Err(Refusal::Invalid)
+            } else {
+                self.registry.claim(agent, spec).and_then(|()| {
+                    open_ports(shared, &agent.name, spec, &slot.live, &mut held, &mut ports)
+                })
+            };
+            results.push(match result {
+                Ok(()) => {
+                    let route = Route {
+                        forward: index as u16,
+                        name: request.name.as_str().into(),
+                    };
+                    for port in spec.range.ports() {
+                        routes.insert((spec.proto, port), route.clone());
+                    }
+                    ForwardResult::Opened
+                }
+                Err(refusal) => {
+                    for port in spec
+                        .range
+                        .ports()
+                        .filter(|&p| !ports.contains_key(&(spec.proto, p)))
+                    {
+                        self.registry.release(&agent.name, spec.proto, port);
+                    }
+                    ForwardResult::Refused(refusal)
+                }
+            });
+        }
+        // Whatever was held and not asked for again is closed and released.
+        for (proto, port) in held.into_keys() {
+            self.registry.release(&agent.name, proto, port);
+        }
+        slot.ports = ports;
+        (results, routes)
+    }
+
+    /// Makes `conn` the agent's live session, closing the one it replaces.
+    pub fn publish(
+        &mut self,
+        agent: &str,
+        id: SessionId,
+        conn: quinn::Connection,
+        routes: HashMap<(Proto, u16), Route>,
+    ) {
+        let Some(slot) = self.agents.get_mut(agent) else {
+            return;
+        };
+        slot.generation += 1;
+        let live = LiveSession {
+            id,
+            conn,
+            routes,
+            next_stream: slot.next_stream.clone(),
+        };
+        if let Some(old) = slot.live.send_replace(Some(Arc::new(live))) {
+            tracing::info!(
+                agent,
+                session = old.id,
+                "closing the session this one replaces"
+            );
+            CloseCode::Replaced.close(&old.conn);
+        }
+    }
+
+    /// Marks the agent away if `id` is still its live session. Returns the generation to pass
+    /// to [`Table::release_if_still_away`] once [`PORT_HOLD`] has passed.
+    pub fn session_ended(&mut self, agent: &str, id: SessionId) -> Option<u64> {
+        let slot = self.agents.get_mut(agent)?;
+        let ours = slot
+            .live
+            .borrow()
+            .as_ref()
+            .is_some_and(|live| live.id == id);
+        if !ours {
+            return None;
+        }
+        slot.live.send_replace(None);
+        Some(slot.generation)
+    }
+
+    /// Closes and releases the agent's ports if no session came since `generation`.
+    pub fn release_if_still_away(&mut self, agent: &str, generation: u64) {
+        let Some(slot) = self.agents.get_mut(agent) else {
+            return;
+        };
+        if slot.generation != generation || slot.live.borrow().is_some() {
+            return;
+        }
+        for (proto, port) in std::mem::take(&mut slot.ports).into_keys() {
+            self.registry.release(agent, proto, port);
+        }
+        tracing::info!(agent, "agent did not come back; its ports are closed");
+    }
+}
+
+/// Moves the listeners of `spec` that the agent already holds into `ports`, and opens the ones
+/// it does not. On failure, listeners opened here are closed again.
+fn open_ports(
+    shared: &Arc<Shared>,
+    agent: &str,
+    spec: PortSpec,
+    live: &watch::Sender<Option<Arc<LiveSession>>>,
+    held: &mut HashMap<(Proto, u16), DropGuard>,
+    ports: &mut HashMap<(Proto, u16), DropGuard>,
+) -> Result<(), Refusal> {
+    if spec.proto == Proto::Udp {
+        return Err(Refusal::Unavailable);
+    }
+    for port in spec.range.ports() {
+        let key = (spec.proto, port);
+        if let Some(guard) = held.remove(&key) {
+            ports.insert(key, guard);
+            continue;
+        }
+        match visitor::listen(shared, agent, port, live.subscribe()) {
+            Ok(guard) => {
+                ports.insert(key, guard);
+            }
+            Err(error) => {
+                tracing::warn!(agent, port, %error, "cannot open public port");
+                // Back to `held`: the caller closes and releases whatever stays there.
+                for port in spec.range.ports() {
+                    let key = (spec.proto, port);
+                    if let Some(guard) = ports.remove(&key) {
+                        held.insert(key, guard);
+                    }
+                }
+                return Err(match error.kind() {
+                    std::io::ErrorKind::AddrInUse => Refusal::InUse,
+                    _ => Refusal::Unavailable,
+                });
+            }
+        }
+    }
+    Ok(())
+}

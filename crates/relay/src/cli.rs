@@ -1,0 +1,193 @@
+//! `tether-relay`'s command line: init, fingerprint, check, run.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tether_common::cli::{self as common, failure, usage_error};
+use tether_common::config::RelayConfig;
+use tether_common::identity::Identity;
+use tokio_util::sync::CancellationToken;
+
+use crate::Relay;
+
+const DEFAULT_CONFIG: &str = "/etc/tether/relay.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "tether-relay",
+    version,
+    about = "The public end of a tether tunnel"
+)]
+struct Cli {
+    /// More log output: -v debug, -vv trace (RUST_LOG overrides)
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write DIR/relay.toml and a new DIR/relay.key; never overwrites
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The UDP address agents connect to
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:4433")]
+        listen: SocketAddr,
+    },
+    /// Print this relay's key fingerprint, for the agents to pin
+    Fingerprint {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate the configuration and the key; exit 0, or print every problem and exit 64
+    Check {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Serve until SIGINT or SIGTERM
+    Run {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+}
+
+/// Parses the command line and runs the command; the whole of `main`.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                usage_error()
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    match cli.command {
+        Command::Init { dir, listen } => init(&dir, listen),
+        Command::Fingerprint { config } => match load(&config) {
+            Ok((_, identity)) => {
+                println!("{}", identity.fingerprint());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Check { config } => match load(&config) {
+            Ok((config_ok, _)) => {
+                println!(
+                    "{}: ok ({} agents)",
+                    config.display(),
+                    config_ok.agents.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let Ok((config, identity)) = load(&config) else {
+                return usage_error();
+            };
+            common::init_logging(cli.verbose);
+            run(config, &identity)
+        }
+    }
+}
+
+/// Loads the config and the key it names, printing every problem.
+fn load(file: &Path) -> Result<(RelayConfig, Identity), ExitCode> {
+    let config = RelayConfig::load(file).map_err(|e| {
+        eprintln!("{e}");
+        usage_error()
+    })?;
+    let identity = Identity::load(&config.key).map_err(|e| {
+        eprintln!("{}: key: {e}", file.display());
+        usage_error()
+    })?;
+    Ok((config, identity))
+}
+
+fn run(config: RelayConfig, identity: &Identity) -> ExitCode {
+    let runtime = match common::runtime() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return failure();
+        }
+    };
+    runtime.block_on(async {
+        let relay = match Relay::bind(config, identity) {
+            Ok(relay) => relay,
+            Err(error) => {
+                tracing::error!("{error}");
+                return failure();
+            }
+        };
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = common::shutdown_signal().await {
+                tracing::error!(%error, "cannot listen for signals");
+            }
+            signal.cancel();
+        });
+        relay.run(shutdown).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
+    let (config_path, key_path) = (dir.join("relay.toml"), dir.join("relay.key"));
+    let written = common::refuse_existing(&[&config_path, &key_path])
+        .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display())))
+        .and_then(|()| Identity::generate(&key_path).map_err(|e| e.to_string()))
+        .and_then(|identity| {
+            common::write_new(&config_path, &config_template(listen)).map(|()| identity)
+        });
+    let identity = match written {
+        Ok(identity) => identity,
+        Err(message) => {
+            eprintln!("tether-relay init: {message}");
+            return failure();
+        }
+    };
+    let fingerprint = identity.fingerprint();
+    println!(
+        "Wrote {} and {}.",
+        config_path.display(),
+        key_path.display()
+    );
+    println!("Relay fingerprint: {fingerprint}");
+    println!();
+    println!("On the home machine, run (with this relay's public name or address):");
+    println!(
+        "  tether-agent init --dir /etc/tether --relay RELAY_HOST:{} --relay-fingerprint {fingerprint}",
+        listen.port()
+    );
+    println!(
+        "then paste the [[agent]] block it prints into {}.",
+        config_path.display()
+    );
+    ExitCode::SUCCESS
+}
+
+fn config_template(listen: SocketAddr) -> String {
+    format!(
+        r#"# tether relay
+listen = "{listen}"        # UDP, where agents connect
+key = "relay.key"
+# public_bind = "0.0.0.0"      # where public ports are opened; default: every address, IPv4 and IPv6
+# tcp_keepalive = "30s"        # probes on visitor TCP connections, keeps their NATs open; "off" for none
+
+# One block per agent; `tether-agent init` prints it.
+# [[agent]]
+# name = "dorm"                             # used in logs and status
+# fingerprint = "SHA256:..."                # printed by `tether-agent fingerprint`
+# ports = ["2222/tcp", "60000-60010/udp"]   # what this agent may open, nothing else
+"#
+    )
+}

@@ -1,0 +1,11 @@
+//! tether's relay: the public side of the tunnel. It admits agents by their pinned keys, opens
+//! the public ports each may have, and carries visitors' connections to them.
+
+pub mod agents;
+pub mod cli;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod visitor;
+
+pub use server::{Relay, RelayError};

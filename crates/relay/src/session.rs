@@ -1,0 +1,183 @@
+//! One agent's session on the relay: who it is, what it asks for, and how it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::control::{read_frame, write_frame, FrameError};
+use tether_common::protocol::{
+    AgentMessage, CloseCode, ForwardResult, Hello, RelayMessage, SessionId, Welcome, VERSION,
+};
+use tether_common::tls;
+use tracing::Instrument;
+
+use crate::agents::PORT_HOLD;
+use crate::server::Shared;
+
+/// How long a QUIC and TLS handshake may take.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an authenticated agent may take to open its control stream and say Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    #[error("handshake failed: {0}")]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("no Hello in time")]
+    HelloTimeout,
+    #[error("reading Hello: {0}")]
+    Hello(#[from] FrameError),
+    #[error("the agent speaks protocol version {0}, this relay {VERSION}")]
+    Version(u16),
+}
+
+impl SetupError {
+    fn close_code(&self) -> CloseCode {
+        match self {
+            SetupError::HelloTimeout => CloseCode::Timeout,
+            SetupError::Version(_) => CloseCode::UnsupportedVersion,
+            _ => CloseCode::ProtocolError,
+        }
+    }
+}
+
+/// Serves one incoming connection from the handshake to the end of its session.
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match handshake(incoming).await {
+        Ok(conn) => conn,
+        Err(error) => {
+            tracing::debug!(%remote, %error, "handshake refused");
+            return;
+        }
+    };
+    let Some(agent) = tls::peer_fingerprint(&conn)
+        .and_then(|fp| shared.config.agents.iter().find(|a| a.fingerprint == fp))
+    else {
+        // The verifier admits only listed keys; this is the list having changed meanwhile.
+        CloseCode::Unauthorized.close(&conn);
+        return;
+    };
+    let id: SessionId = rand::random();
+    let span = tracing::info_span!("session", agent = %agent.name, session = id);
+    run_session(shared.clone(), conn, remote, id, agent.clone())
+        .instrument(span)
+        .await;
+}
+
+async fn handshake(incoming: quinn::Incoming) -> Result<quinn::Connection, SetupError> {
+    let connecting = incoming.accept()?;
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+        .await
+        .map_err(|_| SetupError::HandshakeTimeout)?
+        .map_err(SetupError::Handshake)
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    id: SessionId,
+    agent: tether_common::config::AgentEntry,
+) {
+    let (mut send, mut recv, hello) = match read_hello(&conn).await {
+        Ok(setup) => setup,
+        Err(error) => {
+            tracing::warn!(%remote, %error, "session set-up failed");
+            error.close_code().close(&conn);
+            return;
+        }
+    };
+    let (results, routes) = shared
+        .table()
+        .open_forwards(&shared, &agent, &hello.forwards);
+    for (request, result) in hello.forwards.iter().zip(&results) {
+        let ports = format!("{}/{}", request.remote, request.proto);
+        match result {
+            ForwardResult::Opened => {
+                tracing::info!(forward = %request.name, %ports, "forward open")
+            }
+            ForwardResult::Refused(reason) => {
+                tracing::info!(forward = %request.name, %ports, %reason, "forward refused")
+            }
+        }
+    }
+    // Published before Welcome is sent, so that every way out below ends the session alike.
+    shared
+        .table()
+        .publish(&agent.name, id, conn.clone(), routes);
+    let welcome = RelayMessage::Welcome(Welcome {
+        session: id,
+        results,
+    })
+    .encode();
+    let reason = match write_frame(&mut send, &welcome).await {
+        Ok(()) => {
+            tracing::info!(%remote, resumed_from = ?hello.resume, "agent connected");
+            wait_for_end(&shared, &conn, &mut recv).await
+        }
+        Err(error) => format!("cannot send Welcome: {error}"),
+    };
+    tracing::info!(%reason, "agent disconnected");
+    end_session(&shared, &agent.name, id);
+}
+
+/// Waits until the session ends, and says why.
+async fn wait_for_end(
+    shared: &Shared,
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+) -> String {
+    tokio::select! {
+        biased;
+        () = shared.shutdown.cancelled() => CloseCode::RelayShutdown.reason().to_owned(),
+        error = conn.closed() => error.to_string(),
+        frame = read_frame(recv) => match frame {
+            // Version 1 has no message for the agent to send after Hello.
+            Ok(_) | Err(FrameError::Decode(_)) => {
+                CloseCode::ProtocolError.close(conn);
+                "protocol error: unexpected control message".to_owned()
+            }
+            // The stream ended with the connection, or the agent has nothing more to say.
+            Err(_) => conn.closed().await.to_string(),
+        },
+    }
+}
+
+/// Marks the agent away and closes its ports if it does not come back within [`PORT_HOLD`].
+fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId) {
+    let Some(generation) = shared.table().session_ended(agent, id) else {
+        return; // A newer session of the agent has taken over.
+    };
+    let shared2 = shared.clone();
+    let agent = agent.to_owned();
+    let hold = async move {
+        tokio::select! {
+            () = tokio::time::sleep(PORT_HOLD) => {}
+            () = shared2.shutdown.cancelled() => return,
+        }
+        shared2.table().release_if_still_away(&agent, generation);
+    };
+    shared.tasks.spawn(hold.in_current_span());
+}
+
+async fn read_hello(
+    conn: &quinn::Connection,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Hello), SetupError> {
+    let setup = async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let (kind, body) = read_frame(&mut recv).await?;
+        let AgentMessage::Hello(hello) = AgentMessage::decode(kind, &body)
+            .map_err(|e| SetupError::Hello(FrameError::Decode(e)))?;
+        Ok::<_, SetupError>((send, recv, hello))
+    };
+    let (send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
+        .await
+        .map_err(|_| SetupError::HelloTimeout)??;
+    if hello.version != VERSION {
+        return Err(SetupError::Version(hello.version));
+    }
+    Ok((send, recv, hello))
+}

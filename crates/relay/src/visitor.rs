@@ -1,0 +1,165 @@
+//! Public TCP ports and the visitors who connect to them: each visitor connection becomes one
+//! data stream to the agent, its first bytes sent right behind the stream header.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tether_common::ports::Proto;
+use tether_common::protocol::StreamHeader;
+use tether_common::splice::{self, splice};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
+
+use crate::agents::{LiveSession, SessionWatch};
+use crate::server::Shared;
+
+/// How long a visitor who arrives while its agent is away waits for the agent's return.
+pub const VISITOR_WAIT: Duration = Duration::from_secs(5);
+
+/// Opens public TCP `port` for `agent` and serves it until the returned guard is dropped.
+pub fn listen(
+    shared: &Arc<Shared>,
+    agent: &str,
+    port: u16,
+    session: SessionWatch,
+) -> io::Result<DropGuard> {
+    let listener = bind_tcp(shared.config.public_bind, port)?;
+    let cancel = shared.shutdown.child_token();
+    let span = tracing::info_span!("port", agent, port);
+    shared.tasks.spawn(
+        accept_loop(shared.clone(), listener, port, session, cancel.clone()).instrument(span),
+    );
+    Ok(cancel.drop_guard())
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    port: u16,
+    session: SessionWatch,
+    cancel: CancellationToken,
+) {
+    tracing::debug!("listening");
+    loop {
+        let (tcp, visitor) = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause rather than spin.
+                    tracing::warn!(%error, "accepting a visitor failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let visitor = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
+        let span = tracing::debug_span!("visitor", %visitor);
+        let task = serve(
+            tcp,
+            visitor,
+            port,
+            session.clone(),
+            shared.config.tcp_keepalive,
+        );
+        shared.tasks.spawn(task.instrument(span));
+    }
+    tracing::debug!("closed");
+}
+
+async fn serve(
+    tcp: TcpStream,
+    visitor: SocketAddr,
+    port: u16,
+    mut session: SessionWatch,
+    keepalive: Option<Duration>,
+) {
+    configure(&tcp, keepalive);
+    let ready = |s: &Option<Arc<LiveSession>>| {
+        s.as_ref()
+            .is_some_and(|s| s.routes.contains_key(&(Proto::Tcp, port)))
+    };
+    let live = match tokio::time::timeout(VISITOR_WAIT, session.wait_for(ready)).await {
+        Ok(Ok(live)) => live.clone(),
+        _ => None,
+    };
+    let Some((live, route)) =
+        live.and_then(|l| Some((l.clone(), l.routes.get(&(Proto::Tcp, port))?.clone())))
+    else {
+        tracing::debug!("agent away; visitor closed");
+        return;
+    };
+    let (mut send, recv) = match live.conn.open_bi().await {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::debug!(%error, "cannot open a data stream");
+            return;
+        }
+    };
+    let header = StreamHeader {
+        id: live.next_stream_id(),
+        forward: route.forward,
+        port,
+        visitor,
+    };
+    tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
+    if let Err(error) = send.write_all(&header.encode()).await {
+        tracing::debug!(%error, "cannot write the stream header");
+        splice::reset_tcp(&tcp);
+        return;
+    }
+    drop(live);
+    match splice(tcp, send, recv).await {
+        Ok(moved) => tracing::debug!(
+            bytes_in = moved.to_stream,
+            bytes_out = moved.to_tcp,
+            "visitor done"
+        ),
+        Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
+    }
+}
+
+fn configure(tcp: &TcpStream, keepalive: Option<Duration>) {
+    let _ = tcp.set_nodelay(true);
+    if let Some(time) = keepalive {
+        let probes = TcpKeepalive::new().with_time(time).with_interval(time);
+        if let Err(error) = SockRef::from(tcp).set_tcp_keepalive(&probes) {
+            tracing::debug!(%error, "cannot set TCP keepalive");
+        }
+    }
+}
+
+/// Binds a public TCP port. With no address given, one dual-stack socket takes IPv4 and IPv6;
+/// a host without IPv6 gets IPv4 alone.
+fn bind_tcp(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
+    let socket = match address {
+        Some(ip) => tcp_socket(SocketAddr::new(ip, port), false)?,
+        None => match tcp_socket(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
+            Err(e) if e.kind() != io::ErrorKind::AddrInUse => {
+                tcp_socket(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)?
+            }
+            other => other?,
+        },
+    };
+    TcpListener::from_std(socket.into())
+}
+
+fn tcp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    socket.listen(1024)?;
+    Ok(socket)
+}
