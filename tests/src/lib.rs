@@ -1,1 +1,306 @@
+//! The test bench for tether's end-to-end tests: keys in a temporary folder, a relay and agents
+//! running in-process on loopback, and local services to forward to. Everything binds port 0
+//! or asks the kernel for a free port, and every wait has a deadline.
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_agent::{Agent, AgentStatus};
+use tether_common::config::{AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig};
+use tether_common::identity::{Fingerprint, Identity};
+use tether_common::ports::{PortRange, PortSpec, Proto};
+use tether_relay::Relay;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The deadline of any one step of a test.
+pub const STEP: Duration = Duration::from_secs(10);
+
+/// Awaits `future`, failing the test if it takes longer than [`STEP`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(STEP, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {STEP:?} waiting for {what}"),
+    }
+}
+
+/// A folder of keys that lives as long as the test.
+pub struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary folder"),
+        }
+    }
+
+    /// A new identity, its key written as `NAME.key`.
+    pub fn identity(&self, name: &str) -> (Identity, PathBuf) {
+        let path = self.dir.path().join(format!("{name}.key"));
+        (Identity::generate(&path).expect("key"), path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Default for Keys {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A TCP port that was free a moment ago, for public ports the agent must name in advance.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
+    RelayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        key,
+        public_bind: Some("127.0.0.1".parse().unwrap()),
+        tcp_keepalive: Some(Duration::from_secs(30)),
+        agents,
+    }
+}
+
+/// An `[[agent]]` entry allowing `ports` over TCP.
+pub fn agent_entry(name: &str, fingerprint: Fingerprint, ports: &[u16]) -> AgentEntry {
+    AgentEntry {
+        name: name.into(),
+        fingerprint,
+        ports: ports
+            .iter()
+            .map(|&p| PortSpec {
+                proto: Proto::Tcp,
+                range: PortRange::single(p).unwrap(),
+            })
+            .collect(),
+    }
+}
+
+pub fn agent_config(
+    key: PathBuf,
+    relay: SocketAddr,
+    relay_fingerprint: Fingerprint,
+    forwards: Vec<Forward>,
+) -> AgentConfig {
+    AgentConfig {
+        relay: HostPort {
+            host: relay.ip().to_string(),
+            port: relay.port(),
+        },
+        relay_fingerprint,
+        key,
+        keepalive: Some(Duration::from_secs(10)),
+        idle_timeout: Duration::from_secs(30),
+        forwards,
+    }
+}
+
+/// A TCP forward from public `remote` to `local`.
+pub fn tcp_forward(name: &str, remote: u16, local: SocketAddr) -> Forward {
+    Forward {
+        name: name.into(),
+        proto: Proto::Tcp,
+        remote: PortRange::single(remote).unwrap(),
+        local: LocalTarget {
+            host: local.ip().to_string(),
+            ports: PortRange::single(local.port()).unwrap(),
+        },
+    }
+}
+
+/// A relay running in-process until [`RelayHandle::stop`].
+pub struct RelayHandle {
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub fn start_relay(config: RelayConfig, identity: &Identity) -> RelayHandle {
+    let relay = Relay::bind(config, identity).expect("relay binds");
+    let addr = relay.local_addr().expect("relay address");
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(relay.run(stop.clone()));
+    RelayHandle {
+        addr,
+        fingerprint: identity.fingerprint(),
+        stop,
+        task,
+    }
+}
+
+impl RelayHandle {
+    /// Drains the relay and waits until it has let go of its port.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        within("the relay to stop", self.task)
+            .await
+            .expect("relay task");
+    }
+}
+
+/// An agent running in-process until [`AgentHandle::stop`].
+pub struct AgentHandle {
+    pub status: watch::Receiver<AgentStatus>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+pub fn start_agent(config: AgentConfig, identity: &Identity) -> AgentHandle {
+    let agent = Agent::new(config, identity).expect("agent");
+    let status = agent.status();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(agent.run(stop.clone()));
+    AgentHandle { status, stop, task }
+}
+
+impl AgentHandle {
+    /// Waits for a session other than `not` to be up, and returns its status.
+    pub async fn connected_other_than(&mut self, not: Option<u64>) -> AgentStatus {
+        let status = within(
+            "the agent to connect",
+            self.status
+                .wait_for(|s| s.session().is_some() && s.session() != not),
+        )
+        .await
+        .expect("agent status");
+        status.clone()
+    }
+
+    pub async fn connected(&mut self) -> AgentStatus {
+        self.connected_other_than(None).await
+    }
+
+    /// Waits for a failed attempt and returns its error.
+    pub async fn failed(&mut self) -> String {
+        let status = within(
+            "the agent to report a failure",
+            self.status
+                .wait_for(|s| matches!(s, AgentStatus::Waiting { .. })),
+        )
+        .await
+        .expect("agent status");
+        match &*status {
+            AgentStatus::Waiting { error, .. } => error.clone(),
+            _ => unreachable!(),
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.cancel();
+        within("the agent to stop", self.task)
+            .await
+            .expect("agent task");
+    }
+}
+
+/// A local service that echoes everything and half-closes when its visitor does.
+pub async fn echo_service() -> SocketAddr {
+    serve(|mut tcp| async move {
+        let (mut read, mut write) = tcp.split();
+        let _ = tokio::io::copy(&mut read, &mut write).await;
+        let _ = write.shutdown().await;
+    })
+    .await
+}
+
+/// A local service on `127.0.0.1:0` that runs `handler` for each connection.
+pub async fn serve<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(handler(tcp));
+        }
+    });
+    addr
+}
+
+/// Sends `data` through a connection to `addr`, half-closes, and returns all that comes back.
+pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let (mut read, mut write) = tcp.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        write.write_all(&data).await?;
+        write.shutdown().await
+    });
+    let mut back = Vec::new();
+    read.read_to_end(&mut back).await?;
+    writer.await.expect("writer task")?;
+    Ok(back)
+}
+
+/// `len` bytes that are not all alike, so that a misplaced chunk shows.
+pub fn pattern(len: usize) -> Vec<u8> {
+    let mut state = 0x2545_f491_u32;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            state as u8
+        })
+        .collect()
+}
+
+/// A relay and one agent with forwards to local services, connected and ready.
+pub struct Bench {
+    pub keys: Keys,
+    pub relay: RelayHandle,
+    pub relay_identity: Identity,
+    pub agent: AgentHandle,
+    pub agent_identity: Identity,
+    pub agent_key: PathBuf,
+}
+
+impl Bench {
+    /// Starts a relay that allows `dorm` the given ports, and `dorm` asking for `forwards`.
+    pub async fn start(allowed: &[u16], forwards: Vec<Forward>) -> Self {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let entry = agent_entry("dorm", agent_identity.fingerprint(), allowed);
+        let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
+        let config = agent_config(
+            agent_key.clone(),
+            relay.addr,
+            relay_identity.fingerprint(),
+            forwards,
+        );
+        let mut agent = start_agent(config, &agent_identity);
+        agent.connected().await;
+        Self {
+            keys,
+            relay,
+            relay_identity,
+            agent,
+            agent_identity,
+            agent_key,
+        }
+    }
+}
+
+/// The public address of relay port `port` on loopback.
+pub fn public(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}

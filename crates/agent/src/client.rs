@@ -155,6 +155,19 @@ impl Agent {
                             backoff.reset();
                             continue;
                         }
+                        SessionEnd::Lost {
+                            session: None,
+                            error,
+                        } => {
+                            // TLS 1.3 lets the client finish first: a relay that refuses this
+                            // agent's key says so by closing the connection right after.
+                            match conn.close_reason() {
+                                Some(reason) => {
+                                    self.explain(conn.remote_address(), reason).to_string()
+                                }
+                                None => error,
+                            }
+                        }
                         SessionEnd::Lost { session, error } => {
                             last_session = session.or(last_session);
                             error

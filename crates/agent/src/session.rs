@@ -57,7 +57,11 @@ pub async fn run(
                 Some(reason) if relay_restarting(&reason) => {
                     SessionEnd::RelayRestarting { session: None }
                 }
-                _ => {
+                Some(_) => SessionEnd::Lost {
+                    session: None,
+                    error: error.to_string(),
+                },
+                None => {
                     CloseCode::ProtocolError.close(conn);
                     SessionEnd::Lost {
                         session: None,

@@ -1,5 +1,6 @@
 //! What the two binaries' command lines share: exit codes, logging, signals.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
@@ -17,8 +18,8 @@ pub fn failure() -> ExitCode {
     ExitCode::from(EXIT_FAILURE)
 }
 
-/// Logs to stderr. `RUST_LOG` wins; otherwise `info`, `debug` with `-v`, `trace` with `-vv`.
-/// Under systemd (`JOURNAL_STREAM` set) the journal adds its own timestamps and shows no colours.
+/// Logs to stderr, in colour only on a terminal. `RUST_LOG` wins; otherwise `info`, `debug`
+/// with `-v`, `trace` with `-vv`. Under systemd (`JOURNAL_STREAM` set) the journal adds its own timestamps and shows no colours.
 pub fn init_logging(verbosity: u8) {
     let level = match verbosity {
         0 => "info",
@@ -28,7 +29,8 @@ pub fn init_logging(verbosity: u8) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var_os("JOURNAL_STREAM").is_some() {
         builder.with_ansi(false).without_time().init();
     } else {

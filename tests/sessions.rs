@@ -1,0 +1,243 @@
+//! Sessions coming and going: refused forwards, a restarted relay, the same agent reconnecting,
+//! another agent wanting the same port, and visitors who arrive while their agent is away.
+
+use std::time::Instant;
+
+use tether_common::control::{read_frame, write_frame};
+use tether_common::identity::Identity;
+use tether_common::ports::{PortRange, Proto};
+use tether_common::protocol::{
+    AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, Refusal, RelayMessage, VERSION,
+};
+use tether_common::tls;
+use tether_tests::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn forward_outside_the_allowlist_is_refused_while_another_works() {
+    within("the whole test", async {
+        let (allowed, forbidden) = (free_port(), free_port());
+        let echo = echo_service().await;
+        let forwards = vec![
+            tcp_forward("ok", allowed, echo),
+            tcp_forward("nope", forbidden, echo),
+        ];
+        let mut bench = Bench::start(&[allowed], forwards).await;
+        let status = bench.agent.connected().await;
+        assert_eq!(status.forward("ok"), Some(ForwardResult::Opened));
+        assert_eq!(
+            status.forward("nope"),
+            Some(ForwardResult::Refused(Refusal::NotAllowed))
+        );
+        assert_eq!(
+            round_trip(public(allowed), b"still works").await.unwrap(),
+            b"still works"
+        );
+        assert!(
+            TcpStream::connect(public(forbidden)).await.is_err(),
+            "refused port is open"
+        );
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forwards_work_again_within_five_seconds_of_a_relay_restart() {
+    within("the whole test", async {
+        let port = free_port();
+        let mut bench = Bench::start(
+            &[port],
+            vec![tcp_forward("echo", port, echo_service().await)],
+        )
+        .await;
+        let first = bench.agent.connected().await.session();
+        let relay_addr = bench.relay.addr;
+        bench.relay.stop().await;
+        let restarted = Instant::now();
+        let mut config = relay_config(
+            bench.keys.path().join("relay.key"),
+            vec![agent_entry(
+                "dorm",
+                bench.agent_identity.fingerprint(),
+                &[port],
+            )],
+        );
+        config.listen = relay_addr;
+        let relay = start_relay(config, &bench.relay_identity);
+        bench.agent.connected_other_than(first).await;
+        assert_eq!(round_trip(public(port), b"back").await.unwrap(), b"back");
+        let elapsed = restarted.elapsed();
+        println!("forwards served again {elapsed:?} after the relay restarted");
+        assert!(elapsed.as_secs_f64() < 5.0, "took {elapsed:?}");
+        bench.agent.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+/// The control stream, which the caller keeps open as a live agent would.
+type Control = (quinn::SendStream, quinn::RecvStream);
+
+/// A session that says Hello for `ports` and then does nothing: an agent whose link died
+/// without the relay noticing yet.
+async fn stale_session(
+    identity: &Identity,
+    relay: &RelayHandle,
+    port: u16,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    Control,
+    Vec<ForwardResult>,
+) {
+    let (client, _) = tls::client_config(identity, relay.fingerprint).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let conn = endpoint
+        .connect_with(client, relay.addr, tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = Hello {
+        version: VERSION,
+        resume: None,
+        forwards: vec![ForwardRequest {
+            name: "ssh".into(),
+            proto: Proto::Tcp,
+            remote: PortRange::single(port).unwrap(),
+        }],
+    };
+    write_frame(&mut send, &AgentMessage::Hello(hello).encode())
+        .await
+        .unwrap();
+    let (kind, body) = read_frame(&mut recv).await.unwrap();
+    let RelayMessage::Welcome(welcome) = RelayMessage::decode(kind, &body).unwrap();
+    (endpoint, conn, (send, recv), welcome.results)
+}
+
+#[tokio::test]
+async fn same_agent_reconnecting_takes_its_ports_over_at_once() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let port = free_port();
+        let entry = agent_entry("dorm", agent_identity.fingerprint(), &[port]);
+        let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
+        let (_endpoint, old, _control, results) =
+            stale_session(&agent_identity, &relay, port).await;
+        assert_eq!(results, [ForwardResult::Opened]);
+        // The same key connects again while the relay still holds the old session.
+        let forward = tcp_forward("ssh", port, echo_service().await);
+        let config = agent_config(agent_key, relay.addr, relay.fingerprint, vec![forward]);
+        let mut agent = start_agent(config, &agent_identity);
+        let status = agent.connected().await;
+        assert_eq!(status.forward("ssh"), Some(ForwardResult::Opened));
+        // The old session was closed as replaced, and the port now reaches the new one.
+        match old.closed().await {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(
+                    CloseCode::from_code(close.error_code),
+                    Some(CloseCode::Replaced)
+                );
+            }
+            other => panic!("old session ended with {other}"),
+        }
+        assert_eq!(
+            round_trip(public(port), b"new session").await.unwrap(),
+            b"new session"
+        );
+        agent.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn another_agent_asking_for_a_held_port_is_refused() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (dorm, dorm_key) = keys.identity("dorm");
+        let (lab, lab_key) = keys.identity("lab");
+        let port = free_port();
+        let entries = vec![
+            agent_entry("dorm", dorm.fingerprint(), &[port]),
+            agent_entry("lab", lab.fingerprint(), &[port]),
+        ];
+        let relay = start_relay(relay_config(relay_key, entries), &relay_identity);
+        let echo = echo_service().await;
+        let config = |key| {
+            agent_config(
+                key,
+                relay.addr,
+                relay.fingerprint,
+                vec![tcp_forward("ssh", port, echo)],
+            )
+        };
+        let mut first = start_agent(config(dorm_key), &dorm);
+        assert_eq!(
+            first.connected().await.forward("ssh"),
+            Some(ForwardResult::Opened)
+        );
+        let mut second = start_agent(config(lab_key), &lab);
+        let status = second.connected().await;
+        assert_eq!(
+            status.forward("ssh"),
+            Some(ForwardResult::Refused(Refusal::InUse))
+        );
+        // The owner is untouched.
+        assert_eq!(
+            first.status.borrow().forward("ssh"),
+            Some(ForwardResult::Opened)
+        );
+        assert_eq!(round_trip(public(port), b"owner").await.unwrap(), b"owner");
+        second.stop().await;
+        first.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitor_arriving_while_the_agent_is_away_waits_for_its_return() {
+    within("the whole test", async {
+        let port = free_port();
+        let echo = echo_service().await;
+        let bench = Bench::start(&[port], vec![tcp_forward("echo", port, echo)]).await;
+        let Bench {
+            relay,
+            relay_identity,
+            agent,
+            agent_identity,
+            agent_key,
+            keys: _keys,
+        } = bench;
+        agent.stop().await;
+        // The relay keeps the agent's port for a while; the visitor gets in and waits.
+        let mut visitor = TcpStream::connect(public(port))
+            .await
+            .expect("port still held");
+        visitor.write_all(b"while away").await.unwrap();
+        let config = agent_config(
+            agent_key,
+            relay.addr,
+            relay_identity.fingerprint(),
+            vec![tcp_forward("echo", port, echo)],
+        );
+        let mut agent = start_agent(config, &agent_identity);
+        agent.connected().await;
+        visitor.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut visitor, &mut back)
+            .await
+            .unwrap();
+        assert_eq!(back, b"while away");
+        agent.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}

@@ -1,0 +1,199 @@
+//! Visitors' TCP connections through a forward: bytes intact, many at once, half-close both
+//! ways, refusals passed on, and how soon the first byte arrives.
+
+use std::time::{Duration, Instant};
+
+use tether_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn eight_mib_through_a_forward_comes_back_identical() {
+    within("the whole test", async {
+        let port = free_port();
+        let bench = Bench::start(
+            &[port],
+            vec![tcp_forward("echo", port, echo_service().await)],
+        )
+        .await;
+        let data = pattern(8 * 1024 * 1024);
+        let started = Instant::now();
+        let back = round_trip(public(port), &data).await.expect("round trip");
+        let elapsed = started.elapsed();
+        assert!(
+            back == data,
+            "echo differs: {} bytes back of {}",
+            back.len(),
+            data.len()
+        );
+        println!("8 MiB echoed through the tunnel in {elapsed:?}");
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_hundred_visitors_at_once_all_complete() {
+    within("the whole test", async {
+        let port = free_port();
+        let bench = Bench::start(
+            &[port],
+            vec![tcp_forward("echo", port, echo_service().await)],
+        )
+        .await;
+        let visitors: Vec<_> = (0..200)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let data = pattern(16 * 1024 + i);
+                    let back = round_trip(public(port), &data).await.expect("round trip");
+                    assert!(back == data, "visitor {i} got different bytes back");
+                })
+            })
+            .collect();
+        for visitor in visitors {
+            visitor.await.expect("visitor task");
+        }
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitor_that_shuts_its_write_side_still_receives_the_rest() {
+    within("the whole test", async {
+        // The service reads to the end, then answers: only a working half-close lets it answer.
+        let service = serve(|mut tcp| async move {
+            let mut got = Vec::new();
+            tcp.read_to_end(&mut got).await.expect("read to end");
+            let answer = format!("got {} bytes", got.len());
+            tcp.write_all(answer.as_bytes()).await.expect("answer");
+            tcp.write_all(&pattern(1024 * 1024))
+                .await
+                .expect("the rest");
+        })
+        .await;
+        let port = free_port();
+        let bench = Bench::start(&[port], vec![tcp_forward("svc", port, service)]).await;
+        let back = round_trip(public(port), &pattern(100_000))
+            .await
+            .expect("round trip");
+        let answer = b"got 100000 bytes";
+        assert_eq!(&back[..answer.len()], answer);
+        assert!(
+            back[answer.len()..] == pattern(1024 * 1024)[..],
+            "the rest differs"
+        );
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn service_that_shuts_its_write_side_still_receives_the_rest() {
+    within("the whole test", async {
+        // The service greets, half-closes, then still reads everything the visitor sends.
+        let (counted_tx, mut counted_rx) = tokio::sync::mpsc::unbounded_channel();
+        let service = serve(move |mut tcp| {
+            let counted = counted_tx.clone();
+            async move {
+                tcp.write_all(b"hello").await.expect("greet");
+                tcp.shutdown().await.expect("half-close");
+                let mut got = Vec::new();
+                tcp.read_to_end(&mut got)
+                    .await
+                    .expect("read after half-close");
+                counted.send(got).expect("report");
+            }
+        })
+        .await;
+        let port = free_port();
+        let bench = Bench::start(&[port], vec![tcp_forward("svc", port, service)]).await;
+        let mut visitor = TcpStream::connect(public(port)).await.expect("connect");
+        let mut greeting = Vec::new();
+        visitor
+            .read_to_end(&mut greeting)
+            .await
+            .expect("read to the service's EOF");
+        assert_eq!(greeting, b"hello");
+        let data = pattern(500_000);
+        visitor
+            .write_all(&data)
+            .await
+            .expect("write after the service's EOF");
+        visitor.shutdown().await.expect("shutdown");
+        let got = counted_rx.recv().await.expect("service report");
+        assert!(
+            got == data,
+            "service got {} bytes of {}",
+            got.len(),
+            data.len()
+        );
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn local_service_that_refuses_closes_the_visitor_at_once() {
+    within("the whole test", async {
+        let port = free_port();
+        // Nothing listens on the local address.
+        let closed = public(free_port());
+        let bench = Bench::start(&[port], vec![tcp_forward("gone", port, closed)]).await;
+        let started = Instant::now();
+        let mut visitor = TcpStream::connect(public(port))
+            .await
+            .expect("relay accepts");
+        let mut buf = [0u8; 16];
+        let read = visitor.read(&mut buf).await;
+        let elapsed = started.elapsed();
+        // Reset, as a refused direct connection would be (never a clean, empty EOF).
+        let error = read.expect_err("the visitor should be reset");
+        assert_eq!(error.kind(), std::io::ErrorKind::ConnectionReset, "{error}");
+        // Well under the agent's 5 s connect timeout: the refusal itself was passed on.
+        assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
+        println!("refused local service reset the visitor after {elapsed:?}");
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn time_to_first_byte_of_a_new_visitor_connection() {
+    within("the whole test", async {
+        // Like sshd, the service speaks first.
+        let service = serve(|mut tcp| async move {
+            let _ = tcp.write_all(b"SSH-2.0-banner\r\n").await;
+            let mut sink = Vec::new();
+            let _ = tcp.read_to_end(&mut sink).await;
+        })
+        .await;
+        let port = free_port();
+        let bench = Bench::start(&[port], vec![tcp_forward("ssh", port, service)]).await;
+        let mut tunnelled = Vec::new();
+        let mut direct = Vec::new();
+        for _ in 0..21 {
+            for (addr, times) in [(public(port), &mut tunnelled), (service, &mut direct)] {
+                let started = Instant::now();
+                let mut tcp = TcpStream::connect(addr).await.expect("connect");
+                let mut byte = [0u8; 1];
+                tcp.read_exact(&mut byte).await.expect("first byte");
+                times.push(started.elapsed());
+            }
+        }
+        tunnelled.sort();
+        direct.sort();
+        println!(
+            "time to first byte, median of 21: through tether {:?}, direct {:?}",
+            tunnelled[10], direct[10]
+        );
+        bench.agent.stop().await;
+        bench.relay.stop().await;
+    })
+    .await;
+}
