@@ -2,6 +2,8 @@
 //! running in-process on loopback, and local services to forward to. Everything binds port 0
 //! or asks the kernel for a free port, and every wait has a deadline.
 
+pub mod process;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;

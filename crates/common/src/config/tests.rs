@@ -309,3 +309,15 @@ fn allowlist_covers_ranges_across_entries() {
     assert!(everything.allows(spec("65535/tcp")));
     assert!(everything.allows(spec("1-65535/tcp")));
 }
+
+#[test]
+fn deploy_examples_load_once_their_fingerprints_are_filled_in() {
+    let relay_text = include_str!("../../../../deploy/relay.toml")
+        .replace("SHA256:REPLACE-WITH-tether-agent-fingerprint", FP);
+    let config = relay(&relay_text).unwrap();
+    assert_eq!(config.agents[0].ports.len(), 2);
+    let agent_text = include_str!("../../../../deploy/agent.toml")
+        .replace("SHA256:REPLACE-WITH-tether-relay-fingerprint", FP);
+    let config = agent(&agent_text).unwrap();
+    assert_eq!(config.forwards[0].local_for(2222), Some(("127.0.0.1", 22)));
+}

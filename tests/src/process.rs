@@ -1,0 +1,88 @@
+//! The real binaries as child processes: start one, await a line of its log, signal it.
+
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStderr, Command};
+
+use crate::within;
+
+/// A running binary whose stderr is read line by line.
+pub struct Process {
+    child: Child,
+    stderr: Lines<BufReader<ChildStderr>>,
+    /// Everything read from stderr so far, for failure messages.
+    pub log: Vec<String>,
+}
+
+impl Process {
+    pub fn spawn(binary: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(binary)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+        let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        Self {
+            child,
+            stderr,
+            log: Vec::new(),
+        }
+    }
+
+    /// Reads the log until a line contains `needle`, and returns that line.
+    pub async fn wait_for_line(&mut self, needle: &str) -> String {
+        within(&format!("a log line with {needle:?}"), async {
+            loop {
+                match self.stderr.next_line().await {
+                    Ok(Some(line)) => {
+                        self.log.push(line.clone());
+                        if line.contains(needle) {
+                            return line;
+                        }
+                    }
+                    _ => panic!("log ended without {needle:?}:\n{}", self.log.join("\n")),
+                }
+            }
+        })
+        .await
+    }
+
+    /// Sends `signal` (such as "TERM") and waits for the process to exit.
+    pub async fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+        let pid = self.child.id().expect("still running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args([&format!("-{signal}"), &pid])
+            .status();
+        assert!(
+            sent.expect("kill runs").success(),
+            "kill -{signal} {pid} failed"
+        );
+        within("the process to exit", async {
+            // Drain the log meanwhile, so that a full pipe cannot hold the process up.
+            while let Ok(Some(line)) = self.stderr.next_line().await {
+                self.log.push(line);
+            }
+            self.child.wait().await.expect("exit status")
+        })
+        .await
+    }
+}
+
+/// Runs a binary to completion and returns its exit code, stdout and stderr.
+pub fn run(binary: &Path, args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", binary.display()));
+    (
+        output.status.code().expect("exited, not killed"),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
