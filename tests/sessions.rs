@@ -1,7 +1,7 @@
 //! Sessions coming and going: refused forwards, a restarted relay, the same agent reconnecting,
 //! another agent wanting the same port, and visitors who arrive while their agent is away.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tether_common::control::{read_frame, write_frame};
 use tether_common::identity::Identity;
@@ -10,6 +10,7 @@ use tether_common::protocol::{
     AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, Refusal, RelayMessage, VERSION,
 };
 use tether_common::tls;
+use tether_relay::Limits;
 use tether_tests::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -237,6 +238,103 @@ async fn visitor_arriving_while_the_agent_is_away_waits_for_its_return() {
             .unwrap();
         assert_eq!(back, b"while away");
         agent.stop().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitor_is_closed_when_its_agent_does_not_return_in_time() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let port = free_port();
+        let entry = agent_entry("dorm", agent_identity.fingerprint(), &[port]);
+        let limits = Limits {
+            visitor_wait: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let relay = start_relay_with(
+            relay_config(relay_key, vec![entry]),
+            &relay_identity,
+            limits,
+        );
+        let forward = tcp_forward("echo", port, echo_service().await);
+        let config = agent_config(agent_key, relay.addr, relay.fingerprint, vec![forward]);
+        let mut agent = start_agent(config, &agent_identity);
+        agent.connected().await;
+        agent.stop().await;
+
+        let started = Instant::now();
+        let mut visitor = TcpStream::connect(public(port))
+            .await
+            .expect("port still held");
+        let mut buf = [0u8; 1];
+        let read = tokio::io::AsyncReadExt::read(&mut visitor, &mut buf).await;
+        let waited = started.elapsed();
+        assert!(
+            matches!(read, Ok(0)),
+            "expected a clean close, got {read:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300),
+            "closed after {waited:?}, before the wait"
+        );
+        println!("a visitor with no agent was closed after {waited:?} (wait 300 ms)");
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_that_stays_away_loses_its_ports_to_another() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (dorm, dorm_key) = keys.identity("dorm");
+        let (lab, lab_key) = keys.identity("lab");
+        let port = free_port();
+        let entries = vec![
+            agent_entry("dorm", dorm.fingerprint(), &[port]),
+            agent_entry("lab", lab.fingerprint(), &[port]),
+        ];
+        let limits = Limits {
+            port_hold: Duration::from_millis(300),
+            visitor_wait: Duration::from_millis(50),
+            ..Limits::default()
+        };
+        let relay = start_relay_with(relay_config(relay_key, entries), &relay_identity, limits);
+        let echo = echo_service().await;
+        let config = |key| {
+            agent_config(
+                key,
+                relay.addr,
+                relay.fingerprint,
+                vec![tcp_forward("ssh", port, echo)],
+            )
+        };
+        let mut first = start_agent(config(dorm_key), &dorm);
+        first.connected().await;
+        let away = Instant::now();
+        first.stop().await;
+        // The relay gives no signal when it lets a port go, so look until the port is closed.
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        while TcpStream::connect(public(port)).await.is_ok() {
+            tick.tick().await;
+        }
+        let held = away.elapsed();
+        assert!(
+            held >= Duration::from_millis(300),
+            "released after {held:?}, before the hold"
+        );
+        let mut second = start_agent(config(lab_key), &lab);
+        assert_eq!(
+            second.connected().await.forward("ssh"),
+            Some(ForwardResult::Opened)
+        );
+        assert_eq!(round_trip(public(port), b"lab").await.unwrap(), b"lab");
+        second.stop().await;
         relay.stop().await;
     })
     .await;

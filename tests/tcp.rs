@@ -197,3 +197,62 @@ async fn time_to_first_byte_of_a_new_visitor_connection() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_copy_loop_counts_the_bytes_each_way() {
+    use std::sync::Arc;
+    use tether_common::splice::{splice, Transferred};
+    use tether_common::tls::{self, AgentPins};
+
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, _) = keys.identity("relay");
+        let (agent_identity, _) = keys.identity("agent");
+        let pins = Arc::new(AgentPins::new([agent_identity.fingerprint()]));
+        let server = tls::server_config(&relay_identity, pins).unwrap();
+        let server = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (client_config, _) =
+            tls::client_config(&agent_identity, relay_identity.fingerprint()).unwrap();
+        let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let (conn, accepted) = tokio::join!(
+            async {
+                client
+                    .connect_with(client_config, server_addr, tls::SERVER_NAME)
+                    .unwrap()
+                    .await
+            },
+            async { server.accept().await.unwrap().await },
+        );
+        let (conn, peer) = (conn.unwrap(), accepted.unwrap());
+
+        // TCP on one side of the loop, the raw stream on the other.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut outside = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (inside, _) = listener.accept().await.unwrap();
+        let (send, recv) = conn.open_bi().await.unwrap();
+        let spliced = tokio::spawn(splice(inside, send, recv));
+
+        let (up, down) = (pattern(300_001), pattern(700_003));
+        outside.write_all(&up).await.unwrap();
+        outside.shutdown().await.unwrap();
+        let (mut peer_send, mut peer_recv) = peer.accept_bi().await.unwrap();
+        assert!(peer_recv.read_to_end(usize::MAX).await.unwrap() == up);
+        peer_send.write_all(&down).await.unwrap();
+        peer_send.finish().unwrap();
+        let mut got = Vec::new();
+        outside.read_to_end(&mut got).await.unwrap();
+        assert!(got == down);
+        let moved = spliced.await.unwrap().expect("clean end both ways");
+        assert_eq!(
+            moved,
+            Transferred {
+                to_stream: 300_001,
+                to_tcp: 700_003
+            }
+        );
+    })
+    .await;
+}

@@ -14,7 +14,7 @@ use tether_agent::{Agent, AgentStatus};
 use tether_common::config::{AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::ports::{PortRange, PortSpec, Proto};
-use tether_relay::Relay;
+use tether_relay::{Limits, Relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -65,6 +65,21 @@ impl Default for Keys {
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address").port()
+}
+
+/// `count` consecutive ports bound on 127.0.0.1 and on ::1, for ranges.
+pub fn consecutive_listeners(count: u16) -> Vec<std::net::TcpListener> {
+    for _ in 0..1000 {
+        let base = rand::random::<u16>() % 30_000 + 20_000;
+        let bound: Vec<_> = (base..base + count)
+            .flat_map(|port| ["127.0.0.1", "::1"].map(|ip| (ip, port)))
+            .map_while(|(ip, port)| std::net::TcpListener::bind((ip, port)).ok())
+            .collect();
+        if bound.len() == usize::from(count) * 2 {
+            return bound;
+        }
+    }
+    panic!("no {count} consecutive free ports");
 }
 
 pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
@@ -133,7 +148,12 @@ pub struct RelayHandle {
 }
 
 pub fn start_relay(config: RelayConfig, identity: &Identity) -> RelayHandle {
-    let relay = Relay::bind(config, identity).expect("relay binds");
+    start_relay_with(config, identity, Limits::default())
+}
+
+/// A relay with other timings than the product's, to see a limit work without waiting for it.
+pub fn start_relay_with(config: RelayConfig, identity: &Identity, limits: Limits) -> RelayHandle {
+    let relay = Relay::bind_with(config, identity, limits).expect("relay binds");
     let addr = relay.local_addr().expect("relay address");
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));

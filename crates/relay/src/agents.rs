@@ -3,12 +3,11 @@
 //!
 //! Ports belong to the agent, not to one session: a new session of the same agent takes them
 //! over at once, without closing the listeners, and an agent that went away keeps them for
-//! [`PORT_HOLD`] so that it finds them again when it reconnects.
+//! [`crate::server::Limits::port_hold`] so that it finds them again when it reconnects.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tether_common::config::AgentEntry;
 use tether_common::ports::{PortSpec, Proto};
@@ -21,9 +20,6 @@ use tokio_util::sync::DropGuard;
 use crate::registry::PortRegistry;
 use crate::server::Shared;
 use crate::visitor;
-
-/// How long an agent that went away keeps its ports.
-pub const PORT_HOLD: Duration = Duration::from_secs(30);
 
 /// One authenticated session, as visitors need it.
 #[derive(Debug)]
@@ -168,7 +164,7 @@ impl Table {
     }
 
     /// Marks the agent away if `id` is still its live session. Returns the generation to pass
-    /// to [`Table::release_if_still_away`] once [`PORT_HOLD`] has passed.
+    /// to [`Table::release_if_still_away`] once the hold time has passed.
     pub fn session_ended(&mut self, agent: &str, id: SessionId) -> Option<u64> {
         let slot = self.agents.get_mut(agent)?;
         let ours = slot

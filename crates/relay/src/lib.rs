@@ -8,4 +8,4 @@ pub mod server;
 pub mod session;
 pub mod visitor;
 
-pub use server::{Relay, RelayError};
+pub use server::{Limits, Relay, RelayError};

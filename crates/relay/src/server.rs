@@ -16,8 +16,33 @@ use tokio_util::task::TaskTracker;
 use crate::agents::Table;
 use crate::session;
 
-/// How long a drain may take before the relay exits anyway.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The relay's timings. The defaults are the product's; tests shorten them to see each limit
+/// work without waiting for it.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long a QUIC and TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long an authenticated agent may take to open its control stream and say Hello.
+    pub hello_timeout: Duration,
+    /// How long a visitor who arrives while its agent is away waits for the agent's return.
+    pub visitor_wait: Duration,
+    /// How long an agent that went away keeps its public ports.
+    pub port_hold: Duration,
+    /// How long a drain may take before the relay exits anyway.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(5),
+            visitor_wait: Duration::from_secs(5),
+            port_hold: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -33,6 +58,7 @@ pub enum RelayError {
 /// What every task of the relay shares.
 pub struct Shared {
     pub config: RelayConfig,
+    pub limits: Limits,
     pub pins: Arc<AgentPins>,
     table: Mutex<Table>,
     pub tasks: TaskTracker,
@@ -57,6 +83,15 @@ pub struct Relay {
 impl Relay {
     /// Binds the QUIC endpoint on `config.listen`.
     pub fn bind(config: RelayConfig, identity: &Identity) -> Result<Self, RelayError> {
+        Self::bind_with(config, identity, Limits::default())
+    }
+
+    /// [`Relay::bind`] with other timings.
+    pub fn bind_with(
+        config: RelayConfig,
+        identity: &Identity,
+        limits: Limits,
+    ) -> Result<Self, RelayError> {
         let pins = Arc::new(AgentPins::new(config.agents.iter().map(|a| a.fingerprint)));
         let mut server = tls::server_config(identity, pins.clone())?;
         server.transport_config(transport::relay());
@@ -67,6 +102,7 @@ impl Relay {
             })?;
         let shared = Arc::new(Shared {
             config,
+            limits,
             pins,
             table: Mutex::default(),
             tasks: TaskTracker::new(),
@@ -86,7 +122,7 @@ impl Relay {
 
     /// Serves agents and visitors until `shutdown` is cancelled, then drains: stops accepting,
     /// closes every session with [`CloseCode::RelayShutdown`] so agents reconnect at once, and
-    /// returns within [`SHUTDOWN_GRACE`].
+    /// returns within [`Limits::shutdown_grace`].
     pub async fn run(self, shutdown: CancellationToken) {
         let Relay {
             endpoint,
@@ -121,8 +157,9 @@ impl Relay {
             shared.tasks.wait().await;
             endpoint.wait_idle().await;
         };
-        if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
-            tracing::warn!("drain took longer than {SHUTDOWN_GRACE:?}; exiting anyway");
+        let grace = shared.limits.shutdown_grace;
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
         tracing::info!("relay stopped");
     }

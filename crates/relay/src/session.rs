@@ -11,13 +11,7 @@ use tether_common::protocol::{
 use tether_common::tls;
 use tracing::Instrument;
 
-use crate::agents::PORT_HOLD;
 use crate::server::Shared;
-
-/// How long a QUIC and TLS handshake may take.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long an authenticated agent may take to open its control stream and say Hello.
-pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
@@ -46,7 +40,7 @@ impl SetupError {
 /// Serves one incoming connection from the handshake to the end of its session.
 pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
-    let conn = match handshake(incoming).await {
+    let conn = match handshake(incoming, shared.limits.handshake_timeout).await {
         Ok(conn) => conn,
         Err(error) => {
             tracing::debug!(%remote, %error, "handshake refused");
@@ -67,9 +61,12 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         .await;
 }
 
-async fn handshake(incoming: quinn::Incoming) -> Result<quinn::Connection, SetupError> {
+async fn handshake(
+    incoming: quinn::Incoming,
+    deadline: Duration,
+) -> Result<quinn::Connection, SetupError> {
     let connecting = incoming.accept()?;
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting)
+    tokio::time::timeout(deadline, connecting)
         .await
         .map_err(|_| SetupError::HandshakeTimeout)?
         .map_err(SetupError::Handshake)
@@ -82,7 +79,7 @@ async fn run_session(
     id: SessionId,
     agent: tether_common::config::AgentEntry,
 ) {
-    let (mut send, mut recv, hello) = match read_hello(&conn).await {
+    let (mut send, mut recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,
         Err(error) => {
             tracing::warn!(%remote, %error, "session set-up failed");
@@ -146,7 +143,7 @@ async fn wait_for_end(
     }
 }
 
-/// Marks the agent away and closes its ports if it does not come back within [`PORT_HOLD`].
+/// Marks the agent away and closes its ports if it does not come back within the hold time.
 fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId) {
     let Some(generation) = shared.table().session_ended(agent, id) else {
         return; // A newer session of the agent has taken over.
@@ -155,7 +152,7 @@ fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId) {
     let agent = agent.to_owned();
     let hold = async move {
         tokio::select! {
-            () = tokio::time::sleep(PORT_HOLD) => {}
+            () = tokio::time::sleep(shared2.limits.port_hold) => {}
             () = shared2.shutdown.cancelled() => return,
         }
         shared2.table().release_if_still_away(&agent, generation);
@@ -165,6 +162,7 @@ fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId) {
 
 async fn read_hello(
     conn: &quinn::Connection,
+    deadline: Duration,
 ) -> Result<(quinn::SendStream, quinn::RecvStream, Hello), SetupError> {
     let setup = async {
         let (send, mut recv) = conn.accept_bi().await?;
@@ -173,7 +171,7 @@ async fn read_hello(
             .map_err(|e| SetupError::Hello(FrameError::Decode(e)))?;
         Ok::<_, SetupError>((send, recv, hello))
     };
-    let (send, recv, hello) = tokio::time::timeout(HELLO_TIMEOUT, setup)
+    let (send, recv, hello) = tokio::time::timeout(deadline, setup)
         .await
         .map_err(|_| SetupError::HelloTimeout)??;
     if hello.version != VERSION {

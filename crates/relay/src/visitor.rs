@@ -17,9 +17,6 @@ use tracing::Instrument;
 use crate::agents::{LiveSession, SessionWatch};
 use crate::server::Shared;
 
-/// How long a visitor who arrives while its agent is away waits for the agent's return.
-pub const VISITOR_WAIT: Duration = Duration::from_secs(5);
-
 /// Opens public TCP `port` for `agent` and serves it until the returned guard is dropped.
 pub fn listen(
     shared: &Arc<Shared>,
@@ -59,13 +56,7 @@ async fn accept_loop(
         };
         let visitor = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
         let span = tracing::debug_span!("visitor", %visitor);
-        let task = serve(
-            tcp,
-            visitor,
-            port,
-            session.clone(),
-            shared.config.tcp_keepalive,
-        );
+        let task = serve(tcp, visitor, port, session.clone(), shared.clone());
         shared.tasks.spawn(task.instrument(span));
     }
     tracing::debug!("closed");
@@ -76,14 +67,15 @@ async fn serve(
     visitor: SocketAddr,
     port: u16,
     mut session: SessionWatch,
-    keepalive: Option<Duration>,
+    shared: Arc<Shared>,
 ) {
-    configure(&tcp, keepalive);
+    configure(&tcp, shared.config.tcp_keepalive);
     let ready = |s: &Option<Arc<LiveSession>>| {
         s.as_ref()
             .is_some_and(|s| s.routes.contains_key(&(Proto::Tcp, port)))
     };
-    let live = match tokio::time::timeout(VISITOR_WAIT, session.wait_for(ready)).await {
+    let wait = shared.limits.visitor_wait;
+    let live = match tokio::time::timeout(wait, session.wait_for(ready)).await {
         Ok(Ok(live)) => live.clone(),
         _ => None,
     };
@@ -162,4 +154,55 @@ fn tcp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
     socket.bind(&address.into())?;
     socket.listen(1024)?;
     Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn accepted_pair(listener: &TcpListener, addr: SocketAddr) -> (TcpStream, TcpStream) {
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (client, server)
+    }
+
+    #[tokio::test]
+    async fn visitor_sockets_get_nodelay_and_the_configured_keepalive() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_client, server) = accepted_pair(&listener, addr).await;
+        configure(&server, Some(Duration::from_secs(30)));
+        let socket = SockRef::from(&server);
+        assert!(server.nodelay().unwrap());
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(30));
+        assert_eq!(
+            socket.keepalive_interval().unwrap(),
+            Duration::from_secs(30)
+        );
+
+        let (_client, server) = accepted_pair(&listener, addr).await;
+        configure(&server, None);
+        assert!(!SockRef::from(&server).keepalive().unwrap());
+    }
+
+    #[tokio::test]
+    async fn default_bind_takes_ipv4_and_ipv6_visitors() {
+        let listener = bind_tcp(None, 0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        for ip in ["127.0.0.1", "::1"] {
+            let addr = SocketAddr::new(ip.parse().unwrap(), port);
+            let (_client, server) = accepted_pair(&listener, addr).await;
+            let seen = server.peer_addr().unwrap().ip().to_canonical();
+            assert_eq!(seen, addr.ip());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_port_in_use_is_reported_as_such() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let error = bind_tcp(Some("127.0.0.1".parse().unwrap()), port).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+    }
 }
