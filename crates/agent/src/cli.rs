@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::{AgentConfig, HostPort};
 use tether_common::identity::{Fingerprint, Identity};
-use tokio_util::sync::CancellationToken;
 
 use crate::Agent;
 
@@ -111,50 +110,27 @@ pub fn main() -> ExitCode {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
-            run(config, &identity)
+            run(config, identity)
         }
     }
 }
 
-/// Loads the config and the key it names, printing every problem.
 fn load(file: &Path) -> Result<(AgentConfig, Identity), ExitCode> {
-    let config = AgentConfig::load(file).map_err(|e| {
-        eprintln!("{e}");
-        usage_error()
-    })?;
-    let identity = Identity::load(&config.key).map_err(|e| {
-        eprintln!("{}: key: {e}", file.display());
-        usage_error()
-    })?;
-    Ok((config, identity))
+    common::load_config_and_key(file, AgentConfig::load, |c| &c.key)
 }
 
-fn run(config: AgentConfig, identity: &Identity) -> ExitCode {
-    let runtime = match common::runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the runtime: {error}");
-            return failure();
-        }
-    };
-    runtime.block_on(async {
-        let agent = match Agent::new(config, identity) {
-            Ok(agent) => agent,
+fn run(config: AgentConfig, identity: Identity) -> ExitCode {
+    common::run_until_signal(|shutdown| async move {
+        match Agent::new(config, &identity) {
+            Ok(agent) => {
+                agent.run(shutdown).await;
+                ExitCode::SUCCESS
+            }
             Err(error) => {
                 tracing::error!("{error}");
-                return failure();
+                failure()
             }
-        };
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(error) = common::shutdown_signal().await {
-                tracing::error!(%error, "cannot listen for signals");
-            }
-            signal.cancel();
-        });
-        agent.run(shutdown).await;
-        ExitCode::SUCCESS
+        }
     })
 }
 
@@ -165,21 +141,15 @@ fn init(
     name: Option<String>,
 ) -> ExitCode {
     let name = name.unwrap_or_else(host_name);
-    let (config_path, key_path) = (dir.join("agent.toml"), dir.join("agent.key"));
-    let written = common::refuse_existing(&[&config_path, &key_path])
-        .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display())))
-        .and_then(|()| Identity::generate(&key_path).map_err(|e| e.to_string()))
-        .and_then(|identity| {
-            let text = config_template(relay, relay_fingerprint);
-            common::write_new(&config_path, &text).map(|()| identity)
-        });
-    let identity = match written {
+    let text = config_template(relay, relay_fingerprint);
+    let identity = match common::init_files(dir, "agent.toml", "agent.key", &text) {
         Ok(identity) => identity,
         Err(message) => {
             eprintln!("tether-agent init: {message}");
             return failure();
         }
     };
+    let (config_path, key_path) = (dir.join("agent.toml"), dir.join("agent.key"));
     println!(
         "Wrote {} and {}.",
         config_path.display(),

@@ -1,9 +1,15 @@
 //! What the two binaries' command lines share: exit codes, logging, signals.
 
-use std::io::IsTerminal;
+use std::future::Future;
+use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
 
+use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
+
+use crate::config::ConfigError;
+use crate::identity::Identity;
 
 /// Exit code for bad usage or a bad config (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -39,7 +45,7 @@ pub fn init_logging(verbosity: u8) {
 }
 
 /// Completes on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() -> std::io::Result<()> {
+async fn shutdown_signal() -> std::io::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -50,31 +56,75 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Refuses to go on if any of `paths` exists: `init` never overwrites.
-pub fn refuse_existing(paths: &[&std::path::Path]) -> Result<(), String> {
-    match paths.iter().find(|p| p.exists()) {
-        Some(path) => Err(format!(
-            "{} already exists; init never overwrites",
-            path.display()
-        )),
-        None => Ok(()),
-    }
+/// Loads a config with `load` and the key it names, printing every problem for the user.
+pub fn load_config_and_key<C>(
+    file: &Path,
+    load: fn(&Path) -> Result<C, ConfigError>,
+    key: fn(&C) -> &Path,
+) -> Result<(C, Identity), ExitCode> {
+    let config = load(file).map_err(|e| {
+        eprintln!("{e}");
+        usage_error()
+    })?;
+    let identity = Identity::load(key(&config)).map_err(|e| {
+        eprintln!("{}: key: {e}", file.display());
+        usage_error()
+    })?;
+    Ok((config, identity))
 }
 
-/// Writes a new file, failing if it exists.
-pub fn write_new(path: &std::path::Path, contents: &str) -> Result<(), String> {
-    use std::io::Write;
+/// What `init` does on both sides: in `dir`, a new key as `key_name` and `config_text` as
+/// `config_name`. Nothing is written if either exists: init never overwrites.
+pub fn init_files(
+    dir: &Path,
+    config_name: &str,
+    key_name: &str,
+    config_text: &str,
+) -> Result<Identity, String> {
+    let (config_path, key_path) = (dir.join(config_name), dir.join(key_name));
+    if let Some(path) = [&config_path, &key_path].into_iter().find(|p| p.exists()) {
+        return Err(format!(
+            "{} already exists; init never overwrites",
+            path.display()
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let identity = Identity::generate(&key_path).map_err(|e| e.to_string())?;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(path)
-        .and_then(|mut file| file.write_all(contents.as_bytes()))
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .open(&config_path)
+        .and_then(|mut file| file.write_all(config_text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", config_path.display()))?;
+    Ok(identity)
 }
 
-/// The multi-threaded runtime both binaries run on.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+/// Runs `serve` on a new multi-threaded runtime, cancelling its token at the first SIGINT or
+/// SIGTERM.
+pub fn run_until_signal<F, Fut>(serve: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: Future<Output = ExitCode>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return failure();
+        }
+    };
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = shutdown_signal().await {
+                tracing::error!(%error, "cannot listen for signals");
+            }
+            signal.cancel();
+        });
+        serve(shutdown).await
+    })
 }

@@ -163,8 +163,7 @@ impl ServerCertVerifier for RelayPin {
     }
 }
 
-/// The relay's verifier of agents' certificates: the set of agent keys it serves. The set can be
-/// replaced while the relay runs; handshakes after that see the new set.
+/// The relay's verifier of agents' certificates: the set of agent keys it serves.
 #[derive(Debug)]
 pub struct AgentPins {
     known: RwLock<HashSet<Fingerprint>>,
@@ -177,10 +176,6 @@ impl AgentPins {
             known: RwLock::new(known.into_iter().collect()),
             algorithms: provider().signature_verification_algorithms,
         }
-    }
-
-    pub fn replace(&self, known: impl IntoIterator<Item = Fingerprint>) {
-        *self.known.write().unwrap_or_else(|e| e.into_inner()) = known.into_iter().collect();
     }
 
     pub fn contains(&self, fingerprint: &Fingerprint) -> bool {

@@ -8,7 +8,6 @@ use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::RelayConfig;
 use tether_common::identity::Identity;
-use tokio_util::sync::CancellationToken;
 
 use crate::Relay;
 
@@ -93,68 +92,40 @@ pub fn main() -> ExitCode {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
-            run(config, &identity)
+            run(config, identity)
         }
     }
 }
 
-/// Loads the config and the key it names, printing every problem.
 fn load(file: &Path) -> Result<(RelayConfig, Identity), ExitCode> {
-    let config = RelayConfig::load(file).map_err(|e| {
-        eprintln!("{e}");
-        usage_error()
-    })?;
-    let identity = Identity::load(&config.key).map_err(|e| {
-        eprintln!("{}: key: {e}", file.display());
-        usage_error()
-    })?;
-    Ok((config, identity))
+    common::load_config_and_key(file, RelayConfig::load, |c| &c.key)
 }
 
-fn run(config: RelayConfig, identity: &Identity) -> ExitCode {
-    let runtime = match common::runtime() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("cannot start the runtime: {error}");
-            return failure();
-        }
-    };
-    runtime.block_on(async {
-        let relay = match Relay::bind(config, identity) {
-            Ok(relay) => relay,
+fn run(config: RelayConfig, identity: Identity) -> ExitCode {
+    common::run_until_signal(|shutdown| async move {
+        match Relay::bind(config, &identity) {
+            Ok(relay) => {
+                relay.run(shutdown).await;
+                ExitCode::SUCCESS
+            }
             Err(error) => {
                 tracing::error!("{error}");
-                return failure();
+                failure()
             }
-        };
-        let shutdown = CancellationToken::new();
-        let signal = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(error) = common::shutdown_signal().await {
-                tracing::error!(%error, "cannot listen for signals");
-            }
-            signal.cancel();
-        });
-        relay.run(shutdown).await;
-        ExitCode::SUCCESS
+        }
     })
 }
 
 fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
+    let identity =
+        match common::init_files(dir, "relay.toml", "relay.key", &config_template(listen)) {
+            Ok(identity) => identity,
+            Err(message) => {
+                eprintln!("tether-relay init: {message}");
+                return failure();
+            }
+        };
     let (config_path, key_path) = (dir.join("relay.toml"), dir.join("relay.key"));
-    let written = common::refuse_existing(&[&config_path, &key_path])
-        .and_then(|()| std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display())))
-        .and_then(|()| Identity::generate(&key_path).map_err(|e| e.to_string()))
-        .and_then(|identity| {
-            common::write_new(&config_path, &config_template(listen)).map(|()| identity)
-        });
-    let identity = match written {
-        Ok(identity) => identity,
-        Err(message) => {
-            eprintln!("tether-relay init: {message}");
-            return failure();
-        }
-    };
     let fingerprint = identity.fingerprint();
     println!(
         "Wrote {} and {}.",

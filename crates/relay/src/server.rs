@@ -59,7 +59,6 @@ pub enum RelayError {
 pub struct Shared {
     pub config: RelayConfig,
     pub limits: Limits,
-    pub pins: Arc<AgentPins>,
     table: Mutex<Table>,
     pub tasks: TaskTracker,
     /// Cancelled when the relay drains: listeners close, sessions end.
@@ -93,7 +92,7 @@ impl Relay {
         limits: Limits,
     ) -> Result<Self, RelayError> {
         let pins = Arc::new(AgentPins::new(config.agents.iter().map(|a| a.fingerprint)));
-        let mut server = tls::server_config(identity, pins.clone())?;
+        let mut server = tls::server_config(identity, pins)?;
         server.transport_config(transport::relay());
         let endpoint =
             quinn::Endpoint::server(server, config.listen).map_err(|source| RelayError::Bind {
@@ -103,7 +102,6 @@ impl Relay {
         let shared = Arc::new(Shared {
             config,
             limits,
-            pins,
             table: Mutex::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
