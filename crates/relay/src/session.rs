@@ -87,9 +87,14 @@ async fn run_session(
             return;
         }
     };
-    let (results, routes) = shared
-        .table()
-        .open_forwards(&shared, &agent, &hello.forwards);
+    // Opened and published under one lock, so that another session of the same agent cannot
+    // come between; published before Welcome is sent, so that every way out ends alike.
+    let results = {
+        let mut table = shared.table();
+        let (results, routes) = table.open_forwards(&shared, &agent, &hello.forwards);
+        table.publish(&agent.name, id, conn.clone(), routes);
+        results
+    };
     for (request, result) in hello.forwards.iter().zip(&results) {
         let ports = format!("{}/{}", request.remote, request.proto);
         match result {
@@ -101,10 +106,6 @@ async fn run_session(
             }
         }
     }
-    // Published before Welcome is sent, so that every way out below ends the session alike.
-    shared
-        .table()
-        .publish(&agent.name, id, conn.clone(), routes);
     let welcome = RelayMessage::Welcome(Welcome {
         session: id,
         results,
