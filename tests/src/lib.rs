@@ -2,6 +2,7 @@
 //! running in-process on loopback, and local services to forward to. Everything binds port 0
 //! or asks the kernel for a free port, and every wait has a deadline.
 
+pub mod gate;
 pub mod process;
 
 use std::future::Future;
