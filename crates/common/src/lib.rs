@@ -1,9 +1,11 @@
 //! What tether's relay and agent share: the wire protocol, identities and TLS pinning, config
-//! types, and the one TCP copy loop.
+//! types, the one TCP copy loop, and the UDP datagram format and flow table.
 
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod datagram;
+pub mod flows;
 pub mod identity;
 pub mod ports;
 pub mod protocol;
