@@ -74,6 +74,15 @@ pub enum ConnectError {
     Connect(#[from] quinn::ConnectError),
 }
 
+/// What the connect loop does after a session.
+enum Next {
+    Stop,
+    /// The relay is restarting: reconnect without waiting.
+    AtOnce,
+    /// Wait out the backoff; the string says why, for the log and the status.
+    AfterBackoff(String),
+}
+
 /// The agent: keeps one session to the relay up for as long as it runs.
 pub struct Agent {
     config: AgentConfig,
@@ -131,47 +140,20 @@ impl Agent {
             let error = match attempt {
                 Ok((endpoint, conn)) => {
                     let started = Instant::now();
-                    let span = tracing::info_span!("session", relay = %conn.remote_address());
-                    let end = session::run(
-                        &conn,
-                        self.forwards.clone(),
-                        last_session,
-                        &self.status,
-                        &shutdown,
-                    )
-                    .instrument(span)
-                    .await;
+                    let next = self.session(&conn, &mut last_session, &shutdown).await;
                     if started.elapsed() >= STABLE_AFTER {
                         backoff.reset();
                     }
-                    match end {
-                        SessionEnd::Stopped => {
+                    match next {
+                        Next::Stop => {
                             let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
                             break;
                         }
-                        SessionEnd::RelayRestarting { session } => {
-                            tracing::info!("relay is restarting; reconnecting at once");
-                            last_session = session;
+                        Next::AtOnce => {
                             backoff.reset();
                             continue;
                         }
-                        SessionEnd::Lost {
-                            session: None,
-                            error,
-                        } => {
-                            // TLS 1.3 lets the client finish first: a relay that refuses this
-                            // agent's key says so by closing the connection right after.
-                            match conn.close_reason() {
-                                Some(reason) => {
-                                    self.explain(conn.remote_address(), reason).to_string()
-                                }
-                                None => error,
-                            }
-                        }
-                        SessionEnd::Lost { session, error } => {
-                            last_session = session.or(last_session);
-                            error
-                        }
+                        Next::AfterBackoff(error) => error,
                     }
                 }
                 Err(error) => error.to_string(),
@@ -187,6 +169,47 @@ impl Agent {
         }
         self.status.send_replace(AgentStatus::Stopped);
         tracing::info!("agent stopped");
+    }
+
+    /// Runs one session on `conn` and says what to do once it ends. `last_session` is the id
+    /// to present for resuming, kept across sessions that end before they are set up.
+    async fn session(
+        &self,
+        conn: &quinn::Connection,
+        last_session: &mut Option<SessionId>,
+        shutdown: &CancellationToken,
+    ) -> Next {
+        let span = tracing::info_span!("session", relay = %conn.remote_address());
+        let end = session::run(
+            conn,
+            self.forwards.clone(),
+            *last_session,
+            &self.status,
+            shutdown,
+        )
+        .instrument(span)
+        .await;
+        match end {
+            SessionEnd::Stopped => Next::Stop,
+            SessionEnd::RelayRestarting { session } => {
+                tracing::info!("relay is restarting; reconnecting at once");
+                *last_session = session.or(*last_session);
+                Next::AtOnce
+            }
+            // TLS 1.3 lets the client finish first: a relay that refuses this agent's key says
+            // so by closing the connection right after.
+            SessionEnd::Lost {
+                session: None,
+                error,
+            } => Next::AfterBackoff(match conn.close_reason() {
+                Some(reason) => self.explain(conn.remote_address(), reason).to_string(),
+                None => error,
+            }),
+            SessionEnd::Lost { session, error } => {
+                *last_session = session.or(*last_session);
+                Next::AfterBackoff(error)
+            }
+        }
     }
 
     /// One attempt: resolve the relay's name afresh and handshake.
