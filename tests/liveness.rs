@@ -139,8 +139,7 @@ async fn a_visitor_that_does_not_read_holds_the_service_back() {
         visitor.read_exact(&mut got).await.unwrap();
         let chunk = pattern(64 * 1024);
         assert!(got.chunks(chunk.len()).all(|c| c == chunk), "bytes differ");
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }

@@ -35,12 +35,8 @@ async fn forward_outside_the_allowlist_is_refused_while_another_works() {
             round_trip(public(allowed), b"still works").await.unwrap(),
             b"still works"
         );
-        assert!(
-            TcpStream::connect(public(forbidden)).await.is_err(),
-            "refused port is open"
-        );
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        assert_port_closed(forbidden).await;
+        bench.stop().await;
     })
     .await;
 }
@@ -160,31 +156,14 @@ async fn same_agent_reconnecting_takes_its_ports_over_at_once() {
 #[tokio::test]
 async fn another_agent_asking_for_a_held_port_is_refused() {
     within("the whole test", async {
-        let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (dorm, dorm_key) = keys.identity("dorm");
-        let (lab, lab_key) = keys.identity("lab");
-        let port = free_port();
-        let entries = vec![
-            agent_entry("dorm", dorm.fingerprint(), &[port]),
-            agent_entry("lab", lab.fingerprint(), &[port]),
-        ];
-        let relay = start_relay(relay_config(relay_key, entries), &relay_identity);
-        let echo = echo_service().await;
-        let config = |key| {
-            agent_config(
-                key,
-                relay.addr,
-                relay.fingerprint,
-                vec![tcp_forward("ssh", port, echo)],
-            )
-        };
-        let mut first = start_agent(config(dorm_key), &dorm);
+        let rivals = Rivals::start(Limits::default()).await;
+        let port = rivals.port;
+        let mut first = rivals.start_agent("dorm");
         assert_eq!(
             first.connected().await.forward("ssh"),
             Some(ForwardResult::Opened)
         );
-        let mut second = start_agent(config(lab_key), &lab);
+        let mut second = rivals.start_agent("lab");
         let status = second.connected().await;
         assert_eq!(
             status.forward("ssh"),
@@ -198,7 +177,7 @@ async fn another_agent_asking_for_a_held_port_is_refused() {
         assert_eq!(round_trip(public(port), b"owner").await.unwrap(), b"owner");
         second.stop().await;
         first.stop().await;
-        relay.stop().await;
+        rivals.relay.stop().await;
     })
     .await;
 }
@@ -290,31 +269,14 @@ async fn visitor_is_closed_when_its_agent_does_not_return_in_time() {
 #[tokio::test]
 async fn an_agent_that_stays_away_loses_its_ports_to_another() {
     within("the whole test", async {
-        let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (dorm, dorm_key) = keys.identity("dorm");
-        let (lab, lab_key) = keys.identity("lab");
-        let port = free_port();
-        let entries = vec![
-            agent_entry("dorm", dorm.fingerprint(), &[port]),
-            agent_entry("lab", lab.fingerprint(), &[port]),
-        ];
         let limits = Limits {
             port_hold: Duration::from_millis(300),
             visitor_wait: Duration::from_millis(50),
             ..Limits::default()
         };
-        let relay = start_relay_with(relay_config(relay_key, entries), &relay_identity, limits);
-        let echo = echo_service().await;
-        let config = |key| {
-            agent_config(
-                key,
-                relay.addr,
-                relay.fingerprint,
-                vec![tcp_forward("ssh", port, echo)],
-            )
-        };
-        let mut first = start_agent(config(dorm_key), &dorm);
+        let rivals = Rivals::start(limits).await;
+        let port = rivals.port;
+        let mut first = rivals.start_agent("dorm");
         first.connected().await;
         let away = Instant::now();
         first.stop().await;
@@ -328,14 +290,68 @@ async fn an_agent_that_stays_away_loses_its_ports_to_another() {
             held >= Duration::from_millis(300),
             "released after {held:?}, before the hold"
         );
-        let mut second = start_agent(config(lab_key), &lab);
+        let mut second = rivals.start_agent("lab");
         assert_eq!(
             second.connected().await.forward("ssh"),
             Some(ForwardResult::Opened)
         );
         assert_eq!(round_trip(public(port), b"lab").await.unwrap(), b"lab");
         second.stop().await;
-        relay.stop().await;
+        rivals.relay.stop().await;
     })
     .await;
+}
+
+/// Two agents, dorm and lab, both allowed the same port, and a relay serving them.
+struct Rivals {
+    _keys: Keys,
+    relay: RelayHandle,
+    port: u16,
+    echo: std::net::SocketAddr,
+    agents: Vec<(&'static str, Identity, std::path::PathBuf)>,
+}
+
+impl Rivals {
+    async fn start(limits: Limits) -> Self {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let port = free_port();
+        let agents: Vec<_> = ["dorm", "lab"]
+            .into_iter()
+            .map(|name| {
+                let (identity, key) = keys.identity(name);
+                (name, identity, key)
+            })
+            .collect();
+        let entries = agents
+            .iter()
+            .map(|(name, identity, _)| agent_entry(name, identity.fingerprint(), &[port]))
+            .collect();
+        let relay = start_relay_with(relay_config(relay_key, entries), &relay_identity, limits);
+        let echo = echo_service().await;
+        Self {
+            _keys: keys,
+            relay,
+            port,
+            echo,
+            agents,
+        }
+    }
+
+    /// Starts the agent called `name`, asking for the shared port.
+    fn start_agent(&self, name: &str) -> AgentHandle {
+        let (_, identity, key) = self
+            .agents
+            .iter()
+            .find(|(n, ..)| *n == name)
+            .expect("agent");
+        let forward = tcp_forward("ssh", self.port, self.echo);
+        let config = agent_config(
+            key.clone(),
+            self.relay.addr,
+            self.relay.fingerprint,
+            vec![forward],
+        );
+        start_agent(config, identity)
+    }
 }

@@ -27,8 +27,7 @@ async fn eight_mib_through_a_forward_comes_back_identical() {
             data.len()
         );
         println!("8 MiB echoed through the tunnel in {elapsed:?}");
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }
@@ -54,8 +53,7 @@ async fn two_hundred_visitors_at_once_all_complete() {
         for visitor in visitors {
             visitor.await.expect("visitor task");
         }
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }
@@ -85,8 +83,7 @@ async fn visitor_that_shuts_its_write_side_still_receives_the_rest() {
             back[answer.len()..] == pattern(1024 * 1024)[..],
             "the rest differs"
         );
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }
@@ -131,8 +128,7 @@ async fn service_that_shuts_its_write_side_still_receives_the_rest() {
             got.len(),
             data.len()
         );
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }
@@ -157,8 +153,7 @@ async fn local_service_that_refuses_closes_the_visitor_at_once() {
         // Well under the agent's 5 s connect timeout: the refusal itself was passed on.
         assert!(elapsed < Duration::from_secs(2), "took {elapsed:?}");
         println!("refused local service reset the visitor after {elapsed:?}");
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }
@@ -192,8 +187,7 @@ async fn time_to_first_byte_of_a_new_visitor_connection() {
             "time to first byte, median of 21: through tether {:?}, direct {:?}",
             tunnelled[10], direct[10]
         );
-        bench.agent.stop().await;
-        bench.relay.stop().await;
+        bench.stop().await;
     })
     .await;
 }

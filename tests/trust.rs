@@ -10,7 +10,6 @@ use rustls::SignatureScheme;
 use tether_common::identity::Identity;
 use tether_common::tls::{self, AgentPins};
 use tether_tests::*;
-use tokio::net::TcpStream;
 
 /// Shows `shown`'s certificate but signs with `signer`'s key.
 #[derive(Debug)]
@@ -68,10 +67,7 @@ async fn agent_whose_key_the_relay_does_not_list_opens_nothing() {
             )),
             "{error}"
         );
-        assert!(
-            TcpStream::connect(public(port)).await.is_err(),
-            "the port must not be open"
-        );
+        assert_port_closed(port).await;
         agent.stop().await;
         relay.stop().await;
     })
@@ -103,10 +99,7 @@ async fn agent_pinned_to_another_relay_refuses_and_names_both_keys() {
             other_relay.fingerprint()
         );
         assert!(error.contains(&expected), "{error}");
-        assert!(
-            TcpStream::connect(public(port)).await.is_err(),
-            "the port must not be open"
-        );
+        assert_port_closed(port).await;
         agent.stop().await;
         relay.stop().await;
     })
@@ -196,10 +189,7 @@ async fn agent_showing_a_listed_certificate_without_its_key_is_refused() {
             matches!(refused, quinn::ConnectionError::ConnectionClosed(_)),
             "expected the relay to refuse the handshake, got {refused}"
         );
-        assert!(
-            TcpStream::connect(public(port)).await.is_err(),
-            "the port must not be open"
-        );
+        assert_port_closed(port).await;
         relay.stop().await;
     })
     .await;

@@ -323,6 +323,21 @@ impl Bench {
     }
 }
 
+impl Bench {
+    pub async fn stop(self) {
+        self.agent.stop().await;
+        self.relay.stop().await;
+    }
+}
+
+/// Fails the test if anything accepts connections on relay port `port`.
+pub async fn assert_port_closed(port: u16) {
+    assert!(
+        TcpStream::connect(public(port)).await.is_err(),
+        "port {port} must not be open"
+    );
+}
+
 /// The public address of relay port `port` on loopback.
 pub fn public(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
