@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use tether_common::config::{Forward, LocalTarget};
+use tether_common::config::{Forward, LocalTarget, DEFAULT_FLOW_IDLE};
 use tether_common::ports::{PortRange, PortSpec, Proto};
 use tether_tests::*;
 use tokio::io::AsyncWriteExt;
@@ -53,6 +53,7 @@ async fn a_range_maps_one_to_one_for_ipv4_and_ipv6_visitors() {
                 host: "127.0.0.1".into(),
                 ports: PortRange::new(local_base, local_base + 2).unwrap(),
             },
+            flow_idle: DEFAULT_FLOW_IDLE,
         };
         let config = agent_config(agent_key, relay.addr, relay.fingerprint, vec![forward]);
         let mut agent = start_agent(config, &agent_identity);

@@ -105,6 +105,7 @@ async fn stale_session(
             name: "ssh".into(),
             proto: Proto::Tcp,
             remote: PortRange::single(port).unwrap(),
+            flow_idle: std::time::Duration::ZERO,
         }],
     };
     write_frame(&mut send, &AgentMessage::Hello(hello).encode())

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_agent::{Agent, AgentStatus};
-use tether_common::config::{AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig};
+use tether_common::config::{
+    AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig, DEFAULT_FLOW_IDLE,
+};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::ports::{PortRange, PortSpec, Proto};
 use tether_relay::{Limits, Relay};
@@ -137,6 +139,7 @@ pub fn tcp_forward(name: &str, remote: u16, local: SocketAddr) -> Forward {
             host: local.ip().to_string(),
             ports: PortRange::single(local.port()).unwrap(),
         },
+        flow_idle: DEFAULT_FLOW_IDLE,
     }
 }
 

@@ -156,6 +156,7 @@ async fn open(
                     name: f.name.clone(),
                     proto: f.proto,
                     remote: f.remote,
+                    flow_idle: f.flow_idle,
                 })
                 .collect(),
         };

@@ -35,6 +35,7 @@
 //! session's streams.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
@@ -97,6 +98,9 @@ pub struct ForwardRequest {
     pub name: String,
     pub proto: Proto,
     pub remote: PortRange,
+    /// UDP: how long a flow may stay silent before both ends forget it. Carried in whole
+    /// milliseconds (u32), so that both ends agree on it.
+    pub flow_idle: Duration,
 }
 
 /// The relay's answer to [`Hello`]: one result per requested forward, in the same order.
@@ -223,6 +227,8 @@ impl Hello {
             buf.put_u8(forward.proto.wire());
             buf.put_u16(forward.remote.start());
             buf.put_u16(forward.remote.end());
+            let millis = u32::try_from(forward.flow_idle.as_millis()).unwrap_or(u32::MAX);
+            buf.put_u32(millis);
         }
     }
 
@@ -253,10 +259,12 @@ impl Hello {
             let proto = Proto::from_wire(buf.try_get_u8()?).ok_or(DecodeError::Invalid("proto"))?;
             let (start, end) = (buf.try_get_u16()?, buf.try_get_u16()?);
             let remote = PortRange::new(start, end).ok_or(DecodeError::Invalid("port range"))?;
+            let flow_idle = Duration::from_millis(u64::from(buf.try_get_u32()?));
             forwards.push(ForwardRequest {
                 name,
                 proto,
                 remote,
+                flow_idle,
             });
         }
         Ok(Hello {
@@ -471,11 +479,13 @@ mod tests {
                     name: "ssh".into(),
                     proto: Proto::Tcp,
                     remote: range(2222, 2222),
+                    flow_idle: Duration::ZERO,
                 },
                 ForwardRequest {
                     name: "mosh".into(),
                     proto: Proto::Udp,
                     remote: range(60000, 60010),
+                    flow_idle: Duration::from_secs(120),
                 },
             ],
         }

@@ -16,6 +16,9 @@ use crate::ports::{PortRange, Proto};
 
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a UDP flow may stay silent before it is forgotten: above mosh's 40 s without a
+/// reply, after which mosh hops to a new source port anyway.
+pub const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(120);
 
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +57,8 @@ pub struct Forward {
     pub proto: Proto,
     pub remote: PortRange,
     pub local: LocalTarget,
+    /// UDP only: how long a flow may stay silent, both ways, before both ends forget it.
+    pub flow_idle: Duration,
 }
 
 /// Where a forward's traffic goes beside the agent: a host and a port or a range as long as
@@ -103,6 +108,7 @@ struct RawForward {
     proto: String,
     remote: RawPorts,
     local: String,
+    flow_idle: Option<String>,
 }
 
 /// `remote` is written as a number (`2222`) or a string (`"60000-60010"`).
@@ -215,7 +221,19 @@ fn forwards(raw: &[RawForward], p: &mut Problems) -> Vec<Forward> {
             }),
         );
         let local = p.check(key("local"), local_target(&raw.local));
-        let (Some(name), Some(proto), Some(remote), Some(local)) = (name, proto, remote, local)
+        let flow_idle = match (&raw.flow_idle, proto) {
+            (None, _) => Some(DEFAULT_FLOW_IDLE),
+            (Some(text), Some(Proto::Udp)) => {
+                p.check(key("flow_idle"), duration(text).and_then(nonzero))
+            }
+            (Some(_), Some(Proto::Tcp)) => {
+                p.add(key("flow_idle"), "only UDP forwards have flows");
+                None
+            }
+            (Some(_), None) => None,
+        };
+        let (Some(name), Some(proto), Some(remote), Some(local), Some(flow_idle)) =
+            (name, proto, remote, local, flow_idle)
         else {
             continue;
         };
@@ -255,6 +273,7 @@ fn forwards(raw: &[RawForward], p: &mut Problems) -> Vec<Forward> {
             proto,
             remote,
             local,
+            flow_idle,
         });
     }
     out

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use crate::identity::Fingerprint;
 use crate::ports::PortRange;
 
-pub use agent::{AgentConfig, Forward, HostPort, LocalTarget};
+pub use agent::{AgentConfig, Forward, HostPort, LocalTarget, DEFAULT_FLOW_IDLE};
 pub use relay::{AgentEntry, RelayConfig};
 
 /// Everything wrong with one config file.

@@ -66,6 +66,42 @@ local = "127.0.0.1:60000-60010"
         config.forwards[1].local_for(60004),
         Some(("127.0.0.1", 60004))
     );
+    assert_eq!(config.forwards[1].flow_idle, DEFAULT_FLOW_IDLE);
+}
+
+#[test]
+fn udp_forwards_take_a_flow_idle_time() {
+    let config = agent(&agent_with_forward(
+        "name = \"mosh\"\nproto = \"udp\"\nremote = 60001\nlocal = \"h:60001\"\nflow_idle = \"45s\"",
+    ))
+    .unwrap();
+    assert_eq!(config.forwards[0].flow_idle, Duration::from_secs(45));
+    let cases = [
+        (
+            "proto = \"udp\"\nflow_idle = \"0s\"",
+            "forward[0].flow_idle: must be longer than zero",
+        ),
+        (
+            "proto = \"udp\"\nflow_idle = \"2d\"",
+            "forward[0].flow_idle: must be at most 24h, got \"2d\"",
+        ),
+        (
+            "proto = \"udp\"\nflow_idle = \"soon\"",
+            "forward[0].flow_idle: expected a duration like \"10s\", got \"soon\"",
+        ),
+        (
+            "proto = \"tcp\"\nflow_idle = \"45s\"",
+            "forward[0].flow_idle: only UDP forwards have flows",
+        ),
+    ];
+    for (fields, expected) in cases {
+        assert_agent_error(
+            &agent_with_forward(&format!(
+                "name = \"a\"\nremote = 1\nlocal = \"h:1\"\n{fields}"
+            )),
+            &format!("/etc/tether/agent.toml: {expected}"),
+        );
+    }
 }
 
 #[test]
@@ -136,7 +172,7 @@ fn agent_type_and_shape_errors() {
     );
     assert_agent_error(
         &agent_with_forward("name = \"a\"\nproto = \"tcp\"\nremote = 1\nlocal = \"h:1\"\nlocol = 3"),
-        "/etc/tether/agent.toml: forward[0].locol: unknown field `locol`, expected one of `name`, `proto`, `remote`, `local`",
+        "/etc/tether/agent.toml: forward[0].locol: unknown field `locol`, expected one of `name`, `proto`, `remote`, `local`, `flow_idle`",
     );
     assert_agent_error(
         &agent_with_forward("name = \"a\"\nproto = \"tcp\"\nremote = 1"),
