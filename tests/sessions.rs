@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tether_common::control::{read_frame, write_frame};
 use tether_common::identity::Identity;
-use tether_common::ports::{PortRange, Proto};
+use tether_common::ports::{PortRange, PortSpec, Proto};
 use tether_common::protocol::{
     AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, Refusal, RelayMessage, VERSION,
 };
@@ -90,6 +90,26 @@ async fn stale_session(
     Control,
     Vec<ForwardResult>,
 ) {
+    let forward = ForwardRequest {
+        name: "ssh".into(),
+        proto: Proto::Tcp,
+        remote: PortRange::single(port).unwrap(),
+        flow_idle: Duration::ZERO,
+    };
+    session_asking_for(identity, relay, vec![forward]).await
+}
+
+/// A session that says Hello with `forwards`, exactly as given, and then does nothing.
+async fn session_asking_for(
+    identity: &Identity,
+    relay: &RelayHandle,
+    forwards: Vec<ForwardRequest>,
+) -> (
+    quinn::Endpoint,
+    quinn::Connection,
+    Control,
+    Vec<ForwardResult>,
+) {
     let (client, _) = tls::client_config(identity, relay.fingerprint).unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let conn = endpoint
@@ -101,12 +121,7 @@ async fn stale_session(
     let hello = Hello {
         version: VERSION,
         resume: None,
-        forwards: vec![ForwardRequest {
-            name: "ssh".into(),
-            proto: Proto::Tcp,
-            remote: PortRange::single(port).unwrap(),
-            flow_idle: std::time::Duration::ZERO,
-        }],
+        forwards,
     };
     write_frame(&mut send, &AgentMessage::Hello(hello).encode())
         .await
@@ -114,6 +129,44 @@ async fn stale_session(
     let (kind, body) = read_frame(&mut recv).await.unwrap();
     let RelayMessage::Welcome(welcome) = RelayMessage::decode(kind, &body).unwrap();
     (endpoint, conn, (send, recv), welcome.results)
+}
+
+#[tokio::test]
+async fn a_udp_forward_without_a_flow_idle_time_is_refused() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, _) = keys.identity("agent");
+        let ports = [free_port(), free_port()];
+        let mut entry = agent_entry("dorm", agent_identity.fingerprint(), &[]);
+        let udp = |port| PortSpec {
+            proto: Proto::Udp,
+            range: PortRange::single(port).unwrap(),
+        };
+        entry.ports = ports.iter().map(|&p| udp(p)).collect();
+        let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
+        let request = |name: &str, port, flow_idle| ForwardRequest {
+            name: name.into(),
+            proto: Proto::Udp,
+            remote: PortRange::single(port).unwrap(),
+            flow_idle,
+        };
+        let forwards = vec![
+            request("never-forgets", ports[0], Duration::ZERO),
+            request("mosh", ports[1], Duration::from_secs(120)),
+        ];
+        let (_endpoint, _conn, _control, results) =
+            session_asking_for(&agent_identity, &relay, forwards).await;
+        assert_eq!(
+            results,
+            [
+                ForwardResult::Refused(Refusal::Invalid),
+                ForwardResult::Opened
+            ]
+        );
+        relay.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 pub mod gate;
 pub mod process;
+pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +16,7 @@ use tether_agent::{Agent, AgentStatus};
 use tether_common::config::{
     AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig, DEFAULT_FLOW_IDLE,
 };
+use tether_common::datagram::UdpCounters;
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::ports::{PortRange, PortSpec, Proto};
 use tether_relay::{Limits, Relay};
@@ -29,9 +31,14 @@ pub const STEP: Duration = Duration::from_secs(10);
 
 /// Awaits `future`, failing the test if it takes longer than [`STEP`].
 pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(STEP, future).await {
+    within_for(what, STEP, future).await
+}
+
+/// Awaits `future`, failing the test if it takes longer than `limit`.
+pub async fn within_for<T>(what: &str, limit: Duration, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(limit, future).await {
         Ok(value) => value,
-        Err(_) => panic!("timed out after {STEP:?} waiting for {what}"),
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
     }
 }
 
@@ -143,10 +150,26 @@ pub fn tcp_forward(name: &str, remote: u16, local: SocketAddr) -> Forward {
     }
 }
 
+/// A UDP forward from public ports `remote` to the same number of ports from `local` on
+/// `host`.
+pub fn udp_forward(name: &str, remote: PortRange, host: &str, local: PortRange) -> Forward {
+    Forward {
+        name: name.into(),
+        proto: Proto::Udp,
+        remote,
+        local: LocalTarget {
+            host: host.into(),
+            ports: local,
+        },
+        flow_idle: DEFAULT_FLOW_IDLE,
+    }
+}
+
 /// A relay running in-process until [`RelayHandle::stop`].
 pub struct RelayHandle {
     pub addr: SocketAddr,
     pub fingerprint: Fingerprint,
+    pub udp: Arc<UdpCounters>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -159,11 +182,13 @@ pub fn start_relay(config: RelayConfig, identity: &Identity) -> RelayHandle {
 pub fn start_relay_with(config: RelayConfig, identity: &Identity, limits: Limits) -> RelayHandle {
     let relay = Relay::bind_with(config, identity, limits).expect("relay binds");
     let addr = relay.local_addr().expect("relay address");
+    let udp = relay.udp_counters();
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
     RelayHandle {
         addr,
         fingerprint: identity.fingerprint(),
+        udp,
         stop,
         task,
     }
@@ -182,6 +207,7 @@ impl RelayHandle {
 /// An agent running in-process until [`AgentHandle::stop`].
 pub struct AgentHandle {
     pub status: watch::Receiver<AgentStatus>,
+    pub udp: Arc<UdpCounters>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -189,9 +215,15 @@ pub struct AgentHandle {
 pub fn start_agent(config: AgentConfig, identity: &Identity) -> AgentHandle {
     let agent = Agent::new(config, identity).expect("agent");
     let status = agent.status();
+    let udp = agent.udp_counters();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
-    AgentHandle { status, stop, task }
+    AgentHandle {
+        status,
+        udp,
+        stop,
+        task,
+    }
 }
 
 impl AgentHandle {
@@ -300,13 +332,33 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// Starts a relay that allows `dorm` the given ports, and `dorm` asking for `forwards`.
+    /// Starts a relay that allows `dorm` the given TCP ports, and `dorm` asking for `forwards`.
     pub async fn start(allowed: &[u16], forwards: Vec<Forward>) -> Self {
+        let allowed = allowed
+            .iter()
+            .map(|&p| PortSpec {
+                proto: Proto::Tcp,
+                range: PortRange::single(p).unwrap(),
+            })
+            .collect();
+        Self::start_with(allowed, forwards, Limits::default(), |_| {}).await
+    }
+
+    /// [`Bench::start`] with any ports, the relay's limits, and a last change to its config.
+    pub async fn start_with(
+        allowed: Vec<PortSpec>,
+        forwards: Vec<Forward>,
+        limits: Limits,
+        relay_config_change: impl FnOnce(&mut RelayConfig),
+    ) -> Self {
         let keys = Keys::new();
         let (relay_identity, relay_key) = keys.identity("relay");
         let (agent_identity, agent_key) = keys.identity("agent");
-        let entry = agent_entry("dorm", agent_identity.fingerprint(), allowed);
-        let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
+        let mut entry = agent_entry("dorm", agent_identity.fingerprint(), &[]);
+        entry.ports = allowed;
+        let mut config = relay_config(relay_key, vec![entry]);
+        relay_config_change(&mut config);
+        let relay = start_relay_with(config, &relay_identity, limits);
         let config = agent_config(
             agent_key.clone(),
             relay.addr,

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_common::config::{AgentConfig, Forward};
+use tether_common::datagram::UdpCounters;
 use tether_common::identity::{Fingerprint, Identity};
-use tether_common::ports::Proto;
 use tether_common::protocol::{CloseCode, SessionId};
 use tether_common::tls::{self, RelayPin, TlsError};
 use tether_common::transport;
@@ -92,6 +92,7 @@ pub struct Agent {
     /// The forwards offered to the relay, in the order of the Hello.
     forwards: Arc<[Forward]>,
     status: watch::Sender<AgentStatus>,
+    udp: Arc<UdpCounters>,
 }
 
 impl Agent {
@@ -100,23 +101,13 @@ impl Agent {
         let transport = transport::agent(config.keepalive, config.idle_timeout)
             .map_err(|_| AgentError::IdleTimeout)?;
         client.transport_config(transport);
-        let (tcp, skipped): (Vec<_>, Vec<_>) = config
-            .forwards
-            .iter()
-            .cloned()
-            .partition(|f| f.proto == Proto::Tcp);
-        for forward in skipped {
-            tracing::warn!(
-                forward = %forward.name,
-                "UDP forwards are not carried by this version yet; skipping"
-            );
-        }
         Ok(Self {
             fingerprint: identity.fingerprint(),
             client,
             pin,
-            forwards: tcp.into(),
+            forwards: config.forwards.clone().into(),
             status: watch::Sender::new(AgentStatus::Connecting),
+            udp: Arc::default(),
             config,
         })
     }
@@ -124,6 +115,11 @@ impl Agent {
     /// Follows what the agent is doing.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.subscribe()
+    }
+
+    /// What happened to UDP traffic since the agent started.
+    pub fn udp_counters(&self) -> Arc<UdpCounters> {
+        self.udp.clone()
     }
 
     /// Connects and reconnects until `shutdown` is cancelled.
@@ -185,6 +181,7 @@ impl Agent {
             self.forwards.clone(),
             *last_session,
             &self.status,
+            &self.udp,
             shutdown,
         )
         .instrument(span)

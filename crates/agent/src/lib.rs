@@ -6,6 +6,7 @@ pub mod cli;
 pub mod client;
 pub mod session;
 pub mod status;
+pub mod udp;
 
 pub use client::{Agent, AgentError};
 pub use status::AgentStatus;

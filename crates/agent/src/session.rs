@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tether_common::config::Forward;
 use tether_common::control::{read_frame, write_frame, FrameError};
+use tether_common::datagram::{DatagramSender, UdpCounters};
 use tether_common::protocol::{
     AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, RelayMessage, SessionId,
     StreamCode, StreamHeader, VERSION,
@@ -15,10 +16,12 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::client::relay_restarting;
 use crate::status::AgentStatus;
+use crate::udp;
 
 /// How long the relay may take to answer Hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,6 +50,7 @@ pub async fn run(
     forwards: Arc<[Forward]>,
     resume: Option<SessionId>,
     status: &watch::Sender<AgentStatus>,
+    udp: &Arc<UdpCounters>,
     shutdown: &CancellationToken,
 ) -> SessionEnd {
     let (session, opened, (_control_send, mut control)) = match open(conn, &forwards, resume).await
@@ -86,6 +90,11 @@ pub async fn run(
         .zip(opened.iter())
         .map(|(f, r)| (*r == ForwardResult::Opened).then(|| f.clone()))
         .collect();
+    let datagrams = DatagramSender::new(conn.clone(), udp.clone());
+    let flows = udp::Flows::new(&opened, datagrams, udp.clone()).await;
+    let _udp = AbortOnDropHandle::new(tokio::spawn(
+        udp::carry(conn.clone(), flows).in_current_span(),
+    ));
 
     let mut streams = JoinSet::new();
     let end = loop {

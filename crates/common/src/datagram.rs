@@ -11,6 +11,19 @@
 //! the forward in the agent's Hello and `port` the public port, so the agent can open a flow's
 //! local socket from its first datagram alone, with no set-up message to wait for or lose.
 //! Answers carry the same header back.
+//!
+//! A datagram larger than what the session can send as one QUIC datagram right now (about 1,160
+//! bytes before path MTU discovery, about 1,400 after) takes a unidirectional stream of its own
+//! instead: the same bytes, header and payload, then the end of the stream. It arrives intact,
+//! a little later, and never holds up another flow.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 
 use crate::protocol::DecodeError;
 
@@ -59,6 +72,134 @@ impl DatagramHeader {
         };
         Ok((header, payload))
     }
+}
+
+/// Oversized datagrams one session has on streams at once; more are dropped, as UDP may.
+pub const MAX_STREAMED: u32 = 64;
+
+/// How long sending or receiving one oversized datagram on its stream may take.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What happened to the UDP traffic of one side, for logs and tests.
+#[derive(Debug, Default)]
+pub struct UdpCounters {
+    /// Datagrams too large for a QUIC datagram, sent on a stream of their own.
+    pub sent_on_stream: AtomicU64,
+    /// Datagrams dropped: no session or route for them, an unknown flow, a full socket, or too
+    /// many oversized datagrams in flight at once.
+    pub dropped: AtomicU64,
+    pub flows_opened: AtomicU64,
+    /// Flows forgotten after `flow_idle` of silence.
+    pub flows_expired: AtomicU64,
+    /// Flows forgotten to make room under a cap, the longest idle first.
+    pub flows_evicted: AtomicU64,
+}
+
+/// The counters at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UdpCount {
+    pub sent_on_stream: u64,
+    pub dropped: u64,
+    pub flows_opened: u64,
+    pub flows_expired: u64,
+    pub flows_evicted: u64,
+}
+
+impl UdpCounters {
+    pub fn count(&self) -> UdpCount {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        UdpCount {
+            sent_on_stream: get(&self.sent_on_stream),
+            dropped: get(&self.dropped),
+            flows_opened: get(&self.flows_opened),
+            flows_expired: get(&self.flows_expired),
+            flows_evicted: get(&self.flows_evicted),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+/// Sends the datagrams of one session, each as a QUIC datagram if it fits and on a stream of
+/// its own if not. Never waits: what cannot be sent now is dropped and counted.
+#[derive(Clone)]
+pub struct DatagramSender {
+    conn: quinn::Connection,
+    streams: Arc<Semaphore>,
+    counters: Arc<UdpCounters>,
+}
+
+impl DatagramSender {
+    pub fn new(conn: quinn::Connection, counters: Arc<UdpCounters>) -> Self {
+        Self {
+            conn,
+            streams: Arc::new(Semaphore::new(MAX_STREAMED as usize)),
+            counters,
+        }
+    }
+
+    /// Sends `datagram`: a header and its payload.
+    pub fn send(&self, datagram: Bytes) {
+        match self.conn.max_datagram_size() {
+            Some(max) if datagram.len() <= max => {
+                // Only fails if the connection is gone or the path shrank this very moment.
+                if self.conn.send_datagram(datagram).is_err() {
+                    UdpCounters::add(&self.counters.dropped, 1);
+                }
+            }
+            _ => self.send_on_stream(datagram),
+        }
+    }
+
+    fn send_on_stream(&self, datagram: Bytes) {
+        let Ok(permit) = self.streams.clone().try_acquire_owned() else {
+            UdpCounters::add(&self.counters.dropped, 1);
+            return;
+        };
+        UdpCounters::add(&self.counters.sent_on_stream, 1);
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let send = async {
+                let mut stream = conn.open_uni().await.ok()?;
+                stream.write_all(&datagram).await.ok()?;
+                stream.finish().ok()
+            };
+            let _ = tokio::time::timeout(STREAM_TIMEOUT, send).await;
+        });
+    }
+}
+
+/// Hands each datagram the peer sends, by either path, to `deliver` until the session ends.
+pub async fn receive(conn: &quinn::Connection, mut deliver: impl FnMut(Bytes)) {
+    let mut streamed = JoinSet::new();
+    loop {
+        tokio::select! {
+            datagram = conn.read_datagram() => match datagram {
+                Ok(datagram) => deliver(datagram),
+                Err(_) => break,
+            },
+            stream = conn.accept_uni() => match stream {
+                Ok(stream) => {
+                    // The peer may have at most MAX_STREAMED of these open at once.
+                    streamed.spawn(read_streamed(stream));
+                }
+                Err(_) => break,
+            },
+            Some(Ok(Some(datagram))) = streamed.join_next() => deliver(datagram),
+        }
+    }
+}
+
+async fn read_streamed(mut stream: quinn::RecvStream) -> Option<Bytes> {
+    let read = stream.read_to_end(HEADER_LEN + MAX_PAYLOAD);
+    let datagram = tokio::time::timeout(STREAM_TIMEOUT, read)
+        .await
+        .ok()?
+        .ok()?;
+    Some(datagram.into())
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use quinn::{IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
 
+use crate::datagram::MAX_STREAMED;
+
 /// Visitor TCP connections one session carries at once; more wait for a free stream.
 pub const MAX_DATA_STREAMS: u32 = 1024;
 
@@ -12,13 +14,19 @@ pub const MAX_DATA_STREAMS: u32 = 1024;
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
 
+/// Bytes of QUIC datagrams each side buffers, either way; past it the oldest are dropped.
+const DATAGRAM_BUFFER: usize = 1024 * 1024;
+
 fn common() -> TransportConfig {
     let mut config = TransportConfig::default();
     config
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .receive_window(VarInt::from_u32(SESSION_WINDOW))
         .send_window(u64::from(SESSION_WINDOW))
-        .max_concurrent_uni_streams(VarInt::from_u32(0));
+        .datagram_receive_buffer_size(Some(DATAGRAM_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_BUFFER)
+        // Unidirectional streams carry UDP datagrams too large for a QUIC datagram.
+        .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMED));
     config
 }
 

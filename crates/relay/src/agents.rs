@@ -10,24 +10,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tether_common::config::AgentEntry;
+use tether_common::datagram::DatagramSender;
 use tether_common::ports::{PortSpec, Proto};
 use tether_common::protocol::{
     CloseCode, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
 };
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
 
 use crate::registry::PortRegistry;
 use crate::server::Shared;
+use crate::udp::{self, SessionFlows};
 use crate::visitor;
 
 /// One authenticated session, as visitors need it.
-#[derive(Debug)]
 pub struct LiveSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
     /// Which forward of the agent's Hello serves each public port.
     pub routes: HashMap<(Proto, u16), Route>,
+    /// The flows of the session's UDP forwards.
+    pub flows: SessionFlows,
+    pub datagrams: DatagramSender,
     next_stream: Arc<AtomicU64>,
 }
 
@@ -41,6 +46,23 @@ impl LiveSession {
 pub struct Route {
     pub forward: u16,
     pub name: Arc<str>,
+    /// A UDP port's socket, where answers to its visitors leave from.
+    pub udp: Option<Arc<UdpSocket>>,
+}
+
+/// A public port the agent holds: its listener runs until the guard is dropped.
+struct Held {
+    _listener: DropGuard,
+    udp: Option<Arc<UdpSocket>>,
+}
+
+/// A session about to be published, with what the relay opened for it.
+pub struct NewSession {
+    pub id: SessionId,
+    pub conn: quinn::Connection,
+    pub routes: HashMap<(Proto, u16), Route>,
+    pub flows: SessionFlows,
+    pub datagrams: DatagramSender,
 }
 
 /// What listeners watch: the agent's live session, `None` while it is away.
@@ -54,8 +76,8 @@ pub struct Table {
 
 struct Slot {
     live: watch::Sender<Option<Arc<LiveSession>>>,
-    /// The listener of each held port; dropping the guard closes it.
-    ports: HashMap<(Proto, u16), DropGuard>,
+    /// The listener of each held port.
+    ports: HashMap<(Proto, u16), Held>,
     next_stream: Arc<AtomicU64>,
     /// Counts sessions, so that a hold timer knows whether the agent came back meanwhile.
     generation: u64,
@@ -94,10 +116,11 @@ impl Table {
                 proto: request.proto,
                 range: request.remote,
             };
-            let result = if requests[..index]
+            let overlaps = requests[..index]
                 .iter()
-                .any(|r| r.proto == request.proto && r.remote.overlaps(request.remote))
-            {
+                .any(|r| r.proto == request.proto && r.remote.overlaps(request.remote));
+            let no_idle_time = request.proto == Proto::Udp && request.flow_idle.is_zero();
+            let result = if overlaps || no_idle_time {
                 Err(Refusal::Invalid)
             } else {
                 self.registry.claim(agent, spec).and_then(|()| {
@@ -106,12 +129,14 @@ impl Table {
             };
             results.push(match result {
                 Ok(()) => {
-                    let route = Route {
-                        forward: index as u16,
-                        name: request.name.as_str().into(),
-                    };
+                    let name: Arc<str> = request.name.as_str().into();
                     for port in spec.range.ports() {
-                        routes.insert((spec.proto, port), route.clone());
+                        let route = Route {
+                            forward: index as u16,
+                            name: name.clone(),
+                            udp: ports.get(&(spec.proto, port)).and_then(|h| h.udp.clone()),
+                        };
+                        routes.insert((spec.proto, port), route);
                     }
                     ForwardResult::Opened
                 }
@@ -135,25 +160,19 @@ impl Table {
         (results, routes)
     }
 
-    /// Makes `conn` the agent's live session, closing the one it replaces.
-    pub fn publish(
-        &mut self,
-        agent: &str,
-        id: SessionId,
-        conn: quinn::Connection,
-        routes: HashMap<(Proto, u16), Route>,
-    ) {
-        let Some(slot) = self.agents.get_mut(agent) else {
-            return;
-        };
+    /// Makes a new session the agent's live one, closing the one it replaces.
+    pub fn publish(&mut self, agent: &str, session: NewSession) -> Option<Arc<LiveSession>> {
+        let slot = self.agents.get_mut(agent)?;
         slot.generation += 1;
-        let live = LiveSession {
-            id,
-            conn,
-            routes,
+        let live = Arc::new(LiveSession {
+            id: session.id,
+            conn: session.conn,
+            routes: session.routes,
+            flows: session.flows,
+            datagrams: session.datagrams,
             next_stream: slot.next_stream.clone(),
-        };
-        if let Some(old) = slot.live.send_replace(Some(Arc::new(live))) {
+        });
+        if let Some(old) = slot.live.send_replace(Some(live.clone())) {
             tracing::info!(
                 agent,
                 session = old.id,
@@ -161,6 +180,7 @@ impl Table {
             );
             CloseCode::Replaced.close(&old.conn);
         }
+        Some(live)
     }
 
     /// Marks the agent away if `id` is still its live session. Returns the generation to pass
@@ -201,29 +221,40 @@ fn open_ports(
     agent: &str,
     spec: PortSpec,
     live: &watch::Sender<Option<Arc<LiveSession>>>,
-    held: &mut HashMap<(Proto, u16), DropGuard>,
-    ports: &mut HashMap<(Proto, u16), DropGuard>,
+    held: &mut HashMap<(Proto, u16), Held>,
+    ports: &mut HashMap<(Proto, u16), Held>,
 ) -> Result<(), Refusal> {
-    if spec.proto == Proto::Udp {
-        return Err(Refusal::Unavailable);
-    }
     for port in spec.range.ports() {
         let key = (spec.proto, port);
-        if let Some(guard) = held.remove(&key) {
-            ports.insert(key, guard);
+        if let Some(listener) = held.remove(&key) {
+            ports.insert(key, listener);
             continue;
         }
-        match visitor::listen(shared, agent, port, live.subscribe()) {
-            Ok(guard) => {
-                ports.insert(key, guard);
+        let opened = match spec.proto {
+            Proto::Tcp => {
+                visitor::listen(shared, agent, port, live.subscribe()).map(|guard| Held {
+                    _listener: guard,
+                    udp: None,
+                })
+            }
+            Proto::Udp => {
+                udp::listen(shared, agent, port, live.subscribe()).map(|(guard, socket)| Held {
+                    _listener: guard,
+                    udp: Some(socket),
+                })
+            }
+        };
+        match opened {
+            Ok(listener) => {
+                ports.insert(key, listener);
             }
             Err(error) => {
                 tracing::warn!(agent, port, %error, "cannot open public port");
                 // Back to `held`: the caller closes and releases whatever stays there.
                 for port in spec.range.ports() {
                     let key = (spec.proto, port);
-                    if let Some(guard) = ports.remove(&key) {
-                        held.insert(key, guard);
+                    if let Some(listener) = ports.remove(&key) {
+                        held.insert(key, listener);
                     }
                 }
                 return Err(match error.kind() {

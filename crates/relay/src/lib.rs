@@ -6,6 +6,7 @@ pub mod cli;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod udp;
 pub mod visitor;
 
 pub use server::{Limits, Relay, RelayError};

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tether_common::config::RelayConfig;
+use tether_common::datagram::UdpCounters;
 use tether_common::identity::Identity;
 use tether_common::protocol::CloseCode;
 use tether_common::tls::{self, AgentPins, TlsError};
@@ -30,6 +31,11 @@ pub struct Limits {
     pub port_hold: Duration,
     /// How long a drain may take before the relay exits anyway.
     pub shutdown_grace: Duration,
+    /// UDP flows one forward carries at once; a new one evicts the longest idle.
+    pub max_flows_per_forward: usize,
+    /// UDP flows one visitor address has on one forward at once (mosh hops source ports, and a
+    /// few visitors may share a NAT's address).
+    pub max_flows_per_visitor: usize,
 }
 
 impl Default for Limits {
@@ -40,6 +46,8 @@ impl Default for Limits {
             visitor_wait: Duration::from_secs(5),
             port_hold: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(5),
+            max_flows_per_forward: 256,
+            max_flows_per_visitor: 32,
         }
     }
 }
@@ -63,6 +71,7 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// Cancelled when the relay drains: listeners close, sessions end.
     pub shutdown: CancellationToken,
+    pub udp: Arc<UdpCounters>,
 }
 
 impl Shared {
@@ -105,6 +114,7 @@ impl Relay {
             table: Mutex::default(),
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
+            udp: Arc::default(),
         });
         Ok(Self {
             endpoint,
@@ -116,6 +126,11 @@ impl Relay {
     /// The UDP address agents connect to (useful when `listen` had port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// What happened to UDP traffic since the relay started.
+    pub fn udp_counters(&self) -> Arc<UdpCounters> {
+        self.shared.udp.clone()
     }
 
     /// Serves agents and visitors until `shutdown` is cancelled, then drains: stops accepting,

@@ -5,13 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether_common::control::{read_frame, write_frame, FrameError};
+use tether_common::datagram::DatagramSender;
+use tether_common::ports::Proto;
 use tether_common::protocol::{
     AgentMessage, CloseCode, ForwardResult, Hello, RelayMessage, SessionId, Welcome, VERSION,
 };
 use tether_common::tls;
 use tracing::Instrument;
 
+use crate::agents::NewSession;
 use crate::server::Shared;
+use crate::udp::{self, SessionFlows};
 
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
@@ -89,12 +93,25 @@ async fn run_session(
     };
     // Opened and published under one lock, so that another session of the same agent cannot
     // come between; published before Welcome is sent, so that every way out ends alike.
-    let results = {
+    let (results, live) = {
         let mut table = shared.table();
         let (results, routes) = table.open_forwards(&shared, &agent, &hello.forwards);
-        table.publish(&agent.name, id, conn.clone(), routes);
-        results
+        let udp_forwards = hello.forwards.iter().zip(&results).enumerate().filter_map(
+            |(index, (request, result))| {
+                let udp = request.proto == Proto::Udp && *result == ForwardResult::Opened;
+                udp.then_some((index as u16, request.flow_idle))
+            },
+        );
+        let session = NewSession {
+            id,
+            conn: conn.clone(),
+            routes,
+            flows: SessionFlows::new(udp_forwards, &shared.limits),
+            datagrams: DatagramSender::new(conn.clone(), shared.udp.clone()),
+        };
+        (results, table.publish(&agent.name, session))
     };
+    let _udp = live.map(|live| udp::carry(&shared, live));
     for (request, result) in hello.forwards.iter().zip(&results) {
         let ports = format!("{}/{}", request.remote, request.proto);
         match result {

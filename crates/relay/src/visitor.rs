@@ -160,6 +160,12 @@ fn tcp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
 mod tests {
     use super::*;
 
+    async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test timed out")
+    }
+
     async fn accepted_pair(listener: &TcpListener, addr: SocketAddr) -> (TcpStream, TcpStream) {
         let client = TcpStream::connect(addr).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
@@ -168,41 +174,50 @@ mod tests {
 
     #[tokio::test]
     async fn visitor_sockets_get_nodelay_and_the_configured_keepalive() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (_client, server) = accepted_pair(&listener, addr).await;
-        configure(&server, Some(Duration::from_secs(30)));
-        let socket = SockRef::from(&server);
-        assert!(server.nodelay().unwrap());
-        assert!(socket.keepalive().unwrap());
-        assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(30));
-        assert_eq!(
-            socket.keepalive_interval().unwrap(),
-            Duration::from_secs(30)
-        );
+        within(async {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (_client, server) = accepted_pair(&listener, addr).await;
+            configure(&server, Some(Duration::from_secs(30)));
+            let socket = SockRef::from(&server);
+            assert!(server.nodelay().unwrap());
+            assert!(socket.keepalive().unwrap());
+            assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(30));
+            assert_eq!(
+                socket.keepalive_interval().unwrap(),
+                Duration::from_secs(30)
+            );
 
-        let (_client, server) = accepted_pair(&listener, addr).await;
-        configure(&server, None);
-        assert!(!SockRef::from(&server).keepalive().unwrap());
+            let (_client, server) = accepted_pair(&listener, addr).await;
+            configure(&server, None);
+            assert!(!SockRef::from(&server).keepalive().unwrap());
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn default_bind_takes_ipv4_and_ipv6_visitors() {
-        let listener = bind_tcp(None, 0).unwrap();
-        let port = listener.local_addr().unwrap().port();
-        for ip in ["127.0.0.1", "::1"] {
-            let addr = SocketAddr::new(ip.parse().unwrap(), port);
-            let (_client, server) = accepted_pair(&listener, addr).await;
-            let seen = server.peer_addr().unwrap().ip().to_canonical();
-            assert_eq!(seen, addr.ip());
-        }
+        within(async {
+            let listener = bind_tcp(None, 0).unwrap();
+            let port = listener.local_addr().unwrap().port();
+            for ip in ["127.0.0.1", "::1"] {
+                let addr = SocketAddr::new(ip.parse().unwrap(), port);
+                let (_client, server) = accepted_pair(&listener, addr).await;
+                let seen = server.peer_addr().unwrap().ip().to_canonical();
+                assert_eq!(seen, addr.ip());
+            }
+        })
+        .await;
     }
 
     #[tokio::test]
     async fn a_port_in_use_is_reported_as_such() {
-        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = taken.local_addr().unwrap().port();
-        let error = bind_tcp(Some("127.0.0.1".parse().unwrap()), port).unwrap_err();
-        assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        within(async {
+            let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = taken.local_addr().unwrap().port();
+            let error = bind_tcp(Some("127.0.0.1".parse().unwrap()), port).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
+        })
+        .await;
     }
 }

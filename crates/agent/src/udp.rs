@@ -1,0 +1,261 @@
+//! UDP flows on the agent's side. Each flow the relay numbers gets a socket of its own, connected
+//! to the local service, so that the service sees one source per visitor and its answers go back
+//! to the right one. A flow's socket is opened by its first datagram: the header says which
+//! forward and public port it came to, which selects the local port.
+//!
+//! Datagrams to the service are sent without waiting (a full socket drops one, as a router
+//! would); answers are read by one small task per flow. Nothing one flow does delays another.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::SockRef;
+use tether_common::config::Forward;
+use tether_common::datagram::{self, DatagramHeader, DatagramSender, FlowId, UdpCounters};
+use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
+use tether_common::flows::FlowTable;
+use tether_common::ports::{PortRange, Proto};
+use tokio::net::UdpSocket;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
+/// Flows one forward carries at once; a new one evicts the longest idle. Each holds a socket
+/// and a 64 KiB receive buffer.
+pub const MAX_FLOWS_PER_FORWARD: usize = 256;
+
+/// The UDP flows of one session.
+pub struct Flows {
+    forwards: HashMap<u16, UdpForward>,
+    tables: Mutex<HashMap<u16, FlowTable<FlowId, Flow, ()>>>,
+    datagrams: DatagramSender,
+    counters: Arc<UdpCounters>,
+}
+
+/// A UDP forward the relay opened, with its local address resolved.
+struct UdpForward {
+    name: String,
+    remote: PortRange,
+    local: SocketAddr,
+    local_ports: PortRange,
+    idle: Duration,
+}
+
+struct Flow {
+    socket: Arc<UdpSocket>,
+    _answers: AbortOnDropHandle<()>,
+}
+
+impl Flows {
+    /// Flows for the UDP forwards among `opened` (the forwards of the Hello, `None` where the
+    /// relay refused one). Local host names are resolved here, once per session.
+    pub async fn new(
+        opened: &[Option<Forward>],
+        datagrams: DatagramSender,
+        counters: Arc<UdpCounters>,
+    ) -> Arc<Self> {
+        let mut forwards = HashMap::new();
+        for (index, forward) in opened.iter().enumerate() {
+            let Some(forward) = forward.as_ref().filter(|f| f.proto == Proto::Udp) else {
+                continue;
+            };
+            let host = forward.local.host.as_str();
+            let port = forward.local.ports.start();
+            let local = match tokio::net::lookup_host((host, port)).await {
+                Ok(mut addresses) => addresses.next(),
+                Err(error) => {
+                    tracing::warn!(forward = %forward.name, %error, "cannot resolve {host}");
+                    None
+                }
+            };
+            let Some(local) = local else {
+                tracing::warn!(forward = %forward.name, "{host} has no address; its datagrams are dropped");
+                continue;
+            };
+            forwards.insert(
+                index as u16,
+                UdpForward {
+                    name: forward.name.clone(),
+                    remote: forward.remote,
+                    local,
+                    local_ports: forward.local.ports,
+                    idle: forward.flow_idle,
+                },
+            );
+        }
+        let tables = forwards
+            .keys()
+            .map(|&index| {
+                let table = FlowTable::new(MAX_FLOWS_PER_FORWARD, MAX_FLOWS_PER_FORWARD, |_| ());
+                (index, table)
+            })
+            .collect();
+        Arc::new(Self {
+            forwards,
+            tables: Mutex::new(tables),
+            datagrams,
+            counters,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<u16, FlowTable<FlowId, Flow, ()>>> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends one datagram from the relay to the local service of its flow, opening the flow if
+    /// it is new.
+    fn deliver(self: &Arc<Self>, datagram: &[u8]) {
+        let dropped = || UdpCounters::add(&self.counters.dropped, 1);
+        let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
+            return dropped();
+        };
+        let now = Instant::now();
+        let mut tables = self.lock();
+        let Some(table) = tables.get_mut(&header.forward) else {
+            return dropped();
+        };
+        if let Some(flow) = table.touch(&header.flow, now) {
+            return send(&flow.socket, payload, dropped);
+        }
+        let Some(flow) = self.open(header) else {
+            return dropped();
+        };
+        send(&flow.socket, payload, dropped);
+        let evicted = table.insert(header.flow, flow, now);
+        UdpCounters::add(&self.counters.flows_opened, 1);
+        UdpCounters::add(&self.counters.flows_evicted, evicted.len() as u64);
+    }
+
+    /// Opens flow `header.flow`: a socket connected to the local port that the public port maps
+    /// to, and a task that carries the service's answers back.
+    fn open(self: &Arc<Self>, header: DatagramHeader) -> Option<Flow> {
+        let forward = self.forwards.get(&header.forward)?;
+        let port = forward.local_ports.map_from(forward.remote, header.port)?;
+        let local = SocketAddr::new(forward.local.ip(), port);
+        let span = tracing::debug_span!("flow", forward = %forward.name, flow = header.flow);
+        let socket = match connect(local) {
+            Ok(socket) => Arc::new(socket),
+            Err(error) => {
+                span.in_scope(|| tracing::warn!(%error, "cannot open a UDP socket to {local}"));
+                return None;
+            }
+        };
+        span.in_scope(|| tracing::debug!(public_port = header.port, %local, "flow opened"));
+        let answers = carry_answers(Arc::downgrade(self), header, socket.clone());
+        let answers = tokio::spawn(answers.instrument(span));
+        Some(Flow {
+            socket,
+            _answers: AbortOnDropHandle::new(answers),
+        })
+    }
+
+    /// Marks flow `id` of `forward` seen; false if it is gone.
+    fn touch(&self, forward: u16, id: FlowId) -> bool {
+        let mut tables = self.lock();
+        let table = tables.get_mut(&forward);
+        table.is_some_and(|t| t.touch(&id, Instant::now()).is_some())
+    }
+
+    /// Forgets the flows that stayed silent for their forward's idle time.
+    fn expire(&self, now: Instant) {
+        let mut expired = Vec::new();
+        {
+            let mut tables = self.lock();
+            for (index, table) in tables.iter_mut() {
+                if let Some(forward) = self.forwards.get(index) {
+                    expired.extend(table.expire(now, forward.idle));
+                }
+            }
+        }
+        if !expired.is_empty() {
+            tracing::debug!(expired = expired.len(), "idle flows forgotten");
+            UdpCounters::add(&self.counters.flows_expired, expired.len() as u64);
+        }
+        // Dropped here, outside the lock: each stops its task and closes its socket.
+        drop(expired);
+    }
+
+    fn sweep_interval(&self) -> Duration {
+        let shortest = self.forwards.values().map(|f| f.idle).min();
+        (shortest.unwrap_or(Duration::from_secs(5)) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+/// Carries the session's datagrams to local services and forgets idle flows, until the session
+/// ends.
+pub async fn carry(conn: quinn::Connection, flows: Arc<Flows>) {
+    if flows.forwards.is_empty() {
+        return;
+    }
+    let deliver = datagram::receive(&conn, |datagram| flows.deliver(&datagram));
+    let expire = async {
+        let mut tick = tokio::time::interval(flows.sweep_interval());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            flows.expire(Instant::now());
+        }
+    };
+    tokio::select! {
+        () = deliver => {}
+        () = expire => {}
+    }
+}
+
+/// Reads the local service's answers on a flow's socket and sends them to the relay with the
+/// flow's header. Ends when the flow is forgotten (its task is aborted) or the session ends.
+async fn carry_answers(flows: Weak<Flows>, header: DatagramHeader, socket: Arc<UdpSocket>) {
+    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
+    buf[..HEADER_LEN].copy_from_slice(&header.encode());
+    let mut refused_before = false;
+    loop {
+        match socket.recv(&mut buf[HEADER_LEN..]).await {
+            Ok(len) => {
+                let Some(flows) = flows.upgrade() else { return };
+                if flows.touch(header.forward, header.flow) {
+                    let answer = Bytes::copy_from_slice(&buf[..HEADER_LEN + len]);
+                    flows.datagrams.send(answer);
+                }
+            }
+            // The service is not listening (yet): an ICMP message said so, once per datagram.
+            Err(error) if error.kind() == io::ErrorKind::ConnectionRefused => {
+                if !refused_before {
+                    let local = socket
+                        .peer_addr()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default();
+                    tracing::warn!("nothing listens on local UDP port {local}");
+                    refused_before = true;
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, "receiving from the local service failed; flow stops");
+                return;
+            }
+        }
+    }
+}
+
+/// A socket of its own for one flow, connected to the local service.
+fn connect(local: SocketAddr) -> io::Result<UdpSocket> {
+    let any: SocketAddr = match local {
+        SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+        SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any)?;
+    socket.connect(local)?;
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// A non-blocking send straight on the socket: a datagram that does not fit now is dropped
+/// rather than waited for, and the socket need not have been polled first.
+fn send(socket: &UdpSocket, payload: &[u8], dropped: impl Fn()) {
+    if SockRef::from(socket).send(payload).is_err() {
+        dropped();
+    }
+}

@@ -1,0 +1,412 @@
+//! Public UDP ports and their flows. A flow is one visitor source on one public port; the relay
+//! numbers it, and every datagram of it crosses the session with a [`DatagramHeader`] naming the
+//! flow, the forward and the public port.
+//!
+//! Nothing here waits on one flow's behalf: datagrams go to the agent as QUIC datagrams and
+//! answers go to visitors with non-blocking sends, so a lost or stuck datagram of one flow never
+//! delays another.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use tether_common::datagram::{self, DatagramHeader, FlowId, UdpCounters};
+use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
+use tether_common::flows::FlowTable;
+use tether_common::ports::Proto;
+use tokio::net::UdpSocket;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::Instrument;
+
+use crate::agents::{LiveSession, SessionWatch};
+use crate::server::{Limits, Shared};
+
+/// Opens public UDP `port` for `agent` and carries what arrives on it until the returned guard is
+/// dropped. The socket is returned too: answers to visitors leave from it.
+pub fn listen(
+    shared: &Arc<Shared>,
+    agent: &str,
+    port: u16,
+    session: SessionWatch,
+) -> io::Result<(DropGuard, Arc<UdpSocket>)> {
+    let socket = Arc::new(bind_udp(shared.config.public_bind, port)?);
+    let cancel = shared.shutdown.child_token();
+    let span = tracing::info_span!("port", agent, port, proto = "udp");
+    let task = receive_loop(
+        shared.clone(),
+        socket.clone(),
+        port,
+        session,
+        cancel.clone(),
+    );
+    shared.tasks.spawn(task.instrument(span));
+    Ok((cancel.drop_guard(), socket))
+}
+
+/// Reads visitors' datagrams on one public port and sends each to the agent's live session.
+async fn receive_loop(
+    shared: Arc<Shared>,
+    socket: Arc<UdpSocket>,
+    port: u16,
+    session: SessionWatch,
+    cancel: CancellationToken,
+) {
+    tracing::debug!("listening");
+    // One buffer for the port's life: the header is written in front of each payload.
+    let mut buf = vec![0u8; HEADER_LEN + MAX_PAYLOAD];
+    loop {
+        let (len, visitor) = tokio::select! {
+            () = cancel.cancelled() => break,
+            received = socket.recv_from(&mut buf[HEADER_LEN..]) => match received {
+                Ok(received) => received,
+                Err(error) => {
+                    tracing::debug!(%error, "receiving a visitor datagram failed");
+                    continue;
+                }
+            },
+        };
+        let visitor = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
+        let live = session.borrow().clone();
+        let Some(live) = live else {
+            UdpCounters::add(&shared.udp.dropped, 1);
+            continue;
+        };
+        let Some(route) = live.routes.get(&(Proto::Udp, port)) else {
+            UdpCounters::add(&shared.udp.dropped, 1);
+            continue;
+        };
+        let Some(flow) = live
+            .flows
+            .flow_for(route.forward, port, visitor, &shared.udp)
+        else {
+            UdpCounters::add(&shared.udp.dropped, 1);
+            continue;
+        };
+        let header = DatagramHeader {
+            flow,
+            forward: route.forward,
+            port,
+        };
+        buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        live.datagrams
+            .send(Bytes::copy_from_slice(&buf[..HEADER_LEN + len]));
+    }
+    tracing::debug!("closed");
+}
+
+/// Carries the session's datagrams from the agent back to visitors, and forgets idle flows,
+/// until the returned guard is dropped or the session ends.
+pub fn carry(shared: &Arc<Shared>, live: Arc<LiveSession>) -> DropGuard {
+    let cancel = shared.shutdown.child_token();
+    let task = {
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        async move {
+            let answers = datagram::receive(&live.conn, |datagram| {
+                answer(&shared, &live, &datagram);
+            });
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = answers => {}
+                () = expire_loop(&shared, &live) => {}
+            }
+        }
+    };
+    shared.tasks.spawn(task.in_current_span());
+    cancel.drop_guard()
+}
+
+/// Sends one datagram from the agent to the visitor of its flow.
+fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) {
+    let counters = &shared.udp;
+    let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
+        UdpCounters::add(&counters.dropped, 1);
+        return;
+    };
+    // Expired or evicted meanwhile: the visitor's next datagram opens a new flow.
+    let Some((port, visitor)) = live.flows.visitor_of(header.flow) else {
+        UdpCounters::add(&counters.dropped, 1);
+        return;
+    };
+    let Some(socket) = live
+        .routes
+        .get(&(Proto::Udp, port))
+        .and_then(|r| r.udp.as_ref())
+    else {
+        UdpCounters::add(&counters.dropped, 1);
+        return;
+    };
+    // A non-blocking send straight on the socket: a full socket buffer drops this datagram
+    // rather than hold up the others, as a router would.
+    if SockRef::from(socket.as_ref())
+        .send_to(payload, &visitor.into())
+        .is_err()
+    {
+        UdpCounters::add(&counters.dropped, 1);
+    }
+}
+
+async fn expire_loop(shared: &Shared, live: &LiveSession) {
+    let mut tick = tokio::time::interval(live.flows.sweep_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let expired = live.flows.expire(Instant::now());
+        if expired > 0 {
+            tracing::debug!(expired, "idle flows forgotten");
+            UdpCounters::add(&shared.udp.flows_expired, expired as u64);
+        }
+    }
+}
+
+/// The visitor source of a flow: the public port it reached and its address.
+type Source = (u16, SocketAddr);
+
+/// The UDP flows of one session, one table per forward, each capped in total and per visitor
+/// address.
+pub struct SessionFlows {
+    inner: Mutex<Flows>,
+    sweep: Duration,
+}
+
+struct Flows {
+    forwards: HashMap<u16, ForwardFlows>,
+    by_id: HashMap<FlowId, (u16, Source)>,
+    next_id: FlowId,
+}
+
+struct ForwardFlows {
+    table: FlowTable<Source, FlowId, IpAddr>,
+    idle: Duration,
+}
+
+impl SessionFlows {
+    /// Tables for the session's UDP forwards, given as (index in Hello, flow idle time).
+    pub fn new(forwards: impl IntoIterator<Item = (u16, Duration)>, limits: &Limits) -> Self {
+        let forwards: HashMap<u16, ForwardFlows> = forwards
+            .into_iter()
+            .map(|(index, idle)| {
+                let table = FlowTable::new(
+                    limits.max_flows_per_forward,
+                    limits.max_flows_per_visitor,
+                    |(_, visitor): &Source| visitor.ip(),
+                );
+                (index, ForwardFlows { table, idle })
+            })
+            .collect();
+        // Flows are forgotten within a quarter of their idle time after it passes.
+        let shortest = forwards.values().map(|f| f.idle).min();
+        let sweep = (shortest.unwrap_or(Duration::from_secs(5)) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        Self {
+            inner: Mutex::new(Flows {
+                forwards,
+                by_id: HashMap::new(),
+                next_id: 1,
+            }),
+            sweep,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Flows> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The flow of `visitor` on `port` of `forward`, opened if it is new. `None` if the session
+    /// has no UDP forward of that index.
+    pub fn flow_for(
+        &self,
+        forward: u16,
+        port: u16,
+        visitor: SocketAddr,
+        counters: &UdpCounters,
+    ) -> Option<FlowId> {
+        let now = Instant::now();
+        let mut flows = self.lock();
+        let Flows {
+            forwards,
+            by_id,
+            next_id,
+        } = &mut *flows;
+        let table = &mut forwards.get_mut(&forward)?.table;
+        let source = (port, visitor);
+        if let Some(&mut id) = table.touch(&source, now) {
+            return Some(id);
+        }
+        let mut id = *next_id;
+        while id == 0 || by_id.contains_key(&id) {
+            id = id.wrapping_add(1);
+        }
+        *next_id = id.wrapping_add(1);
+        let evicted = table.insert(source, id, now);
+        for (source, old) in &evicted {
+            by_id.remove(old);
+            tracing::debug!(port = source.0, visitor = %source.1, "flow evicted under the cap");
+        }
+        by_id.insert(id, (forward, source));
+        UdpCounters::add(&counters.flows_opened, 1);
+        UdpCounters::add(&counters.flows_evicted, evicted.len() as u64);
+        tracing::debug!(%visitor, port, flow = id, "flow opened");
+        Some(id)
+    }
+
+    /// The source of flow `id`, marking it seen.
+    pub fn visitor_of(&self, id: FlowId) -> Option<Source> {
+        let mut flows = self.lock();
+        let (forward, source) = *flows.by_id.get(&id)?;
+        flows
+            .forwards
+            .get_mut(&forward)?
+            .table
+            .touch(&source, Instant::now())?;
+        Some(source)
+    }
+
+    /// Forgets the flows that stayed silent for their forward's idle time; returns how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut flows = self.lock();
+        let Flows {
+            forwards, by_id, ..
+        } = &mut *flows;
+        let mut count = 0;
+        for forward in forwards.values_mut() {
+            for (_, id) in forward.table.expire(now, forward.idle) {
+                by_id.remove(&id);
+                count += 1;
+            }
+        }
+        count
+    }
+
+    pub fn sweep_interval(&self) -> Duration {
+        self.sweep
+    }
+}
+
+/// Binds a public UDP port: one dual-stack socket unless an address is given, like TCP ports.
+fn bind_udp(address: Option<IpAddr>, port: u16) -> io::Result<UdpSocket> {
+    let socket = match address {
+        Some(ip) => udp_socket(SocketAddr::new(ip, port), false)?,
+        None => match udp_socket(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
+            Err(e) if e.kind() != io::ErrorKind::AddrInUse => {
+                udp_socket(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)?
+            }
+            other => other?,
+        },
+    };
+    UdpSocket::from_std(socket.into())
+}
+
+fn udp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test timed out")
+    }
+
+    fn limits(per_forward: usize, per_visitor: usize) -> Limits {
+        Limits {
+            max_flows_per_forward: per_forward,
+            max_flows_per_visitor: per_visitor,
+            ..Limits::default()
+        }
+    }
+
+    fn visitor(text: &str) -> SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_source_keeps_its_flow_and_a_new_source_gets_a_new_one() {
+        let counters = UdpCounters::default();
+        let flows = SessionFlows::new([(1, Duration::from_secs(120))], &limits(8, 8));
+        let a = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters);
+        let again = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters);
+        let hopped = flows.flow_for(1, 60001, visitor("203.0.113.5:4001"), &counters);
+        let other_port = flows.flow_for(1, 60002, visitor("203.0.113.5:4000"), &counters);
+        assert!(a.is_some());
+        assert_eq!(a, again);
+        assert_ne!(a, hopped);
+        assert_ne!(a, other_port);
+        assert_eq!(
+            flows.visitor_of(hopped.unwrap()),
+            Some((60001, visitor("203.0.113.5:4001")))
+        );
+        assert_eq!(counters.count().flows_opened, 3);
+        // Not a UDP forward of this session.
+        assert_eq!(
+            flows.flow_for(0, 60001, visitor("203.0.113.5:4000"), &counters),
+            None
+        );
+    }
+
+    #[test]
+    fn evicted_and_expired_flows_are_forgotten_both_ways() {
+        let counters = UdpCounters::default();
+        let flows = SessionFlows::new([(0, Duration::from_secs(120))], &limits(8, 1));
+        let first = flows
+            .flow_for(0, 60001, visitor("198.51.100.7:1"), &counters)
+            .unwrap();
+        let second = flows
+            .flow_for(0, 60001, visitor("198.51.100.7:2"), &counters)
+            .unwrap();
+        assert_eq!(flows.visitor_of(first), None);
+        assert_eq!(counters.count().flows_evicted, 1);
+        assert_eq!(flows.expire(Instant::now() + Duration::from_secs(119)), 0);
+        assert_eq!(flows.expire(Instant::now() + Duration::from_secs(121)), 1);
+        assert_eq!(flows.visitor_of(second), None);
+    }
+
+    #[test]
+    fn sweeps_come_often_enough_for_the_shortest_idle_time() {
+        let limits = Limits::default();
+        let sweep = |idle: &[u64]| {
+            SessionFlows::new(
+                idle.iter()
+                    .enumerate()
+                    .map(|(i, &ms)| (i as u16, Duration::from_millis(ms))),
+                &limits,
+            )
+            .sweep_interval()
+        };
+        assert_eq!(sweep(&[120_000]), Duration::from_secs(5));
+        assert_eq!(sweep(&[120_000, 2_000]), Duration::from_millis(500));
+        assert_eq!(sweep(&[1]), Duration::from_millis(100));
+    }
+
+    #[tokio::test]
+    async fn default_bind_takes_ipv4_and_ipv6_visitors() {
+        within(async {
+            let socket = bind_udp(None, 0).unwrap();
+            let port = socket.local_addr().unwrap().port();
+            for ip in ["127.0.0.1", "::1"] {
+                let client = UdpSocket::bind((ip, 0)).await.unwrap();
+                client.send_to(b"hi", (ip, port)).await.unwrap();
+                let mut buf = [0u8; 2];
+                let (_, from) = socket.recv_from(&mut buf).await.unwrap();
+                assert_eq!(from.ip().to_canonical(), ip.parse::<IpAddr>().unwrap());
+            }
+        })
+        .await;
+    }
+}
