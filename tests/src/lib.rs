@@ -4,6 +4,7 @@
 
 pub mod gate;
 pub mod process;
+pub mod tools;
 pub mod udp;
 
 use std::future::Future;

@@ -196,6 +196,13 @@ name = "ssh"
 proto = "tcp"
 remote = 2222                    # port on the relay
 local = "127.0.0.1:22"
+
+# mosh: the relay must allow "60000-60010/udp" for this agent too.
+# [[forward]]
+# name = "mosh"
+# proto = "udp"
+# remote = "60000-60010"         # a range maps one to one onto the local range
+# local = "127.0.0.1:60000-60010"
 "#
     )
 }

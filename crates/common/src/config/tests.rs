@@ -356,4 +356,8 @@ fn deploy_examples_load_once_their_fingerprints_are_filled_in() {
         .replace("SHA256:REPLACE-WITH-tether-relay-fingerprint", FP);
     let config = agent(&agent_text).unwrap();
     assert_eq!(config.forwards[0].local_for(2222), Some(("127.0.0.1", 22)));
+    assert_eq!(
+        config.forwards[1].local_for(60001),
+        Some(("127.0.0.1", 60001))
+    );
 }
