@@ -80,14 +80,20 @@ pub fn free_port() -> u16 {
 
 /// `count` consecutive ports bound on 127.0.0.1 and on ::1, for ranges.
 pub fn consecutive_listeners(count: u16) -> Vec<std::net::TcpListener> {
+    consecutive(count, |address| std::net::TcpListener::bind(address).ok()).1
+}
+
+/// The first of `count` consecutive ports that `bind` could take on 127.0.0.1 and ::1, and what
+/// it made of them (IPv4 and IPv6 for each port in turn).
+pub fn consecutive<T>(count: u16, bind: impl Fn((&str, u16)) -> Option<T>) -> (u16, Vec<T>) {
     for _ in 0..1000 {
         let base = rand::random::<u16>() % 30_000 + 20_000;
         let bound: Vec<_> = (base..base + count)
             .flat_map(|port| ["127.0.0.1", "::1"].map(|ip| (ip, port)))
-            .map_while(|(ip, port)| std::net::TcpListener::bind((ip, port)).ok())
+            .map_while(&bind)
             .collect();
         if bound.len() == usize::from(count) * 2 {
-            return bound;
+            return (base, bound);
         }
     }
     panic!("no {count} consecutive free ports");

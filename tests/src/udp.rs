@@ -6,27 +6,20 @@ use std::time::Duration;
 use tether_common::ports::PortRange;
 use tokio::net::UdpSocket;
 
+use crate::consecutive;
+
 /// How long a test waits for one answer before it calls the datagram lost.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(5);
 
 /// `count` consecutive UDP ports free on 127.0.0.1 and ::1, and the IPv4 sockets holding them.
 /// Drop the sockets to hand the ports to the relay, or serve on them.
 pub fn consecutive_udp_ports(count: u16) -> (PortRange, Vec<std::net::UdpSocket>) {
-    for _ in 0..1000 {
-        let base = rand::random::<u16>() % 30_000 + 20_000;
-        let bound: Vec<_> = (base..base + count)
-            .flat_map(|port| ["127.0.0.1", "::1"].map(|ip| (ip, port)))
-            .map_while(|(ip, port)| std::net::UdpSocket::bind((ip, port)).ok())
-            .collect();
-        if bound.len() == usize::from(count) * 2 {
-            let v4 = bound
-                .into_iter()
-                .filter(|s| s.local_addr().unwrap().is_ipv4())
-                .collect();
-            return (PortRange::new(base, base + count - 1).unwrap(), v4);
-        }
-    }
-    panic!("no {count} consecutive free UDP ports");
+    let (base, bound) = consecutive(count, |address| std::net::UdpSocket::bind(address).ok());
+    let v4 = bound
+        .into_iter()
+        .filter(|s| s.local_addr().unwrap().is_ipv4())
+        .collect();
+    (PortRange::new(base, base + count - 1).unwrap(), v4)
 }
 
 /// Serves on `socket`: answers each datagram with what `answer` makes of it and its sender.

@@ -17,7 +17,7 @@ use socket2::SockRef;
 use tether_common::config::Forward;
 use tether_common::datagram::{self, DatagramHeader, DatagramSender, FlowId, UdpCounters};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
-use tether_common::flows::FlowTable;
+use tether_common::flows::{self, FlowTable};
 use tether_common::ports::{PortRange, Proto};
 use tokio::net::UdpSocket;
 use tokio_util::task::AbortOnDropHandle;
@@ -179,9 +179,7 @@ impl Flows {
     }
 
     fn sweep_interval(&self) -> Duration {
-        let shortest = self.forwards.values().map(|f| f.idle).min();
-        (shortest.unwrap_or(Duration::from_secs(5)) / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5))
+        flows::sweep_interval(self.forwards.values().map(|f| f.idle).min())
     }
 }
 

@@ -20,6 +20,14 @@
 //!    |   the local service's bytes                      |
 //!    |------------------------------------------------->|
 //!    |                                                  |
+//!    | QUIC datagram: one per visitor UDP datagram,     | a visitor's datagram reaches
+//!    | either way (see crate::datagram)                 | a public UDP port
+//!    |   DatagramHeader { flow, forward, port }, payload|
+//!    |<------------------------------------------------>|
+//!    | unidirectional stream: the same, for a datagram  |
+//!    | too large for a QUIC datagram                    |
+//!    |<------------------------------------------------>|
+//!    |                                                  |
 //!    | CONNECTION_CLOSE with a CloseCode and a reason   |
 //!    |<------------------------------------------------>|
 //! ```

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod cli;
+mod public;
 pub mod registry;
 pub mod server;
 pub mod session;

@@ -8,21 +8,22 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use socket2::{Domain, Protocol, SockRef, Socket, Type};
+use socket2::SockRef;
 use tether_common::datagram::{self, DatagramHeader, FlowId, UdpCounters};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
-use tether_common::flows::FlowTable;
+use tether_common::flows::{self, FlowTable};
 use tether_common::ports::Proto;
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::agents::{LiveSession, SessionWatch};
+use crate::public;
 use crate::server::{Limits, Shared};
 
 /// Opens public UDP `port` for `agent` and carries what arrives on it until the returned guard is
@@ -197,10 +198,7 @@ impl SessionFlows {
                 (index, ForwardFlows { table, idle })
             })
             .collect();
-        // Flows are forgotten within a quarter of their idle time after it passes.
-        let shortest = forwards.values().map(|f| f.idle).min();
-        let sweep = (shortest.unwrap_or(Duration::from_secs(5)) / 4)
-            .clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let sweep = flows::sweep_interval(forwards.values().map(|f| f.idle).min());
         Self {
             inner: Mutex::new(Flows {
                 forwards,
@@ -286,32 +284,8 @@ impl SessionFlows {
     }
 }
 
-/// Binds a public UDP port: one dual-stack socket unless an address is given, like TCP ports.
 fn bind_udp(address: Option<IpAddr>, port: u16) -> io::Result<UdpSocket> {
-    let socket = match address {
-        Some(ip) => udp_socket(SocketAddr::new(ip, port), false)?,
-        None => match udp_socket(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
-            Err(e) if e.kind() != io::ErrorKind::AddrInUse => {
-                udp_socket(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)?
-            }
-            other => other?,
-        },
-    };
-    UdpSocket::from_std(socket.into())
-}
-
-fn udp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
-    if dual_stack {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_nonblocking(true)?;
-    socket.bind(&address.into())?;
-    Ok(socket)
+    UdpSocket::from_std(public::bind(address, port, Proto::Udp)?.into())
 }
 
 #[cfg(test)]

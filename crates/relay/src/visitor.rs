@@ -2,11 +2,11 @@
 //! data stream to the agent, its first bytes sent right behind the stream header.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use socket2::{SockRef, TcpKeepalive};
 use tether_common::ports::Proto;
 use tether_common::protocol::StreamHeader;
 use tether_common::splice::{self, splice};
@@ -15,6 +15,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::agents::{LiveSession, SessionWatch};
+use crate::public;
 use crate::server::Shared;
 
 /// Opens public TCP `port` for `agent` and serves it until the returned guard is dropped.
@@ -115,6 +116,10 @@ async fn serve(
     }
 }
 
+fn bind_tcp(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
+    TcpListener::from_std(public::bind(address, port, Proto::Tcp)?.into())
+}
+
 fn configure(tcp: &TcpStream, keepalive: Option<Duration>) {
     let _ = tcp.set_nodelay(true);
     if let Some(time) = keepalive {
@@ -123,37 +128,6 @@ fn configure(tcp: &TcpStream, keepalive: Option<Duration>) {
             tracing::debug!(%error, "cannot set TCP keepalive");
         }
     }
-}
-
-/// Binds a public TCP port. With no address given, one dual-stack socket takes IPv4 and IPv6;
-/// a host without IPv6 gets IPv4 alone.
-fn bind_tcp(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
-    let socket = match address {
-        Some(ip) => tcp_socket(SocketAddr::new(ip, port), false)?,
-        None => match tcp_socket(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port), true) {
-            Err(e) if e.kind() != io::ErrorKind::AddrInUse => {
-                tcp_socket(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port), false)?
-            }
-            other => other?,
-        },
-    };
-    TcpListener::from_std(socket.into())
-}
-
-fn tcp_socket(address: SocketAddr, dual_stack: bool) -> io::Result<Socket> {
-    let socket = Socket::new(
-        Domain::for_address(address),
-        Type::STREAM,
-        Some(Protocol::TCP),
-    )?;
-    if dual_stack {
-        socket.set_only_v6(false)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&address.into())?;
-    socket.listen(1024)?;
-    Ok(socket)
 }
 
 #[cfg(test)]
@@ -206,17 +180,6 @@ mod tests {
                 let seen = server.peer_addr().unwrap().ip().to_canonical();
                 assert_eq!(seen, addr.ip());
             }
-        })
-        .await;
-    }
-
-    #[tokio::test]
-    async fn a_port_in_use_is_reported_as_such() {
-        within(async {
-            let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let port = taken.local_addr().unwrap().port();
-            let error = bind_tcp(Some("127.0.0.1".parse().unwrap()), port).unwrap_err();
-            assert_eq!(error.kind(), io::ErrorKind::AddrInUse);
         })
         .await;
     }

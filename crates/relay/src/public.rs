@@ -1,0 +1,64 @@
+//! Binding public ports, TCP and UDP alike. With no `public_bind`, one dual-stack socket takes
+//! IPv4 and IPv6 visitors; a host without IPv6 gets IPv4 alone.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tether_common::ports::Proto;
+
+/// A bound, non-blocking socket for public `port`; TCP ones are listening.
+pub fn bind(address: Option<IpAddr>, port: u16, proto: Proto) -> io::Result<Socket> {
+    match address {
+        Some(ip) => socket(SocketAddr::new(ip, port), proto, false),
+        None => match socket(
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port),
+            proto,
+            true,
+        ) {
+            Err(e) if e.kind() != io::ErrorKind::AddrInUse => socket(
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port),
+                proto,
+                false,
+            ),
+            other => other,
+        },
+    }
+}
+
+fn socket(address: SocketAddr, proto: Proto, dual_stack: bool) -> io::Result<Socket> {
+    let (kind, protocol) = match proto {
+        Proto::Tcp => (Type::STREAM, Protocol::TCP),
+        Proto::Udp => (Type::DGRAM, Protocol::UDP),
+    };
+    let socket = Socket::new(Domain::for_address(address), kind, Some(protocol))?;
+    if dual_stack {
+        socket.set_only_v6(false)?;
+    }
+    // A TCP port can be bound again at once after its listener closed. Not for UDP, where the
+    // option would let a second socket share the port.
+    if proto == Proto::Tcp {
+        socket.set_reuse_address(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&address.into())?;
+    if proto == Proto::Tcp {
+        socket.listen(1024)?;
+    }
+    Ok(socket)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_port_in_use_is_reported_as_such() {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            let taken = bind(Some("127.0.0.1".parse().unwrap()), 0, proto).unwrap();
+            let port = taken.local_addr().unwrap().as_socket().unwrap().port();
+            let error = bind(Some("127.0.0.1".parse().unwrap()), port, proto).unwrap_err();
+            assert_eq!(error.kind(), io::ErrorKind::AddrInUse, "{proto}");
+        }
+    }
+}
