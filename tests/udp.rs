@@ -69,6 +69,28 @@ async fn datagrams_of_every_size_echo_back_identical_over_ipv4_and_ipv6() {
 }
 
 #[tokio::test]
+async fn a_local_service_on_ipv6_is_reached() {
+    within("the whole test", async {
+        let service = std::net::UdpSocket::bind("[::1]:0").unwrap();
+        let local = PortRange::single(service.local_addr().unwrap().port()).unwrap();
+        udp_whoami(service);
+        let (public, _) = consecutive_udp_ports(1);
+        let forward = udp_forward("v6", public, "::1", local);
+        let allowed = vec![PortSpec {
+            proto: Proto::Udp,
+            range: public,
+        }];
+        let bench = Bench::start_with(allowed, vec![forward], Limits::default(), |_| {}).await;
+        let visitor = visitor("127.0.0.1").await;
+        let (port, source) = whoami(&visitor, at("127.0.0.1", public.start())).await;
+        assert_eq!(port, local.start());
+        assert!(source.is_ipv6(), "the agent's flow socket is {source}");
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_range_maps_port_to_port_and_a_hop_reaches_the_same_local_port() {
     within("the whole test", async {
         let (bench, public) = udp_bench(3, udp_whoami, Limits::default(), |_| {}).await;
