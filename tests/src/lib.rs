@@ -3,6 +3,7 @@
 //! or asks the kernel for a free port, and every wait has a deadline.
 
 pub mod gate;
+pub mod lab;
 pub mod process;
 pub mod tools;
 pub mod udp;

@@ -18,15 +18,22 @@ pub struct Process {
 
 impl Process {
     pub fn spawn(binary: &Path, args: &[&str]) -> Self {
-        let mut child = Command::new(binary)
-            .args(args)
+        let mut command = Command::new(binary);
+        command.args(args);
+        Self::start(command)
+    }
+
+    /// Starts `command` with its log read and nothing on its stdin or stdout.
+    pub fn start(mut command: Command) -> Self {
+        let what = format!("{:?}", command.as_std());
+        let mut child = command
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
+            .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
         let stderr = BufReader::new(child.stderr.take().expect("stderr")).lines();
         Self {
             child,

@@ -16,12 +16,17 @@ pub fn available(test: &str, tools: &[&str]) -> bool {
     if std::env::var_os("TETHER_REQUIRE_TOOLS").is_some() {
         panic!("{test} needs these, missing here: {missing}");
     }
-    // Straight to stderr: a test's own output is only shown when it fails.
+    not_run(test, &format!("{missing} (.ci/run installs them)"));
+    false
+}
+
+/// Says that `test` did not run for want of `what`: straight to stderr, past the test harness,
+/// which shows a passing test's own output to nobody.
+pub fn not_run(test: &str, what: &str) {
     let _ = writeln!(
         std::io::stderr(),
-        "\n*** NOT RUN: {test} needs these, missing here: {missing} (.ci/run installs them) ***\n"
+        "\n*** NOT RUN: {test} needs these, missing here: {what} ***\n"
     );
-    false
 }
 
 fn on_path(tool: &str) -> bool {

@@ -1,0 +1,205 @@
+//! The NAT lab scenarios: real binaries in network namespaces behind a real NAT (see
+//! `tether_tests::lab`). Each prints the figure it measured.
+
+use std::time::{Duration, Instant};
+
+use tether_tests::lab::{
+    idle_span, session_of, Impairment, Lab, Peer, NAT_UDP_TIMEOUT, RELAY_PUBLIC,
+};
+use tether_tests::process::Process;
+use tether_tests::within_for;
+
+/// How long a visitor waits for an answer that should come at once.
+const AT_ONCE: &str = "2000";
+
+/// A lab with a relay, an agent with `settings`, `service` (a lab-peer mode) on home's port
+/// 7000, and a visitor connected to it through relay port 7000.
+struct Scene {
+    lab: Lab,
+    relay: Process,
+    agent: Process,
+    session: String,
+    service: Peer,
+    visitor: Peer,
+}
+
+impl Scene {
+    async fn start(settings: &str, service: &str) -> Self {
+        let lab = Lab::build();
+        let (service, ready) = lab.peer(&lab.home, &[service, "127.0.0.1:7000"]).await;
+        assert_eq!(ready, "listening");
+        let relay = lab.start_relay().await;
+        let (agent, session) = lab.start_agent(settings).await;
+        let public = format!("{RELAY_PUBLIC}:7000");
+        let (visitor, connected) = lab.peer(&lab.visitor, &["client", &public]).await;
+        assert_eq!(connected, "connected");
+        Self {
+            lab,
+            relay,
+            agent,
+            session,
+            service,
+            visitor,
+        }
+    }
+
+    /// Stops the agent and returns the ids of every session it had.
+    async fn agent_sessions(&mut self) -> Vec<String> {
+        self.agent.signal_and_wait("TERM").await;
+        let log = &self.agent.log;
+        log.iter()
+            .filter(|l| l.contains("connected to relay"))
+            .map(|l| session_of(l))
+            .collect()
+    }
+}
+
+/// A relay, an agent with `settings`, an echo service at home and a visitor connected to it
+/// through the relay; the visitor's first echo has come back.
+async fn echo_through_the_nat(settings: &str) -> (Lab, [Process; 2], [Peer; 2]) {
+    let mut scene = Scene::start(settings, "tcp-echo").await;
+    let first = scene.visitor.ask(&format!("echo hello {AT_ONCE}")).await;
+    assert!(first.starts_with("echoed"), "{first}");
+    let Scene {
+        lab,
+        relay,
+        agent,
+        service,
+        visitor,
+        ..
+    } = scene;
+    (lab, [relay, agent], [service, visitor])
+}
+
+/// Sends `bytes` from the visitor to the sink at home, calling `meanwhile` once the first 8 MiB
+/// are out; returns (sent line, received line).
+async fn transfer(scene: &mut Scene, bytes: u64, meanwhile: impl FnOnce(&Lab)) -> (String, String) {
+    // Slow under loss and in debug builds: each 8 MiB may take a while.
+    let slow = Duration::from_secs(60);
+    scene.visitor.tell(&format!("send {bytes}")).await;
+    let first = scene.visitor.line_within(slow).await;
+    assert!(first.starts_with("progress"), "{first}");
+    meanwhile(&scene.lab);
+    let sent = loop {
+        let line = scene.visitor.line_within(slow).await;
+        if !line.starts_with("progress") {
+            break line;
+        }
+    };
+    let received = scene.service.line_within(slow).await;
+    (sent, received)
+}
+
+/// "sent BYTES SHA MILLIS" and "received BYTES SHA" describe the same bytes.
+fn assert_same_bytes(sent: &str, received: &str) -> (u64, Duration) {
+    let sent: Vec<&str> = sent.split(' ').collect();
+    let received: Vec<&str> = received.split(' ').collect();
+    assert_eq!(sent[0], "sent", "{sent:?}");
+    assert_eq!(received[0], "received", "{received:?}");
+    assert_eq!(sent[1..3], received[1..3], "bytes and sha256 must match");
+    (
+        sent[1].parse().unwrap(),
+        Duration::from_millis(sent[3].parse().unwrap()),
+    )
+}
+
+#[tokio::test]
+async fn an_idle_visitor_connection_outlives_three_nat_timeouts() {
+    let test = "an_idle_visitor_connection_outlives_three_nat_timeouts";
+    if !Lab::available(test) {
+        return;
+    }
+    let idle = idle_span();
+    within_for("the whole test", idle + Duration::from_secs(60), async {
+        let (lab, _processes, [_echo, mut visitor]) = echo_through_the_nat("").await;
+        tokio::time::sleep(idle).await; // the time under test
+        assert_eq!(
+            lab.nat_ports().len(),
+            1,
+            "the agent's NAT mapping must still be there"
+        );
+        let start = Instant::now();
+        let answer = visitor.ask(&format!("echo still-there {AT_ONCE}")).await;
+        assert!(
+            answer.starts_with("echoed"),
+            "after {idle:?} idle: {answer}"
+        );
+        println!(
+            "idle {idle:?} ({:.1} NAT timeouts): the visitor's echo came back in {:?}",
+            idle.as_secs_f64() / NAT_UDP_TIMEOUT.as_secs_f64(),
+            start.elapsed()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_keepalives_the_nat_forgets_the_agent() {
+    let test = "without_keepalives_the_nat_forgets_the_agent";
+    if !Lab::available(test) {
+        return;
+    }
+    let idle = idle_span();
+    within_for("the whole test", idle + Duration::from_secs(60), async {
+        // No keepalives, and an idle timeout longer than the idle span, so that only the NAT
+        // can end this session.
+        let settings = "keepalive = \"off\"\nidle_timeout = \"1h\"";
+        let (lab, _processes, [_echo, mut visitor]) = echo_through_the_nat(settings).await;
+        tokio::time::sleep(idle).await; // the time under test
+        let mappings = lab.nat_ports().len();
+        let answer = visitor.ask(&format!("echo still-there {AT_ONCE}")).await;
+        println!(
+            "idle {idle:?} without keepalives: NAT mappings left {mappings}, visitor: {answer}"
+        );
+        assert_eq!(mappings, 0, "the NAT must have forgotten the agent");
+        assert!(answer.starts_with("failed"), "{answer}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_nat_rebinding_mid_transfer_is_followed_without_a_new_session() {
+    let test = "a_nat_rebinding_mid_transfer_is_followed_without_a_new_session";
+    if !Lab::available(test) {
+        return;
+    }
+    within_for("the whole test", Duration::from_secs(120), async {
+        let mut scene = Scene::start("", "sink").await;
+        let before = scene.lab.nat_ports();
+        let (sent, received) = transfer(&mut scene, 64 << 20, Lab::flush_nat).await;
+        let (bytes, took) = assert_same_bytes(&sent, &received);
+        let after = scene.lab.nat_ports();
+        assert_eq!((before.len(), after.len()), (1, 1), "{before:?} {after:?}");
+        assert_ne!(
+            before, after,
+            "the flush must have moved the agent to a new NAT port"
+        );
+        let sessions = scene.agent_sessions().await;
+        assert_eq!(sessions, [scene.session.clone()], "no new session");
+        println!(
+            "{bytes} bytes with the NAT flushed after 8 MiB (NAT port {} -> {}): sha256 matches, \
+             one session, {took:?}",
+            before[0], after[0]
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn five_percent_loss_each_way_still_delivers_every_byte() {
+    let test = "five_percent_loss_each_way_still_delivers_every_byte";
+    if !Lab::available(test) {
+        return;
+    }
+    within_for("the whole test", Duration::from_secs(300), async {
+        let mut scene = Scene::start("", "sink").await;
+        scene.lab.impair(Impairment::Loss(0.05));
+        let (sent, received) = transfer(&mut scene, 64 << 20, |_| {}).await;
+        let (bytes, took) = assert_same_bytes(&sent, &received);
+        println!(
+            "{bytes} bytes through 5% loss each way: sha256 matches, {took:?} ({:.1} MB/s)",
+            bytes as f64 / took.as_secs_f64() / 1e6
+        );
+    })
+    .await;
+}
