@@ -11,3 +11,16 @@ pub mod udp;
 pub mod visitor;
 
 pub use server::{Limits, Relay, RelayError};
+
+#[cfg(test)]
+mod testing {
+    use std::future::Future;
+    use std::time::Duration;
+
+    /// Awaits a unit test's body, failing it after 10 s.
+    pub async fn within<T>(test: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test timed out")
+    }
+}

@@ -291,12 +291,7 @@ fn bind_udp(address: Option<IpAddr>, port: u16) -> io::Result<UdpSocket> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(10), test)
-            .await
-            .expect("the test timed out")
-    }
+    use crate::testing::within;
 
     fn limits(per_forward: usize, per_visitor: usize) -> Limits {
         Limits {

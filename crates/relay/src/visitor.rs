@@ -133,12 +133,7 @@ fn configure(tcp: &TcpStream, keepalive: Option<Duration>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn within<T>(test: impl std::future::Future<Output = T>) -> T {
-        tokio::time::timeout(Duration::from_secs(10), test)
-            .await
-            .expect("the test timed out")
-    }
+    use crate::testing::within;
 
     async fn accepted_pair(listener: &TcpListener, addr: SocketAddr) -> (TcpStream, TcpStream) {
         let client = TcpStream::connect(addr).await.unwrap();
