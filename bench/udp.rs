@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use socket2::SockRef;
-use tether_common::ports::{PortSpec, Proto};
 use tether_relay::Limits;
 use tether_tests::udp::{consecutive_udp_ports, udp_echo};
 use tether_tests::{udp_forward, Bench};
@@ -37,11 +36,7 @@ async fn main() {
     }
     let (public, _) = consecutive_udp_ports(1);
     let forward = udp_forward("echo", public, "127.0.0.1", local);
-    let allowed = vec![PortSpec {
-        proto: Proto::Udp,
-        range: public,
-    }];
-    let bench = Bench::start_with(allowed, vec![forward], Limits::default(), |_| {}).await;
+    let bench = Bench::serving(vec![forward], Limits::default(), |_| {}).await;
     let direct = SocketAddr::from(([127, 0, 0, 1], local.start()));
     let tunnel = SocketAddr::from(([127, 0, 0, 1], public.start()));
 

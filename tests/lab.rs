@@ -16,7 +16,8 @@ const AT_ONCE: &str = "2000";
 /// 7000, and a visitor connected to it through relay port 7000.
 struct Scene {
     lab: Lab,
-    relay: Process,
+    /// Runs until the scene is dropped.
+    _relay: Process,
     agent: Process,
     session: String,
     service: Peer,
@@ -35,12 +36,17 @@ impl Scene {
         assert_eq!(connected, "connected");
         Self {
             lab,
-            relay,
+            _relay: relay,
             agent,
             session,
             service,
             visitor,
         }
+    }
+
+    /// The visitor sends a line to the echo service; it must come back at once.
+    async fn echo_at_once(&mut self, text: &str) -> String {
+        self.visitor.ask(&format!("echo {text} {AT_ONCE}")).await
     }
 
     /// Stops the agent and returns the ids of every session it had.
@@ -52,23 +58,6 @@ impl Scene {
             .map(|l| session_of(l))
             .collect()
     }
-}
-
-/// A relay, an agent with `settings`, an echo service at home and a visitor connected to it
-/// through the relay; the visitor's first echo has come back.
-async fn echo_through_the_nat(settings: &str) -> (Lab, [Process; 2], [Peer; 2]) {
-    let mut scene = Scene::start(settings, "tcp-echo").await;
-    let first = scene.visitor.ask(&format!("echo hello {AT_ONCE}")).await;
-    assert!(first.starts_with("echoed"), "{first}");
-    let Scene {
-        lab,
-        relay,
-        agent,
-        service,
-        visitor,
-        ..
-    } = scene;
-    (lab, [relay, agent], [service, visitor])
 }
 
 /// Sends `bytes` from the visitor to the sink at home, calling `meanwhile` once the first 8 MiB
@@ -111,15 +100,17 @@ async fn an_idle_visitor_connection_outlives_three_nat_timeouts() {
     }
     let idle = idle_span();
     within_for("the whole test", idle + Duration::from_secs(60), async {
-        let (lab, _processes, [_echo, mut visitor]) = echo_through_the_nat("").await;
+        let mut scene = Scene::start("", "tcp-echo").await;
+        let first = scene.echo_at_once("hello").await;
+        assert!(first.starts_with("echoed"), "{first}");
         tokio::time::sleep(idle).await; // the time under test
         assert_eq!(
-            lab.nat_ports().len(),
+            scene.lab.nat_ports().len(),
             1,
             "the agent's NAT mapping must still be there"
         );
         let start = Instant::now();
-        let answer = visitor.ask(&format!("echo still-there {AT_ONCE}")).await;
+        let answer = scene.echo_at_once("still-there").await;
         assert!(
             answer.starts_with("echoed"),
             "after {idle:?} idle: {answer}"
@@ -144,10 +135,12 @@ async fn without_keepalives_the_nat_forgets_the_agent() {
         // No keepalives, and an idle timeout longer than the idle span, so that only the NAT
         // can end this session.
         let settings = "keepalive = \"off\"\nidle_timeout = \"1h\"";
-        let (lab, _processes, [_echo, mut visitor]) = echo_through_the_nat(settings).await;
+        let mut scene = Scene::start(settings, "tcp-echo").await;
+        let first = scene.echo_at_once("hello").await;
+        assert!(first.starts_with("echoed"), "{first}");
         tokio::time::sleep(idle).await; // the time under test
-        let mappings = lab.nat_ports().len();
-        let answer = visitor.ask(&format!("echo still-there {AT_ONCE}")).await;
+        let mappings = scene.lab.nat_ports().len();
+        let answer = scene.echo_at_once("still-there").await;
         println!(
             "idle {idle:?} without keepalives: NAT mappings left {mappings}, visitor: {answer}"
         );

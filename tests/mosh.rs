@@ -4,7 +4,6 @@
 use std::process::Command;
 use std::time::Duration;
 
-use tether_common::ports::{PortSpec, Proto};
 use tether_relay::Limits;
 use tether_tests::udp::consecutive_udp_ports;
 use tether_tests::*;
@@ -126,11 +125,7 @@ async fn a_mosh_session_works_through_a_ranged_forward() {
         let (local, _) = consecutive_udp_ports(3);
         let (public, _) = consecutive_udp_ports(3);
         let forward = udp_forward("mosh", public, "127.0.0.1", local);
-        let allowed = vec![PortSpec {
-            proto: Proto::Udp,
-            range: public,
-        }];
-        let bench = Bench::start_with(allowed, vec![forward], Limits::default(), |_| {}).await;
+        let bench = Bench::serving(vec![forward], Limits::default(), |_| {}).await;
 
         let server = MoshServer::start(local.start() + 1);
         let client = format!(

@@ -25,12 +25,8 @@ async fn udp_bench(
     let (public, _) = consecutive_udp_ports(ports);
     let mut forward = udp_forward("mosh", public, "127.0.0.1", local);
     change(&mut forward);
-    let allowed = vec![PortSpec {
-        proto: Proto::Udp,
-        range: public,
-    }];
     // Every address, IPv4 and IPv6.
-    let bench = Bench::start_with(allowed, vec![forward], limits, |c| c.public_bind = None).await;
+    let bench = Bench::serving(vec![forward], limits, |c| c.public_bind = None).await;
     (bench, public)
 }
 
@@ -76,11 +72,7 @@ async fn a_local_service_on_ipv6_is_reached() {
         udp_whoami(service);
         let (public, _) = consecutive_udp_ports(1);
         let forward = udp_forward("v6", public, "::1", local);
-        let allowed = vec![PortSpec {
-            proto: Proto::Udp,
-            range: public,
-        }];
-        let bench = Bench::start_with(allowed, vec![forward], Limits::default(), |_| {}).await;
+        let bench = Bench::serving(vec![forward], Limits::default(), |_| {}).await;
         let visitor = visitor("127.0.0.1").await;
         let (port, source) = whoami(&visitor, at("127.0.0.1", public.start())).await;
         assert_eq!(port, local.start());

@@ -349,11 +349,27 @@ impl Bench {
                 range: PortRange::single(p).unwrap(),
             })
             .collect();
-        Self::start_with(allowed, forwards, Limits::default(), |_| {}).await
+        Self::launch(allowed, forwards, Limits::default(), |_| {}).await
     }
 
-    /// [`Bench::start`] with any ports, the relay's limits, and a last change to its config.
-    pub async fn start_with(
+    /// A relay that allows `dorm` exactly the ports of `forwards`, with `limits` and a last
+    /// change to its config, and `dorm` asking for them.
+    pub async fn serving(
+        forwards: Vec<Forward>,
+        limits: Limits,
+        relay_config_change: impl FnOnce(&mut RelayConfig),
+    ) -> Self {
+        let allowed = forwards
+            .iter()
+            .map(|f| PortSpec {
+                proto: f.proto,
+                range: f.remote,
+            })
+            .collect();
+        Self::launch(allowed, forwards, limits, relay_config_change).await
+    }
+
+    async fn launch(
         allowed: Vec<PortSpec>,
         forwards: Vec<Forward>,
         limits: Limits,

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -35,11 +35,11 @@ pub struct Flows {
     counters: Arc<UdpCounters>,
 }
 
-/// A UDP forward the relay opened, with its local address resolved.
+/// A UDP forward the relay opened, with its local host resolved.
 struct UdpForward {
     name: String,
     remote: PortRange,
-    local: SocketAddr,
+    local_ip: IpAddr,
     local_ports: PortRange,
     idle: Duration,
 }
@@ -65,13 +65,13 @@ impl Flows {
             let host = forward.local.host.as_str();
             let port = forward.local.ports.start();
             let local = match tokio::net::lookup_host((host, port)).await {
-                Ok(mut addresses) => addresses.next(),
+                Ok(mut addresses) => addresses.next().map(|a| a.ip()),
                 Err(error) => {
                     tracing::warn!(forward = %forward.name, %error, "cannot resolve {host}");
                     None
                 }
             };
-            let Some(local) = local else {
+            let Some(local_ip) = local else {
                 tracing::warn!(forward = %forward.name, "{host} has no address; its datagrams are dropped");
                 continue;
             };
@@ -80,7 +80,7 @@ impl Flows {
                 UdpForward {
                     name: forward.name.clone(),
                     remote: forward.remote,
-                    local,
+                    local_ip,
                     local_ports: forward.local.ports,
                     idle: forward.flow_idle,
                 },
@@ -134,7 +134,7 @@ impl Flows {
     fn open(self: &Arc<Self>, header: DatagramHeader) -> Option<Flow> {
         let forward = self.forwards.get(&header.forward)?;
         let port = forward.local_ports.map_from(forward.remote, header.port)?;
-        let local = SocketAddr::new(forward.local.ip(), port);
+        let local = SocketAddr::new(forward.local_ip, port);
         let span = tracing::debug_span!("flow", forward = %forward.name, flow = header.flow);
         let socket = match connect(local) {
             Ok(socket) => Arc::new(socket),
