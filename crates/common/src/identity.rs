@@ -176,6 +176,17 @@ impl Identity {
     pub fn private_key(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
+
+    /// A secret for one `purpose`, derived from the private key: the same key gives the same
+    /// secret in every process, and no two purposes share one.
+    pub fn derive_secret(&self, purpose: &str) -> [u8; 32] {
+        let mut hash = Sha256::new();
+        hash.update(b"tether derived secret\0");
+        hash.update(purpose.as_bytes());
+        hash.update([0]);
+        hash.update(&self.key_der);
+        hash.finalize().into()
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +240,20 @@ mod tests {
         assert_eq!(made.fingerprint(), loaded.fingerprint());
         let from_cert = Fingerprint::of_certificate(&loaded.certificate()).unwrap();
         assert_eq!(from_cert, loaded.fingerprint());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn derived_secrets_follow_the_key_and_the_purpose() {
+        let dir = temp_dir();
+        let path = dir.join("test.key");
+        let made = Identity::generate(&path).unwrap();
+        let loaded = Identity::load(&path).unwrap();
+        let other = Identity::generate(&dir.join("other.key")).unwrap();
+        let secret = made.derive_secret("a");
+        assert_eq!(loaded.derive_secret("a"), secret);
+        assert_ne!(made.derive_secret("b"), secret);
+        assert_ne!(other.derive_secret("a"), secret);
         fs::remove_dir_all(dir).unwrap();
     }
 

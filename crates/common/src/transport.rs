@@ -3,9 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::{IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
+use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
+
+use quinn_proto::HashedConnectionIdGenerator;
 
 use crate::datagram::MAX_STREAMED;
+use crate::identity::Identity;
 
 /// Visitor TCP connections one session carries at once; more wait for a free stream.
 pub const MAX_DATA_STREAMS: u32 = 1024;
@@ -52,4 +55,18 @@ pub fn relay() -> Arc<TransportConfig> {
         .max_idle_timeout(None)
         .max_concurrent_bidi_streams(VarInt::from_u32(1));
     Arc::new(config)
+}
+
+/// The relay's endpoint. Its stateless reset key and the key that signs its connection IDs are
+/// derived from its identity, so that a relay restarted after a crash recognises an agent's
+/// next packet as one of its own connection IDs and answers it with a reset the agent believes:
+/// the agent reconnects at once instead of waiting out its idle timeout.
+pub fn relay_endpoint(identity: &Identity) -> EndpointConfig {
+    let secret = identity.derive_secret("quic stateless reset");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret);
+    let mut config = EndpointConfig::new(Arc::new(reset_key));
+    let secret = identity.derive_secret("quic connection id");
+    let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("8 of 32 bytes"));
+    config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }

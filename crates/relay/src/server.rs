@@ -103,8 +103,13 @@ impl Relay {
         let pins = Arc::new(AgentPins::new(config.agents.iter().map(|a| a.fingerprint)));
         let mut server = tls::server_config(identity, pins)?;
         server.transport_config(transport::relay());
-        let endpoint =
-            quinn::Endpoint::server(server, config.listen).map_err(|source| RelayError::Bind {
+        let endpoint = std::net::UdpSocket::bind(config.listen)
+            .and_then(|socket| {
+                let runtime = Arc::new(quinn::TokioRuntime);
+                let endpoint = transport::relay_endpoint(identity);
+                quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
+            })
+            .map_err(|source| RelayError::Bind {
                 address: config.listen,
                 source,
             })?;
