@@ -1,9 +1,14 @@
 //! The agent's connect loop: resolve the relay, handshake with its pinned key, run a session,
-//! and when it ends, try again after a backoff, or at once if the relay said it was restarting.
+//! and when it ends, try again: after a backoff when the relay answered with an error; at once
+//! when the relay restarted or got no answer at all (the link may be back any moment, and the
+//! attempt itself already waited).
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use tether_common::config::{AgentConfig, Forward};
@@ -25,6 +30,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A session that stayed up this long resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
+
+/// After a restarting relay's goodbye, the first attempt starts a fresh handshake this often
+/// (besides QUIC's own retransmissions, which back off), so that the agent is back within a
+/// fraction of a second of the relay.
+const RESTART_PROBE: Duration = Duration::from_millis(250);
+
+/// Handshakes one attempt keeps in flight at most.
+const MAX_HANDSHAKES: usize = 8;
+
+/// While the relay does not answer, how often the log says so again.
+const STILL_UNANSWERED_EVERY: Duration = Duration::from_secs(300);
 
 /// How long the agent waits for its goodbye to the relay to go out when it stops.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -126,15 +142,18 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         let mut last_session: Option<SessionId> = None;
+        let mut probe = None;
+        let mut unanswered = Unanswered::default();
         tracing::info!(relay = %self.config.relay, fingerprint = %self.fingerprint, "agent starting");
         while !shutdown.is_cancelled() {
             self.status.send_replace(AgentStatus::Connecting);
             let attempt = tokio::select! {
                 () = shutdown.cancelled() => break,
-                attempt = self.connect() => attempt,
+                attempt = self.connect(probe.take()) => attempt,
             };
             let error = match attempt {
                 Ok((endpoint, conn)) => {
+                    unanswered.answered();
                     let started = Instant::now();
                     let next = self.session(&conn, &mut last_session, &shutdown).await;
                     if started.elapsed() >= STABLE_AFTER {
@@ -147,10 +166,20 @@ impl Agent {
                         }
                         Next::AtOnce => {
                             backoff.reset();
+                            probe = Some(RESTART_PROBE);
                             continue;
                         }
                         Next::AfterBackoff(error) => error,
                     }
+                }
+                Err(error @ ConnectError::Timeout { .. }) => {
+                    let error = error.to_string();
+                    unanswered.log(&error);
+                    self.status.send_replace(AgentStatus::Waiting {
+                        retry_in: Duration::ZERO,
+                        error,
+                    });
+                    continue;
                 }
                 Err(error) => error.to_string(),
             };
@@ -188,8 +217,8 @@ impl Agent {
         .await;
         match end {
             SessionEnd::Stopped => Next::Stop,
-            SessionEnd::RelayRestarting { session } => {
-                tracing::info!("relay is restarting; reconnecting at once");
+            SessionEnd::RelayRestarting { session, why } => {
+                tracing::info!("{why}; reconnecting at once");
                 *last_session = session.or(*last_session);
                 Next::AtOnce
             }
@@ -209,8 +238,12 @@ impl Agent {
         }
     }
 
-    /// One attempt: resolve the relay's name afresh and handshake.
-    async fn connect(&self) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+    /// One attempt: resolve the relay's name afresh and handshake. With `probe`, a fresh
+    /// handshake starts that often until one gets an answer.
+    async fn connect(
+        &self,
+        probe: Option<Duration>,
+    ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
         let relay = &self.config.relay;
         let attempt = async {
             let address = tokio::net::lookup_host((relay.host.as_str(), relay.port))
@@ -228,9 +261,16 @@ impl Agent {
                 SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
             };
             let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Socket)?;
-            let connecting =
-                endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME)?;
-            Ok::<_, ConnectError>((endpoint, address, connecting.await))
+            let start = || endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME);
+            let mut handshakes = vec![start()?];
+            let result = loop {
+                let next = probe.filter(|_| handshakes.len() < MAX_HANDSHAKES);
+                tokio::select! {
+                    result = first_answer(&mut handshakes) => break result,
+                    () = sleep_for(next) => handshakes.push(start()?),
+                }
+            };
+            Ok::<_, ConnectError>((endpoint, address, result))
         };
         let (endpoint, address, result) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
             .await
@@ -263,8 +303,69 @@ impl Agent {
     }
 }
 
-/// Whether a lost session was closed by a relay that is restarting.
-pub(crate) fn relay_restarting(error: &quinn::ConnectionError) -> bool {
-    matches!(error, quinn::ConnectionError::ApplicationClosed(close)
-        if CloseCode::from_code(close.error_code) == Some(CloseCode::RelayShutdown))
+/// Why a lost session calls for reconnecting at once, if it does: the relay said goodbye
+/// because it is restarting, or it answered with a stateless reset, which only a relay holding
+/// the same key can make (it restarted and no longer knows the session).
+pub(crate) fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close)
+            if CloseCode::from_code(close.error_code) == Some(CloseCode::RelayShutdown) =>
+        {
+            Some("relay is restarting")
+        }
+        quinn::ConnectionError::Reset => Some("relay restarted and no longer knows this session"),
+        _ => None,
+    }
+}
+
+/// The first of `handshakes` to get an answer, successful or not; the others are dropped with
+/// the attempt.
+async fn first_answer(
+    handshakes: &mut [quinn::Connecting],
+) -> Result<quinn::Connection, quinn::ConnectionError> {
+    poll_fn(|cx| {
+        for handshake in handshakes.iter_mut() {
+            if let Poll::Ready(result) = Pin::new(handshake).poll(cx) {
+                return Poll::Ready(result);
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Sleeps for `duration`, or forever without one.
+async fn sleep_for(duration: Option<Duration>) {
+    match duration {
+        Some(duration) => tokio::time::sleep(duration).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Attempts in a row that got no answer from the relay, logged when they start and then now and
+/// then, rather than once per attempt.
+#[derive(Default)]
+struct Unanswered {
+    since: Option<Instant>,
+    last_logged: Option<Instant>,
+}
+
+impl Unanswered {
+    fn log(&mut self, error: &str) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        match self.last_logged {
+            None => tracing::warn!(%error, "trying again at once, until it answers"),
+            Some(last) if now.duration_since(last) >= STILL_UNANSWERED_EVERY => {
+                let quiet = now.duration_since(since).as_secs();
+                tracing::warn!("still no answer from the relay after {quiet}s");
+            }
+            Some(_) => return,
+        }
+        self.last_logged = Some(now);
+    }
+
+    fn answered(&mut self) {
+        *self = Self::default();
+    }
 }

@@ -35,13 +35,32 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum SessionEnd {
     /// The agent was told to stop and said goodbye.
     Stopped,
-    /// The relay closed the session because it is restarting: reconnect at once.
-    RelayRestarting { session: Option<SessionId> },
+    /// The relay is restarting, or restarted and lost the session (`why` says which):
+    /// reconnect at once.
+    RelayRestarting {
+        session: Option<SessionId>,
+        why: &'static str,
+    },
     /// Anything else; `error` says what, for the log.
     Lost {
         session: Option<SessionId>,
         error: String,
     },
+}
+
+impl SessionEnd {
+    /// The end of a session whose connection closed with `reason`; `error` says what failed,
+    /// for the log.
+    fn of_closed(
+        session: Option<SessionId>,
+        reason: &quinn::ConnectionError,
+        error: String,
+    ) -> Self {
+        match relay_restarting(reason) {
+            Some(why) => SessionEnd::RelayRestarting { session, why },
+            None => SessionEnd::Lost { session, error },
+        }
+    }
 }
 
 /// Runs one session on an established connection until it ends.
@@ -58,13 +77,7 @@ pub async fn run(
         Ok(open) => open,
         Err(error) => {
             return match conn.close_reason() {
-                Some(reason) if relay_restarting(&reason) => {
-                    SessionEnd::RelayRestarting { session: None }
-                }
-                Some(_) => SessionEnd::Lost {
-                    session: None,
-                    error: error.to_string(),
-                },
+                Some(reason) => SessionEnd::of_closed(None, &reason, error.to_string()),
                 None => {
                     CloseCode::ProtocolError.close(conn);
                     SessionEnd::Lost {
@@ -107,11 +120,8 @@ pub async fn run(
                 Ok((send, recv)) => {
                     streams.spawn(serve_stream(send, recv, opened.clone()));
                 }
-                Err(error) if relay_restarting(&error) => {
-                    break SessionEnd::RelayRestarting { session: Some(session) };
-                }
                 Err(error) => {
-                    break SessionEnd::Lost { session: Some(session), error: error.to_string() };
+                    break SessionEnd::of_closed(Some(session), &error, error.to_string());
                 }
             },
             frame = read_frame(&mut control) => {
@@ -120,10 +130,7 @@ pub async fn run(
                     CloseCode::ProtocolError.close(conn);
                 }
                 let error = conn.closed().await;
-                if relay_restarting(&error) {
-                    break SessionEnd::RelayRestarting { session: Some(session) };
-                }
-                break SessionEnd::Lost { session: Some(session), error: error.to_string() };
+                break SessionEnd::of_closed(Some(session), &error, error.to_string());
             }
             Some(_) = streams.join_next() => {}
         }
