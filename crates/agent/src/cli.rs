@@ -188,7 +188,7 @@ fn config_template(relay: &HostPort, relay_fingerprint: Fingerprint) -> String {
 relay = "{relay}"   # re-resolved on every reconnect
 relay_fingerprint = "{relay_fingerprint}"   # printed by `tether-relay fingerprint`
 key = "agent.key"
-# keepalive = "10s"
+# keepalive = "5s"
 # idle_timeout = "30s"
 
 [[forward]]

@@ -14,7 +14,7 @@ use super::{
 use crate::identity::Fingerprint;
 use crate::ports::{PortRange, Proto};
 
-pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a UDP flow may stay silent before it is forgotten: above mosh's 40 s without a
 /// reply, after which mosh hops to a new source port anyway.

@@ -113,7 +113,7 @@ fn agent_defaults() {
     assert_eq!(config.relay.host, "2001:db8::1");
     assert_eq!(config.relay.to_string(), "[2001:db8::1]:4433");
     assert_eq!(config.key, Path::new("/etc/tether/agent.key"));
-    assert_eq!(config.keepalive, Some(Duration::from_secs(10)));
+    assert_eq!(config.keepalive, Some(Duration::from_secs(5)));
     assert_eq!(config.idle_timeout, Duration::from_secs(30));
     assert!(config.forwards.is_empty());
 }
