@@ -16,8 +16,7 @@ const AT_ONCE: &str = "2000";
 /// 7000, and a visitor connected to it through relay port 7000.
 struct Scene {
     lab: Lab,
-    /// Runs until the scene is dropped.
-    _relay: Process,
+    relay: Process,
     agent: Process,
     session: String,
     service: Peer,
@@ -36,7 +35,7 @@ impl Scene {
         assert_eq!(connected, "connected");
         Self {
             lab,
-            _relay: relay,
+            relay,
             agent,
             session,
             service,
@@ -47,6 +46,20 @@ impl Scene {
     /// The visitor sends a line to the echo service; it must come back at once.
     async fn echo_at_once(&mut self, text: &str) -> String {
         self.visitor.ask(&format!("echo {text} {AT_ONCE}")).await
+    }
+
+    /// A new visitor connection to the echo service; its echo must come back at once.
+    async fn new_visitor_echo(&self) -> String {
+        let public = format!("{RELAY_PUBLIC}:7000");
+        let (mut visitor, connected) = self.lab.peer(&self.lab.visitor, &["client", &public]).await;
+        assert_eq!(connected, "connected");
+        visitor.ask(&format!("echo new-visitor {AT_ONCE}")).await
+    }
+
+    /// Restarts the relay after stopping it with `signal`; returns once it listens again.
+    async fn restart_relay(&mut self, signal: &str) {
+        self.relay.signal_and_wait(signal).await;
+        self.relay = self.lab.start_relay().await;
     }
 
     /// Stops the agent and returns the ids of every session it had.
@@ -193,6 +206,187 @@ async fn five_percent_loss_each_way_still_delivers_every_byte() {
             "{bytes} bytes through 5% loss each way: sha256 matches, {took:?} ({:.1} MB/s)",
             bytes as f64 / took.as_secs_f64() / 1e6
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_outage_shorter_than_the_idle_timeout_costs_nothing() {
+    let test = "an_outage_shorter_than_the_idle_timeout_costs_nothing";
+    if !Lab::available(test) {
+        return;
+    }
+    let outage = Duration::from_secs(20);
+    within_for("the whole test", outage + Duration::from_secs(60), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        let first = scene.echo_at_once("hello").await;
+        assert!(first.starts_with("echoed"), "{first}");
+        scene.lab.impair(Impairment::Outage);
+        // The outage under test; in its middle the visitor sends a line, which must arrive
+        // once the link is back.
+        tokio::time::sleep(outage / 2).await;
+        scene.visitor.tell("echo during-the-outage 30000").await;
+        tokio::time::sleep(outage / 2).await;
+        scene.lab.impair(Impairment::None);
+        let back = Instant::now();
+        let during = scene.visitor.line_within(Duration::from_secs(30)).await;
+        let late = back.elapsed();
+        assert!(during.starts_with("echoed"), "{during}");
+        let after = scene.echo_at_once("after").await;
+        assert!(after.starts_with("echoed"), "{after}");
+        let sessions = scene.agent_sessions().await;
+        assert_eq!(sessions, [scene.session.clone()], "no new session");
+        println!(
+            "{outage:?} outage: one session; what the visitor sent during it was answered {late:?} \
+             after the link came back"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn after_an_outage_longer_than_the_idle_timeout_the_agent_is_back_at_once() {
+    let test = "after_an_outage_longer_than_the_idle_timeout_the_agent_is_back_at_once";
+    if !Lab::available(test) {
+        return;
+    }
+    let outage = Duration::from_secs(60);
+    within_for("the whole test", outage + Duration::from_secs(60), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        scene.lab.impair(Impairment::Outage);
+        tokio::time::sleep(outage).await; // the outage under test
+        scene.lab.impair(Impairment::None);
+        let back = Instant::now();
+        let line = scene.agent.wait_for_line("connected to relay").await;
+        let reconnected = back.elapsed();
+        assert_ne!(
+            session_of(&line),
+            scene.session,
+            "the old session outlived the outage"
+        );
+        let echo = scene.new_visitor_echo().await;
+        assert!(echo.starts_with("echoed"), "{echo}");
+        let served = back.elapsed();
+        println!(
+            "{outage:?} outage: the agent reconnected {reconnected:?} after the link came back; \
+             a new visitor was served {served:?} after it"
+        );
+        assert!(reconnected < Duration::from_secs(3), "took {reconnected:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_relay_killed_and_restarted_serves_again_within_five_seconds() {
+    let test = "a_relay_killed_and_restarted_serves_again_within_five_seconds";
+    if !Lab::available(test) {
+        return;
+    }
+    within_for("the whole test", Duration::from_secs(60), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        // Idle, so that only a keepalive can find the restarted relay: the agent sent its last
+        // about a second before the kill, and the next goes out about 4 s after it.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        scene.restart_relay("KILL").await;
+        let back = Instant::now();
+        scene.agent.wait_for_line("connected to relay").await;
+        let echo = scene.new_visitor_echo().await;
+        assert!(echo.starts_with("echoed"), "{echo}");
+        let served = back.elapsed();
+        println!("relay killed with SIGKILL and restarted: a visitor served {served:?} after it was back");
+        assert!(served < Duration::from_secs(5), "took {served:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_relay_restarted_with_sigterm_serves_again_within_a_second() {
+    let test = "a_relay_restarted_with_sigterm_serves_again_within_a_second";
+    if !Lab::available(test) {
+        return;
+    }
+    within_for("the whole test", Duration::from_secs(60), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        scene.restart_relay("TERM").await;
+        let back = Instant::now();
+        scene.agent.wait_for_line("connected to relay").await;
+        let echo = scene.new_visitor_echo().await;
+        assert!(echo.starts_with("echoed"), "{echo}");
+        let served = back.elapsed();
+        println!("relay restarted with SIGTERM: a visitor served {served:?} after it was back");
+        assert!(served < Duration::from_secs(1), "took {served:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_half_open_path_is_noticed_and_leaves_one_session() {
+    let test = "a_half_open_path_is_noticed_and_leaves_one_session";
+    if !Lab::available(test) {
+        return;
+    }
+    let idle_timeout = Duration::from_secs(30);
+    within_for(
+        "the whole test",
+        idle_timeout * 2 + Duration::from_secs(60),
+        async {
+            let mut scene = Scene::start("", "tcp-echo").await;
+            scene.lab.impair(Impairment::RelayToHomeLost);
+            let cut = Instant::now();
+            let line = scene
+                .agent
+                .wait_for_line_within("reconnecting", idle_timeout * 2)
+                .await;
+            let noticed = cut.elapsed();
+            assert!(line.contains("timed out"), "{line}");
+            scene.lab.impair(Impairment::None);
+            let line = scene.agent.wait_for_line("connected to relay").await;
+            let new = session_of(&line);
+            let echo = scene.new_visitor_echo().await;
+            assert!(echo.starts_with("echoed"), "{echo}");
+            // The sessions the relay still held when it stopped: only the new one.
+            scene.relay.signal_and_wait("TERM").await;
+            let held: Vec<String> = scene
+                .relay
+                .log
+                .iter()
+                .filter(|l| l.contains("agent disconnected") && l.contains("shutting down"))
+                .map(|l| session_of(l))
+                .collect();
+            println!(
+                "relay-to-home packets dropped: the agent noticed after {noticed:?} (idle timeout \
+             {idle_timeout:?}); the relay then held sessions {held:?}"
+            );
+            assert_eq!(held, [new]);
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_stopped_for_fifteen_seconds_recovers_by_itself() {
+    let test = "an_agent_stopped_for_fifteen_seconds_recovers_by_itself";
+    if !Lab::available(test) {
+        return;
+    }
+    let stopped = Duration::from_secs(15);
+    within_for("the whole test", stopped + Duration::from_secs(60), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        scene.agent.signal("STOP");
+        tokio::time::sleep(stopped).await; // the pause under test
+        scene.agent.signal("CONT");
+        let resumed = Instant::now();
+        let echo = scene.visitor.ask("echo after-the-pause 5000").await;
+        let answered = resumed.elapsed();
+        assert!(echo.starts_with("echoed"), "{echo}");
+        let fresh = scene.new_visitor_echo().await;
+        assert!(fresh.starts_with("echoed"), "{fresh}");
+        let sessions = scene.agent_sessions().await;
+        println!(
+            "agent stopped {stopped:?} with SIGSTOP: after SIGCONT the open connection answered \
+             in {answered:?}, sessions {sessions:?}"
+        );
+        assert_eq!(sessions, [scene.session.clone()], "no new session");
     })
     .await;
 }

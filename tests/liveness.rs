@@ -1,6 +1,7 @@
 //! Keepalives and the idle timeout, seen working: an idle session stays up only because of the
-//! keepalives, a silent relay is noticed within the idle timeout, and a visitor that does not
-//! read holds the local service back instead of filling memory.
+//! keepalives, an outage shorter than the idle timeout costs nothing, a silent relay is noticed
+//! within the idle timeout, and a visitor that does not read holds the local service back
+//! instead of filling memory.
 
 use std::time::{Duration, Instant};
 
@@ -12,43 +13,67 @@ use tokio::net::TcpStream;
 
 const IDLE: Duration = Duration::from_millis(1000);
 
-/// A relay and an agent that reaches it through a gate, with a 1 s idle timeout.
-async fn through_a_gate(keepalive: Option<Duration>) -> (Keys, RelayHandle, UdpGate, AgentHandle) {
-    let keys = Keys::new();
-    let (relay_identity, relay_key) = keys.identity("relay");
-    let (agent_identity, agent_key) = keys.identity("agent");
-    let port = free_port();
-    let entry = agent_entry("dorm", agent_identity.fingerprint(), &[port]);
-    let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
-    let gate = UdpGate::new(relay.addr).await;
-    let forward = tcp_forward("echo", port, echo_service().await);
-    let mut config = agent_config(agent_key, gate.addr, relay.fingerprint, vec![forward]);
-    config.keepalive = keepalive;
-    config.idle_timeout = IDLE;
-    let mut agent = start_agent(config, &agent_identity);
-    agent.connected().await;
-    (keys, relay, gate, agent)
+/// A relay, and an agent that reaches it through a gate with an echo service on `port`.
+struct Gated {
+    _keys: Keys,
+    relay: RelayHandle,
+    gate: UdpGate,
+    agent: AgentHandle,
+    port: u16,
+}
+
+impl Gated {
+    /// With a 1 s idle timeout.
+    async fn start(keepalive: Option<Duration>) -> Self {
+        Self::start_with(keepalive, IDLE).await
+    }
+
+    async fn start_with(keepalive: Option<Duration>, idle: Duration) -> Self {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let port = free_port();
+        let entry = agent_entry("dorm", agent_identity.fingerprint(), &[port]);
+        let relay = start_relay(relay_config(relay_key, vec![entry]), &relay_identity);
+        let gate = UdpGate::new(relay.addr).await;
+        let forward = tcp_forward("echo", port, echo_service().await);
+        let mut config = agent_config(agent_key, gate.addr, relay.fingerprint, vec![forward]);
+        config.keepalive = keepalive;
+        config.idle_timeout = idle;
+        let mut agent = start_agent(config, &agent_identity);
+        agent.connected().await;
+        Self {
+            _keys: keys,
+            relay,
+            gate,
+            agent,
+            port,
+        }
+    }
+
+    async fn stop(self) {
+        self.agent.stop().await;
+        self.relay.stop().await;
+    }
 }
 
 #[tokio::test]
 async fn keepalives_keep_an_idle_session_up_and_without_them_it_times_out() {
     within("the whole test", async {
         // With keepalives every 250 ms, three idle timeouts pass and nothing changes.
-        let (_keys, relay, _gate, mut agent) =
-            through_a_gate(Some(Duration::from_millis(250))).await;
-        let quiet = tokio::time::timeout(IDLE * 3, agent.status.changed()).await;
+        let mut gated = Gated::start(Some(Duration::from_millis(250))).await;
+        let quiet = tokio::time::timeout(IDLE * 3, gated.agent.status.changed()).await;
         assert!(
             quiet.is_err(),
             "the idle session changed: {:?}",
-            *agent.status.borrow()
+            *gated.agent.status.borrow()
         );
-        agent.stop().await;
-        relay.stop().await;
+        gated.stop().await;
 
         // Without them, the same idle session ends at the idle timeout.
-        let (_keys, relay, _gate, mut agent) = through_a_gate(None).await;
+        let mut gated = Gated::start(None).await;
         let idle_since = Instant::now();
-        let error = agent.failed().await;
+        let error = gated.agent.failed().await;
         let lasted = idle_since.elapsed();
         assert!(error.contains("timed out"), "{error}");
         assert!(
@@ -58,8 +83,51 @@ async fn keepalives_keep_an_idle_session_up_and_without_them_it_times_out() {
         println!(
             "without keepalives an idle session ended after {lasted:?} (idle timeout {IDLE:?})"
         );
-        agent.stop().await;
-        relay.stop().await;
+        gated.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_outage_shorter_than_the_idle_timeout_keeps_the_session_and_its_visitors() {
+    within_for("the whole test", Duration::from_secs(20), async {
+        // Keepalives go on during the outage, one per interval without anything else sent (not
+        // backing off as QUIC's loss probes do), so one crosses soon after the link is back,
+        // well before the idle timeout: the relay hears the agent again, and nothing is lost.
+        let (keepalive, idle, outage) = (
+            Duration::from_millis(500),
+            Duration::from_secs(6),
+            Duration::from_millis(4500),
+        );
+        let gated = Gated::start_with(Some(keepalive), idle).await;
+        let session = gated.agent.status.borrow().session();
+        let mut visitor = TcpStream::connect(public(gated.port)).await.unwrap();
+        visitor.write_all(b"before\n").await.unwrap();
+        let mut buf = [0u8; 7];
+        visitor.read_exact(&mut buf).await.unwrap();
+
+        // Nothing crosses during the outage: only the agent probes.
+        gated.gate.set_open(false);
+        tokio::time::sleep(outage).await; // the outage under test
+        gated.gate.set_open(true);
+        // Still nothing from the visitor until the idle timeout would have ended the session:
+        // only the agent's probes can have told the relay that the link is back.
+        tokio::time::sleep(idle - outage + Duration::from_secs(1)).await;
+        let start = Instant::now();
+        visitor.write_all(b"later!\n").await.unwrap();
+        visitor.read_exact(&mut buf).await.unwrap();
+        let answered = start.elapsed();
+        assert_eq!(&buf, b"later!\n");
+        assert_eq!(
+            gated.agent.status.borrow().session(),
+            session,
+            "a new session"
+        );
+        println!(
+            "a {outage:?} outage, then silence past the {idle:?} idle timeout: same session, the \
+             visitor's echo came back in {answered:?}"
+        );
+        gated.stop().await;
     })
     .await;
 }
@@ -67,27 +135,26 @@ async fn keepalives_keep_an_idle_session_up_and_without_them_it_times_out() {
 #[tokio::test]
 async fn a_relay_gone_silent_is_noticed_within_the_idle_timeout() {
     within("the whole test", async {
-        let (_keys, relay, gate, mut agent) =
-            through_a_gate(Some(Duration::from_millis(250))).await;
-        gate.set_open(false);
+        let mut gated = Gated::start(Some(Duration::from_millis(250))).await;
+        gated.gate.set_open(false);
         let silent_since = Instant::now();
-        let error = agent.failed().await;
+        let error = gated.agent.failed().await;
         let noticed = silent_since.elapsed();
         assert!(error.contains("timed out"), "{error}");
         assert!(noticed < IDLE * 2, "noticed after {noticed:?}");
         println!("a silent relay was noticed after {noticed:?} (idle timeout {IDLE:?})");
         // Once the link is back, the agent reconnects by itself.
-        gate.set_open(true);
+        gated.gate.set_open(true);
         within(
             "a new session",
-            agent
+            gated
+                .agent
                 .status
                 .wait_for(|s| matches!(s, AgentStatus::Connected { .. })),
         )
         .await
         .unwrap();
-        agent.stop().await;
-        relay.stop().await;
+        gated.stop().await;
     })
     .await;
 }

@@ -341,13 +341,16 @@ impl Drop for Lab {
     }
 }
 
-/// The session id in an agent's "connected to relay" log line.
+/// The session id in a log line: the agent's "connected to relay session=ID", or the relay's
+/// "session{agent=NAME session=ID}: ...".
 pub fn session_of(line: &str) -> String {
-    line.split("session=")
+    let id: String = line
+        .split("session=")
         .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no session id in {line:?}"))
-        .to_owned()
+        .map(|rest| rest.chars().take_while(char::is_ascii_digit).collect())
+        .unwrap_or_default();
+    assert!(!id.is_empty(), "no session id in {line:?}");
+    id
 }
 
 /// A `lab-peer` process driven line by line.

@@ -2,11 +2,12 @@
 
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
 
-use crate::within;
+use crate::{within, within_for, STEP};
 
 /// A running binary whose stderr is read line by line.
 pub struct Process {
@@ -44,7 +45,12 @@ impl Process {
 
     /// Reads the log until a line contains `needle`, and returns that line.
     pub async fn wait_for_line(&mut self, needle: &str) -> String {
-        within(&format!("a log line with {needle:?}"), async {
+        self.wait_for_line_within(needle, STEP).await
+    }
+
+    /// [`Process::wait_for_line`], waiting up to `limit`.
+    pub async fn wait_for_line_within(&mut self, needle: &str, limit: Duration) -> String {
+        within_for(&format!("a log line with {needle:?}"), limit, async {
             loop {
                 match self.stderr.next_line().await {
                     Ok(Some(line)) => {
@@ -60,8 +66,8 @@ impl Process {
         .await
     }
 
-    /// Sends `signal` (such as "TERM") and waits for the process to exit.
-    pub async fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+    /// Sends `signal` (such as "STOP").
+    pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("still running").to_string();
         let sent = std::process::Command::new("kill")
             .args([&format!("-{signal}"), &pid])
@@ -70,6 +76,11 @@ impl Process {
             sent.expect("kill runs").success(),
             "kill -{signal} {pid} failed"
         );
+    }
+
+    /// Sends `signal` (such as "TERM") and waits for the process to exit.
+    pub async fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
+        self.signal(signal);
         within("the process to exit", async {
             // Drain the log meanwhile, so that a full pipe cannot hold the process up.
             while let Ok(Some(line)) = self.stderr.next_line().await {
