@@ -4,10 +4,11 @@
 use std::time::{Duration, Instant};
 
 use tether_tests::lab::{
-    idle_span, session_of, Impairment, Lab, Peer, NAT_UDP_TIMEOUT, RELAY_PUBLIC,
+    idle_span, session_of, Impairment, Lab, Netns, Peer, NAT_UDP_TIMEOUT, RELAY_PUBLIC,
 };
+use tether_tests::mosh::{MoshServer, Tmux, LOCALE};
 use tether_tests::process::Process;
-use tether_tests::within_for;
+use tether_tests::{tools, within_for};
 
 /// How long a visitor waits for an answer that should come at once.
 const AT_ONCE: &str = "2000";
@@ -389,4 +390,111 @@ async fn an_agent_stopped_for_fifteen_seconds_recovers_by_itself() {
         assert_eq!(sessions, [scene.session.clone()], "no new session");
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_idle_ssh_login_outlives_three_nat_timeouts() {
+    let test = "an_idle_ssh_login_outlives_three_nat_timeouts";
+    if !Lab::available(test) || !tools::available(test, &["sshd", "ssh", "ssh-keygen"]) {
+        return;
+    }
+    let idle = idle_span();
+    within_for("the whole test", idle + Duration::from_secs(60), async {
+        let lab = Lab::build();
+        let (_sshd, login) = lab.start_sshd().await;
+        let _relay = lab.start_relay().await;
+        let (_agent, _) = lab.start_agent("").await;
+        // A remote shell that reads commands from the ssh connection, as a person's would.
+        let mut command = lab.visitor.command("ssh");
+        command.args(&login).arg("sh");
+        let mut ssh = Peer::start(command);
+        ssh.tell("echo logged-in-as-$(id -un)").await;
+        assert_eq!(ssh.line().await, "logged-in-as-root");
+        tokio::time::sleep(idle).await; // the time under test
+        let start = Instant::now();
+        ssh.tell("echo still-there").await;
+        let answer = ssh.line_within(Duration::from_secs(2)).await;
+        let took = start.elapsed();
+        assert_eq!(answer, "still-there");
+        println!(
+            "ssh login idle {idle:?} ({:.1} NAT timeouts): echo answered in {took:?}",
+            idle.as_secs_f64() / NAT_UDP_TIMEOUT.as_secs_f64()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_mosh_session_outlives_the_nat_and_a_port_hop() {
+    let test = "an_idle_mosh_session_outlives_the_nat_and_a_port_hop";
+    if !Lab::available(test) || !tools::available(test, &["mosh-server", "mosh-client", "tmux"]) {
+        return;
+    }
+    let idle = idle_span();
+    // mosh-client moves to a new source port after 10 s without hearing the server.
+    let blocked = Duration::from_secs(15);
+    within_for(
+        "the whole test",
+        idle + blocked + Duration::from_secs(90),
+        async {
+            let lab = Lab::build();
+            let _relay = lab.start_relay().await;
+            let (_agent, _) = lab.start_agent("").await;
+            let in_home = ["ip", "netns", "exec", &lab.home.name];
+            let server = MoshServer::start(&in_home, 60001);
+            let client = format!(
+                "ip netns exec {} env LC_ALL={LOCALE} MOSH_KEY={} mosh-client {RELAY_PUBLIC} 60001",
+                lab.visitor.name, server.key
+            );
+            let tmux = Tmux::start(&client);
+            tmux.type_line("echo first-$((6 * 7))");
+            tmux.wait_for("first-42").await;
+
+            tokio::time::sleep(idle).await; // the time under test
+            let start = Instant::now();
+            tmux.type_line("echo after-idle-$((6 * 7))");
+            tmux.wait_for("after-idle-42").await;
+            let after_idle = start.elapsed();
+
+            // The visitor's uplink drops its UDP until mosh-client gives up on its source port.
+            let ports_before = udp_ports(&lab.visitor);
+            let block = ["-A", "OUTPUT", "-p", "udp", "-j", "DROP"];
+            lab.visitor.run("iptables", &block);
+            tokio::time::sleep(blocked).await; // the silence that makes mosh hop
+            lab.visitor.run("iptables", &["-F", "OUTPUT"]);
+            let start = Instant::now();
+            tmux.type_line("echo after-hop-$((6 * 7))");
+            tmux.wait_for("after-hop-42").await;
+            let after_hop = start.elapsed();
+            let ports_after = udp_ports(&lab.visitor);
+            let new: Vec<u16> = ports_after
+                .iter()
+                .copied()
+                .filter(|p| !ports_before.contains(p))
+                .collect();
+            println!(
+                "mosh idle {idle:?}: answered in {after_idle:?}; after a source port hop \
+             ({ports_before:?} -> {ports_after:?}) answered in {after_hop:?}"
+            );
+            assert!(!new.is_empty(), "mosh-client did not hop: {ports_after:?}");
+        },
+    )
+    .await;
+}
+
+/// The local ports of the UDP sockets open in `netns`.
+fn udp_ports(netns: &Netns) -> Vec<u16> {
+    // "UNCONN 0 0 0.0.0.0:41234 0.0.0.0:*"
+    netns
+        .run("ss", &["-Huan"])
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
 }

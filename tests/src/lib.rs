@@ -4,6 +4,7 @@
 
 pub mod gate;
 pub mod lab;
+pub mod mosh;
 pub mod process;
 pub mod tools;
 pub mod udp;
