@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use tether_tests::lab::{
-    idle_span, session_of, Impairment, Lab, Netns, Peer, NAT_UDP_TIMEOUT, RELAY_PUBLIC,
+    idle_span, session_of, Impairment, Lab, Netns, Peer, Shim, NAT_UDP_TIMEOUT, RELAY_LISTEN,
+    RELAY_PUBLIC,
 };
 use tether_tests::mosh::{MoshServer, Tmux, LOCALE};
 use tether_tests::process::Process;
@@ -18,6 +19,8 @@ const AT_ONCE: &str = "2000";
 struct Scene {
     lab: Lab,
     relay: Process,
+    /// Runs until the scene is dropped.
+    _shim: Option<Peer>,
     agent: Process,
     session: String,
     service: Peer,
@@ -26,17 +29,30 @@ struct Scene {
 
 impl Scene {
     async fn start(settings: &str, service: &str) -> Self {
+        Self::start_via(None, settings, service).await
+    }
+
+    /// With `shim`, the agent reaches the relay through the impairment shim.
+    async fn start_via(shim: Option<Shim>, settings: &str, service: &str) -> Self {
         let lab = Lab::build();
         let (service, ready) = lab.peer(&lab.home, &[service, "127.0.0.1:7000"]).await;
         assert_eq!(ready, "listening");
         let relay = lab.start_relay().await;
-        let (agent, session) = lab.start_agent(settings).await;
+        let (shim, relay_address) = match shim {
+            Some(shim) => {
+                let (shim, address) = lab.start_shim(shim).await;
+                (Some(shim), address)
+            }
+            None => (None, RELAY_LISTEN),
+        };
+        let (agent, session) = lab.start_agent_via(relay_address, settings).await;
         let public = format!("{RELAY_PUBLIC}:7000");
         let (visitor, connected) = lab.peer(&lab.visitor, &["client", &public]).await;
         assert_eq!(connected, "connected");
         Self {
             lab,
             relay,
+            _shim: shim,
             agent,
             session,
             service,
@@ -74,21 +90,26 @@ impl Scene {
     }
 }
 
-/// Sends `bytes` from the visitor to the sink at home, calling `meanwhile` once the first 8 MiB
-/// are out; returns (sent line, received line).
+/// Sends `bytes` (more than 8 MiB) from the visitor to the sink at home, calling `meanwhile` once
+/// the first 8 MiB are out; returns (sent line, received line).
 async fn transfer(scene: &mut Scene, bytes: u64, meanwhile: impl FnOnce(&Lab)) -> (String, String) {
     // Slow under loss and in debug builds: each 8 MiB may take a while.
     let slow = Duration::from_secs(60);
     scene.visitor.tell(&format!("send {bytes}")).await;
-    let first = scene.visitor.line_within(slow).await;
-    assert!(first.starts_with("progress"), "{first}");
-    meanwhile(&scene.lab);
+    let mut meanwhile = Some(meanwhile);
     let sent = loop {
         let line = scene.visitor.line_within(slow).await;
         if !line.starts_with("progress") {
             break line;
         }
+        if let Some(meanwhile) = meanwhile.take() {
+            meanwhile(&scene.lab);
+        }
     };
+    assert!(
+        meanwhile.is_none(),
+        "the transfer ended before its first 8 MiB"
+    );
     let received = scene.service.line_within(slow).await;
     (sent, received)
 }
@@ -497,4 +518,57 @@ fn udp_ports(netns: &Netns) -> Vec<u16> {
                 .ok()
         })
         .collect()
+}
+
+#[tokio::test]
+async fn delay_jitter_reordering_and_loss_still_deliver_every_byte() {
+    let test = "delay_jitter_reordering_and_loss_still_deliver_every_byte";
+    if !Lab::available(test) {
+        return;
+    }
+    within_for("the whole test", Duration::from_secs(300), async {
+        // Round trips of 50-70 ms, and 0.5% of packets lost and 0.5% overtaken, each way.
+        let shim = Shim {
+            delay: Duration::from_millis(25),
+            jitter: Duration::from_millis(10),
+            loss: 0.005,
+            reorder: 0.005,
+        };
+        let mut scene = Scene::start_via(Some(shim), "", "sink").await;
+        // An echo service on home's port 22, which the agent forwards from relay port 2222.
+        let (_echo, ready) = scene
+            .lab
+            .peer(&scene.lab.home, &["tcp-echo", "127.0.0.1:22"])
+            .await;
+        assert_eq!(ready, "listening");
+        let public = format!("{RELAY_PUBLIC}:2222");
+        let (mut pinger, connected) = scene
+            .lab
+            .peer(&scene.lab.visitor, &["client", &public])
+            .await;
+        assert_eq!(connected, "connected");
+        let mut echoes = Vec::new();
+        for i in 0..20 {
+            let echo = pinger.ask(&format!("echo ping-{i} {AT_ONCE}")).await;
+            let micros: u64 = echo
+                .strip_prefix("echoed ")
+                .and_then(|m| m.parse().ok())
+                .unwrap_or_else(|| panic!("{echo}"));
+            echoes.push(Duration::from_micros(micros));
+        }
+        echoes.sort();
+        let median = echoes[echoes.len() / 2];
+        assert!(
+            median >= shim.delay * 2,
+            "echoes took {median:?}: is the shim in the path?"
+        );
+        let (sent, received) = transfer(&mut scene, 16 << 20, |_| {}).await;
+        let (bytes, took) = assert_same_bytes(&sent, &received);
+        println!(
+            "through the shim ({shim:?}): median visitor echo {median:?}; {bytes} bytes with \
+             matching sha256 in {took:?} ({:.1} MB/s)",
+            bytes as f64 / took.as_secs_f64() / 1e6
+        );
+    })
+    .await;
 }

@@ -13,6 +13,9 @@
 //! that did not. The namespaces' names carry the test process's id; a lab is removed when it is
 //! dropped, even by a failing test, and one left by a killed run is removed by the next.
 //!
+//! Delay and reordering, which `iptables` cannot do, come from `lab-shim`, a UDP forwarder in the
+//! relay's namespace that agents reach the relay through when a test asks for it.
+//!
 //! Needs root, `ip` (iproute2), `iptables` and `conntrack`.
 
 use std::ffi::OsStr;
@@ -92,6 +95,18 @@ pub enum Impairment {
     /// Only packets from the relay to home are dropped: a half-open path.
     RelayToHomeLost,
 }
+
+/// What the impairment shim (`lab-shim`) does to each packet, either way: see its usage.
+#[derive(Debug, Clone, Copy)]
+pub struct Shim {
+    pub delay: Duration,
+    pub jitter: Duration,
+    pub loss: f64,
+    pub reorder: f64,
+}
+
+/// Where the impairment shim listens, in the relay's namespace.
+const SHIM_LISTEN: &str = "203.0.113.1:4434";
 
 pub struct Lab {
     pub visitor: Netns,
@@ -302,8 +317,13 @@ impl Lab {
     /// forwards 7000/tcp, 2222/tcp to home's sshd and 60000-60010/udp, and starts the agent.
     /// Returns once it is connected, with the id of its session.
     pub async fn start_agent(&self, settings: &str) -> (Process, String) {
+        self.start_agent_via(RELAY_LISTEN, settings).await
+    }
+
+    /// [`Lab::start_agent`], reaching the relay at `relay` (such as a [`Lab::start_shim`]).
+    pub async fn start_agent_via(&self, relay: &str, settings: &str) -> (Process, String) {
         let config = format!(
-            "relay = \"{RELAY_LISTEN}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
+            "relay = \"{relay}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
              {settings}\n\
              [[forward]]\nname = \"echo\"\nproto = \"tcp\"\nremote = 7000\nlocal = \"127.0.0.1:7000\"\n\
              [[forward]]\nname = \"ssh\"\nproto = \"tcp\"\nremote = 2222\nlocal = \"127.0.0.1:22\"\n\
@@ -375,6 +395,24 @@ impl Lab {
         .map(String::from)
         .to_vec();
         (sshd, login)
+    }
+
+    /// Starts the impairment shim in the relay's namespace, in front of the relay, and returns
+    /// it with the address agents reach the relay through it.
+    pub async fn start_shim(&self, shim: Shim) -> (Peer, &'static str) {
+        let millis = |d: Duration| d.as_millis().to_string();
+        let mut command = self.relay.command(binary("lab-shim"));
+        command.args([
+            SHIM_LISTEN,
+            RELAY_LISTEN,
+            &millis(shim.delay),
+            &millis(shim.jitter),
+            &shim.loss.to_string(),
+            &shim.reorder.to_string(),
+        ]);
+        let mut peer = Peer::start(command);
+        assert_eq!(peer.line().await, "listening");
+        (peer, SHIM_LISTEN)
     }
 
     /// Starts `lab-peer` with `args` in `netns` and waits for its first line.
