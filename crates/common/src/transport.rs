@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
-
 use quinn_proto::HashedConnectionIdGenerator;
 
 use crate::datagram::MAX_STREAMED;
