@@ -73,10 +73,16 @@ impl Scene {
         visitor.ask(&format!("echo new-visitor {AT_ONCE}")).await
     }
 
-    /// Restarts the relay after stopping it with `signal`; returns once it listens again.
-    async fn restart_relay(&mut self, signal: &str) {
+    /// Restarts the relay after stopping it with `signal`, and returns how long after it
+    /// listened again a new visitor was served.
+    async fn served_after_restart(&mut self, signal: &str) -> Duration {
         self.relay.signal_and_wait(signal).await;
         self.relay = self.lab.start_relay().await;
+        let back = Instant::now();
+        self.agent.wait_for_line("connected to relay").await;
+        let echo = self.new_visitor_echo().await;
+        assert!(echo.starts_with("echoed"), "{echo}");
+        back.elapsed()
     }
 
     /// Stops the agent and returns the ids of every session it had.
@@ -309,12 +315,7 @@ async fn a_relay_killed_and_restarted_serves_again_within_five_seconds() {
         // Idle, so that only a keepalive can find the restarted relay: the agent sent its last
         // about a second before the kill, and the next goes out about 4 s after it.
         tokio::time::sleep(Duration::from_secs(6)).await;
-        scene.restart_relay("KILL").await;
-        let back = Instant::now();
-        scene.agent.wait_for_line("connected to relay").await;
-        let echo = scene.new_visitor_echo().await;
-        assert!(echo.starts_with("echoed"), "{echo}");
-        let served = back.elapsed();
+        let served = scene.served_after_restart("KILL").await;
         println!("relay killed with SIGKILL and restarted: a visitor served {served:?} after it was back");
         assert!(served < Duration::from_secs(5), "took {served:?}");
     })
@@ -329,12 +330,7 @@ async fn a_relay_restarted_with_sigterm_serves_again_within_a_second() {
     }
     within_for("the whole test", Duration::from_secs(60), async {
         let mut scene = Scene::start("", "tcp-echo").await;
-        scene.restart_relay("TERM").await;
-        let back = Instant::now();
-        scene.agent.wait_for_line("connected to relay").await;
-        let echo = scene.new_visitor_echo().await;
-        assert!(echo.starts_with("echoed"), "{echo}");
-        let served = back.elapsed();
+        let served = scene.served_after_restart("TERM").await;
         println!("relay restarted with SIGTERM: a visitor served {served:?} after it was back");
         assert!(served < Duration::from_secs(1), "took {served:?}");
     })
