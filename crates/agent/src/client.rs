@@ -19,9 +19,11 @@ use tether_common::tls::{self, RelayPin, TlsError};
 use tether_common::transport;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::probe;
 use crate::session::{self, SessionEnd};
 use crate::status::AgentStatus;
 
@@ -205,6 +207,9 @@ impl Agent {
         shutdown: &CancellationToken,
     ) -> Next {
         let span = tracing::info_span!("session", relay = %conn.remote_address());
+        let _probe = self.config.keepalive.map(|keepalive| {
+            AbortOnDropHandle::new(tokio::spawn(probe::while_silent(conn.clone(), keepalive)))
+        });
         let end = session::run(
             conn,
             self.forwards.clone(),

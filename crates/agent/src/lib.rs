@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod probe;
 pub mod session;
 pub mod status;
 pub mod udp;

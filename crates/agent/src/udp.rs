@@ -108,6 +108,9 @@ impl Flows {
     /// Sends one datagram from the relay to the local service of its flow, opening the flow if
     /// it is new.
     fn deliver(self: &Arc<Self>, datagram: &[u8]) {
+        if datagram.is_empty() {
+            return; // The relay's answer to a probe: its arrival was the point.
+        }
         let dropped = || UdpCounters::add(&self.counters.dropped, 1);
         let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
             return dropped();
@@ -184,11 +187,8 @@ impl Flows {
 }
 
 /// Carries the session's datagrams to local services and forgets idle flows, until the session
-/// ends.
+/// ends. Runs without UDP forwards too, to take the relay's answers to probes.
 pub async fn carry(conn: quinn::Connection, flows: Arc<Flows>) {
-    if flows.forwards.is_empty() {
-        return;
-    }
     let deliver = datagram::receive(&conn, |datagram| flows.deliver(&datagram));
     let expire = async {
         let mut tick = tokio::time::interval(flows.sweep_interval());

@@ -16,6 +16,9 @@
 //! bytes before path MTU discovery, about 1,400 after) takes a unidirectional stream of its own
 //! instead: the same bytes, header and payload, then the end of the stream. It arrives intact,
 //! a little later, and never holds up another flow.
+//!
+//! An empty datagram is a probe: the agent sends them while the relay is silent, and the relay
+//! answers each with an empty datagram of its own.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -122,6 +122,12 @@ pub fn carry(shared: &Arc<Shared>, live: Arc<LiveSession>) -> DropGuard {
 
 /// Sends one datagram from the agent to the visitor of its flow.
 fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) {
+    if datagram.is_empty() {
+        // The agent's probe after a silence; the answer lets the relay find out at once what
+        // the silence lost (see the agent's probe module).
+        let _ = live.conn.send_datagram(Bytes::new());
+        return;
+    }
     let counters = &shared.udp;
     let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
         UdpCounters::add(&counters.dropped, 1);
