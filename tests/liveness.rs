@@ -106,12 +106,12 @@ async fn an_outage_shorter_than_the_idle_timeout_keeps_the_session_and_its_visit
         let mut buf = [0u8; 7];
         visitor.read_exact(&mut buf).await.unwrap();
 
-        // Nothing crosses during the outage: only the agent probes.
+        // Nothing crosses during the outage; only the agent keeps sending.
         gated.gate.set_open(false);
         tokio::time::sleep(outage).await; // the outage under test
         gated.gate.set_open(true);
         // Still nothing from the visitor until the idle timeout would have ended the session:
-        // only the agent's probes can have told the relay that the link is back.
+        // only the agent's keepalives and probes can have told the relay that the link is back.
         tokio::time::sleep(idle - outage + Duration::from_secs(1)).await;
         let start = Instant::now();
         visitor.write_all(b"later!\n").await.unwrap();
