@@ -54,6 +54,7 @@ async fn a_range_maps_one_to_one_for_ipv4_and_ipv6_visitors() {
                 ports: PortRange::new(local_base, local_base + 2).unwrap(),
             },
             flow_idle: DEFAULT_FLOW_IDLE,
+            allow_from: vec![],
         };
         let config = agent_config(agent_key, relay.addr, relay.fingerprint, vec![forward]);
         let mut agent = start_agent(config, &agent_identity);

@@ -95,6 +95,7 @@ async fn stale_session(
         proto: Proto::Tcp,
         remote: PortRange::single(port).unwrap(),
         flow_idle: Duration::ZERO,
+        allow_from: vec![],
     };
     session_asking_for(identity, relay, vec![forward]).await
 }
@@ -150,6 +151,7 @@ async fn a_udp_forward_without_a_flow_idle_time_is_refused() {
             proto: Proto::Udp,
             remote: PortRange::single(port).unwrap(),
             flow_idle,
+            allow_from: vec![],
         };
         let forwards = vec![
             request("never-forgets", ports[0], Duration::ZERO),

@@ -156,6 +156,7 @@ pub fn tcp_forward(name: &str, remote: u16, local: SocketAddr) -> Forward {
             ports: PortRange::single(local.port()).unwrap(),
         },
         flow_idle: DEFAULT_FLOW_IDLE,
+        allow_from: vec![],
     }
 }
 
@@ -171,6 +172,7 @@ pub fn udp_forward(name: &str, remote: PortRange, host: &str, local: PortRange) 
             ports: local,
         },
         flow_idle: DEFAULT_FLOW_IDLE,
+        allow_from: vec![],
     }
 }
 

@@ -173,6 +173,7 @@ async fn open(
                     proto: f.proto,
                     remote: f.remote,
                     flow_idle: f.flow_idle,
+                    allow_from: f.allow_from.clone(),
                 })
                 .collect(),
         };

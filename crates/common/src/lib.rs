@@ -1,6 +1,7 @@
 //! What tether's relay and agent share: the wire protocol, identities and TLS pinning, config
 //! types, the one TCP copy loop, and the UDP datagram format and flow table.
 
+pub mod cidr;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -47,6 +47,7 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
+use crate::cidr::Cidr;
 use crate::ports::{PortRange, Proto};
 
 /// The version carried in [`Hello`]. ALPN already selects it; the field lets a relay explain a
@@ -61,6 +62,9 @@ pub const MAX_FORWARDS: usize = 256;
 
 /// Bytes in a forward's name at most.
 pub const MAX_NAME_LEN: usize = 64;
+
+/// Address blocks in one forward's `allow_from` at most.
+pub const MAX_ALLOW_FROM: usize = 64;
 
 /// The bytes in front of each control frame's body: type and length.
 pub const FRAME_HEADER_LEN: usize = 5;
@@ -109,6 +113,8 @@ pub struct ForwardRequest {
     /// UDP: how long a flow may stay silent before both ends forget it. Carried in whole
     /// milliseconds (u32), so that both ends agree on it.
     pub flow_idle: Duration,
+    /// The visitors the relay lets through, by address; empty lets everyone through.
+    pub allow_from: Vec<Cidr>,
 }
 
 /// The relay's answer to [`Hello`]: one result per requested forward, in the same order.
@@ -237,6 +243,20 @@ impl Hello {
             buf.put_u16(forward.remote.end());
             let millis = u32::try_from(forward.flow_idle.as_millis()).unwrap_or(u32::MAX);
             buf.put_u32(millis);
+            buf.put_u8(forward.allow_from.len() as u8);
+            for block in &forward.allow_from {
+                match block.addr() {
+                    IpAddr::V4(v4) => {
+                        buf.put_u8(4);
+                        buf.put_slice(&v4.octets());
+                    }
+                    IpAddr::V6(v6) => {
+                        buf.put_u8(6);
+                        buf.put_slice(&v6.octets());
+                    }
+                }
+                buf.put_u8(block.prefix());
+            }
         }
     }
 
@@ -268,11 +288,13 @@ impl Hello {
             let (start, end) = (buf.try_get_u16()?, buf.try_get_u16()?);
             let remote = PortRange::new(start, end).ok_or(DecodeError::Invalid("port range"))?;
             let flow_idle = Duration::from_millis(u64::from(buf.try_get_u32()?));
+            let allow_from = decode_allow_from(buf)?;
             forwards.push(ForwardRequest {
                 name,
                 proto,
                 remote,
                 flow_idle,
+                allow_from,
             });
         }
         Ok(Hello {
@@ -281,6 +303,25 @@ impl Hello {
             forwards,
         })
     }
+}
+
+/// A count, then each block as family (4 or 6), address and prefix length.
+fn decode_allow_from(buf: &mut &[u8]) -> Result<Vec<Cidr>, DecodeError> {
+    let count = usize::from(buf.try_get_u8()?);
+    if count > MAX_ALLOW_FROM {
+        return Err(DecodeError::Invalid("allow_from count"));
+    }
+    let mut blocks = Vec::with_capacity(count);
+    for _ in 0..count {
+        let addr = match buf.try_get_u8()? {
+            4 => IpAddr::from(buf.try_get_u32()?.to_be_bytes()),
+            6 => IpAddr::from(buf.try_get_u128()?.to_be_bytes()),
+            _ => return Err(DecodeError::Invalid("address family")),
+        };
+        let prefix = buf.try_get_u8()?;
+        blocks.push(Cidr::new(addr, prefix).map_err(|_| DecodeError::Invalid("address block"))?);
+    }
+    Ok(blocks)
 }
 
 impl ForwardResult {
@@ -488,12 +529,18 @@ mod tests {
                     proto: Proto::Tcp,
                     remote: range(2222, 2222),
                     flow_idle: Duration::ZERO,
+                    allow_from: vec![
+                        "203.0.113.0/24".parse().unwrap(),
+                        "2001:db8::/32".parse().unwrap(),
+                        "198.51.100.7".parse().unwrap(),
+                    ],
                 },
                 ForwardRequest {
                     name: "mosh".into(),
                     proto: Proto::Udp,
                     remote: range(60000, 60010),
                     flow_idle: Duration::from_secs(120),
+                    allow_from: vec![],
                 },
             ],
         }
@@ -648,6 +695,22 @@ mod tests {
             AgentMessage::decode(TYPE_HELLO, &body),
             Err(DecodeError::Invalid("forward count"))
         );
+        // allow_from: too many blocks, an unknown family, a prefix too long, host bits set.
+        let forward = [0, 1, 0, 0, 1, 1, b'a', 1, 0, 22, 0, 22, 0, 0, 0, 0];
+        let with = |tail: &[u8]| [&forward[..], tail].concat();
+        let cases: [(&[u8], &str); 4] = [
+            (&[MAX_ALLOW_FROM as u8 + 1], "allow_from count"),
+            (&[1, 5, 0, 0, 0, 0, 0], "address family"),
+            (&[1, 4, 203, 0, 113, 0, 33], "address block"),
+            (&[1, 4, 203, 0, 113, 5, 24], "address block"),
+        ];
+        for (tail, what) in cases {
+            assert_eq!(
+                AgentMessage::decode(TYPE_HELLO, &with(tail)),
+                Err(DecodeError::Invalid(what))
+            );
+        }
+        assert!(AgentMessage::decode(TYPE_HELLO, &with(&[1, 4, 203, 0, 113, 0, 24])).is_ok());
         // A resume flag that is neither 0 nor 1.
         let body = [0, 1, 2];
         assert_eq!(

@@ -11,8 +11,10 @@ use super::{
     duration, fingerprint, name, optional_duration, path_in, port_range, read, split_host,
     ConfigError, Problems,
 };
+use crate::cidr::Cidr;
 use crate::identity::Fingerprint;
 use crate::ports::{PortRange, Proto};
+use crate::protocol::MAX_ALLOW_FROM;
 
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -59,6 +61,8 @@ pub struct Forward {
     pub local: LocalTarget,
     /// UDP only: how long a flow may stay silent, both ways, before both ends forget it.
     pub flow_idle: Duration,
+    /// The visitors the relay lets through to this forward; empty lets everyone through.
+    pub allow_from: Vec<Cidr>,
 }
 
 /// Where a forward's traffic goes beside the agent: a host and a port or a range as long as
@@ -109,6 +113,7 @@ struct RawForward {
     remote: RawPorts,
     local: String,
     flow_idle: Option<String>,
+    allow_from: Option<Vec<String>>,
 }
 
 /// `remote` is written as a number (`2222`) or a string (`"60000-60010"`).
@@ -232,8 +237,12 @@ fn forwards(raw: &[RawForward], p: &mut Problems) -> Vec<Forward> {
             }
             (Some(_), None) => None,
         };
-        let (Some(name), Some(proto), Some(remote), Some(local), Some(flow_idle)) =
-            (name, proto, remote, local, flow_idle)
+        let allow_from = raw
+            .allow_from
+            .as_deref()
+            .map_or(Some(Vec::new()), |list| allow_from(list, i, p));
+        let (Some(name), Some(proto), Some(remote), Some(local), Some(flow_idle), Some(allow_from)) =
+            (name, proto, remote, local, flow_idle, allow_from)
         else {
             continue;
         };
@@ -274,9 +283,40 @@ fn forwards(raw: &[RawForward], p: &mut Problems) -> Vec<Forward> {
             remote,
             local,
             flow_idle,
+            allow_from,
         });
     }
     out
+}
+
+/// The blocks of `forward[i].allow_from`; `None` if any is wrong, each wrong one recorded.
+fn allow_from(list: &[String], i: usize, p: &mut Problems) -> Option<Vec<Cidr>> {
+    if list.is_empty() {
+        p.add(
+            format!("forward[{i}].allow_from"),
+            "an empty list would refuse every visitor; remove allow_from to let everyone in",
+        );
+        return None;
+    }
+    if list.len() > MAX_ALLOW_FROM {
+        p.add(
+            format!("forward[{i}].allow_from"),
+            format!("at most {MAX_ALLOW_FROM} blocks, got {}", list.len()),
+        );
+        return None;
+    }
+    let mut blocks = Vec::with_capacity(list.len());
+    let mut ok = true;
+    for (j, text) in list.iter().enumerate() {
+        let block = text
+            .parse::<Cidr>()
+            .map_err(|e| format!("{e}, got \"{text}\""));
+        match p.check(format!("forward[{i}].allow_from[{j}]"), block) {
+            Some(block) => blocks.push(block),
+            None => ok = false,
+        }
+    }
+    ok.then_some(blocks)
 }
 
 impl std::str::FromStr for HostPort {

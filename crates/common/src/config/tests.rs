@@ -105,6 +105,52 @@ fn udp_forwards_take_a_flow_idle_time() {
 }
 
 #[test]
+fn forwards_take_an_allow_from_list() {
+    let config = agent(&agent_with_forward(
+        "name = \"ssh\"\nproto = \"tcp\"\nremote = 2222\nlocal = \"h:22\"\n\
+         allow_from = [\"203.0.113.0/24\", \"2001:db8::/32\", \"198.51.100.7\"]",
+    ))
+    .unwrap();
+    let blocks: Vec<String> = config.forwards[0]
+        .allow_from
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        blocks,
+        ["203.0.113.0/24", "2001:db8::/32", "198.51.100.7/32"]
+    );
+    let cases = [
+        (
+            "allow_from = []".to_owned(),
+            "forward[0].allow_from: an empty list would refuse every visitor; remove allow_from \
+             to let everyone in"
+                .to_owned(),
+        ),
+        (
+            "allow_from = [\"203.0.113.0/24\", \"203.0.113.9/24\", \"dorm\"]".to_owned(),
+            "forward[0].allow_from[1]: bits are set past the prefix; the block is \
+             203.0.113.0/24, got \"203.0.113.9/24\"\n/etc/tether/agent.toml: \
+             forward[0].allow_from[2]: expected an address or ADDRESS/PREFIX like \
+             \"203.0.113.0/24\", got \"dorm\""
+                .to_owned(),
+        ),
+        (
+            format!("allow_from = [{}]", vec!["\"::1\""; 65].join(", ")),
+            "forward[0].allow_from: at most 64 blocks, got 65".to_owned(),
+        ),
+    ];
+    for (fields, expected) in cases {
+        assert_agent_error(
+            &agent_with_forward(&format!(
+                "name = \"a\"\nproto = \"tcp\"\nremote = 1\nlocal = \"h:1\"\n{fields}"
+            )),
+            &format!("/etc/tether/agent.toml: {expected}"),
+        );
+    }
+}
+
+#[test]
 fn agent_defaults() {
     let config = agent(&format!(
         "relay = \"[2001:db8::1]:4433\"\nrelay_fingerprint = \"{FP}\"\n"
@@ -172,7 +218,7 @@ fn agent_type_and_shape_errors() {
     );
     assert_agent_error(
         &agent_with_forward("name = \"a\"\nproto = \"tcp\"\nremote = 1\nlocal = \"h:1\"\nlocol = 3"),
-        "/etc/tether/agent.toml: forward[0].locol: unknown field `locol`, expected one of `name`, `proto`, `remote`, `local`, `flow_idle`",
+        "/etc/tether/agent.toml: forward[0].locol: unknown field `locol`, expected one of `name`, `proto`, `remote`, `local`, `flow_idle`, `allow_from`",
     );
     assert_agent_error(
         &agent_with_forward("name = \"a\"\nproto = \"tcp\"\nremote = 1"),
