@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod datagram;
 pub mod flows;
+pub mod fuzzing;
 pub mod identity;
 pub mod ports;
 pub mod protocol;
