@@ -189,7 +189,11 @@ impl Flows {
 /// Carries the session's datagrams to local services and forgets idle flows, until the session
 /// ends. Runs without UDP forwards too, to take the relay's answers to probes.
 pub async fn carry(conn: quinn::Connection, flows: Arc<Flows>) {
-    let deliver = datagram::receive(&conn, |datagram| flows.deliver(&datagram));
+    // The relay is trusted (its key is pinned): what does not fit is dropped and counted.
+    let deliver = datagram::receive(&conn, |datagram| {
+        flows.deliver(&datagram);
+        Ok(())
+    });
     let expire = async {
         let mut tick = tokio::time::interval(flows.sweep_interval());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -199,7 +203,7 @@ pub async fn carry(conn: quinn::Connection, flows: Arc<Flows>) {
         }
     };
     tokio::select! {
-        () = deliver => {}
+        _ = deliver => {}
         () = expire => {}
     }
 }

@@ -91,6 +91,8 @@ pub struct UdpCounters {
     /// Datagrams dropped: no session or route for them, an unknown flow, a full socket, or too
     /// many oversized datagrams in flight at once.
     pub dropped: AtomicU64,
+    /// Datagrams from visitors outside the forward's `allow_from`.
+    pub refused: AtomicU64,
     pub flows_opened: AtomicU64,
     /// Flows forgotten after `flow_idle` of silence.
     pub flows_expired: AtomicU64,
@@ -103,6 +105,7 @@ pub struct UdpCounters {
 pub struct UdpCount {
     pub sent_on_stream: u64,
     pub dropped: u64,
+    pub refused: u64,
     pub flows_opened: u64,
     pub flows_expired: u64,
     pub flows_evicted: u64,
@@ -114,6 +117,7 @@ impl UdpCounters {
         UdpCount {
             sent_on_stream: get(&self.sent_on_stream),
             dropped: get(&self.dropped),
+            refused: get(&self.refused),
             flows_opened: get(&self.flows_opened),
             flows_expired: get(&self.flows_expired),
             flows_evicted: get(&self.flows_evicted),
@@ -175,34 +179,53 @@ impl DatagramSender {
     }
 }
 
-/// Hands each datagram the peer sends, by either path, to `deliver` until the session ends.
-pub async fn receive(conn: &quinn::Connection, mut deliver: impl FnMut(Bytes)) {
+/// The peer broke the rules of datagrams; the words say how, for the log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Violation(pub String);
+
+/// Hands each datagram the peer sends, by either path, to `deliver` until the session ends,
+/// or until the peer breaks the rules: `deliver` says so of a datagram, or a datagram's stream
+/// runs longer than any datagram.
+pub async fn receive(
+    conn: &quinn::Connection,
+    mut deliver: impl FnMut(Bytes) -> Result<(), Violation>,
+) -> Result<(), Violation> {
     let mut streamed = JoinSet::new();
     loop {
         tokio::select! {
             datagram = conn.read_datagram() => match datagram {
-                Ok(datagram) => deliver(datagram),
-                Err(_) => break,
+                Ok(datagram) => deliver(datagram)?,
+                Err(_) => return Ok(()),
             },
             stream = conn.accept_uni() => match stream {
                 Ok(stream) => {
                     // The peer may have at most MAX_STREAMED of these open at once.
                     streamed.spawn(read_streamed(stream));
                 }
-                Err(_) => break,
+                Err(_) => return Ok(()),
             },
-            Some(Ok(Some(datagram))) = streamed.join_next() => deliver(datagram),
+            Some(Ok(read)) = streamed.join_next() => {
+                if let Some(datagram) = read? {
+                    deliver(datagram)?;
+                }
+            }
         }
     }
 }
 
-async fn read_streamed(mut stream: quinn::RecvStream) -> Option<Bytes> {
-    let read = stream.read_to_end(HEADER_LEN + MAX_PAYLOAD);
-    let datagram = tokio::time::timeout(STREAM_TIMEOUT, read)
-        .await
-        .ok()?
-        .ok()?;
-    Some(datagram.into())
+/// The datagram on one stream; `None` if the stream was reset or took too long, as a lost
+/// datagram would be.
+async fn read_streamed(mut stream: quinn::RecvStream) -> Result<Option<Bytes>, Violation> {
+    let limit = HEADER_LEN + MAX_PAYLOAD;
+    let read = stream.read_to_end(limit);
+    match tokio::time::timeout(STREAM_TIMEOUT, read).await {
+        Ok(Ok(datagram)) => Ok(Some(datagram.into())),
+        Ok(Err(quinn::ReadToEndError::TooLong)) => Err(Violation(format!(
+            "a datagram's stream ran past {limit} bytes"
+        ))),
+        Ok(Err(_)) | Err(_) => Ok(None),
+    }
 }
 
 #[cfg(test)]

@@ -441,10 +441,12 @@ pub enum CloseCode {
     Unauthorized,
     /// A step of the session set-up took too long.
     Timeout,
+    /// A bug in the relay ended the session; reconnecting starts a fresh one.
+    InternalError,
 }
 
 impl CloseCode {
-    const ALL: [CloseCode; 7] = [
+    const ALL: [CloseCode; 8] = [
         CloseCode::AgentShutdown,
         CloseCode::RelayShutdown,
         CloseCode::Replaced,
@@ -452,6 +454,7 @@ impl CloseCode {
         CloseCode::UnsupportedVersion,
         CloseCode::Unauthorized,
         CloseCode::Timeout,
+        CloseCode::InternalError,
     ];
 
     pub fn code(self) -> quinn::VarInt {
@@ -463,6 +466,7 @@ impl CloseCode {
             CloseCode::UnsupportedVersion => 5,
             CloseCode::Unauthorized => 6,
             CloseCode::Timeout => 7,
+            CloseCode::InternalError => 8,
         })
     }
 
@@ -480,6 +484,7 @@ impl CloseCode {
             CloseCode::UnsupportedVersion => "unsupported protocol version",
             CloseCode::Unauthorized => "agent not authorized",
             CloseCode::Timeout => "session set-up timed out",
+            CloseCode::InternalError => "internal error in the relay",
         }
     }
 

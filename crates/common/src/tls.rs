@@ -163,18 +163,51 @@ impl ServerCertVerifier for RelayPin {
     }
 }
 
+/// Whether a relay's handshake failed because the agent's key is not listed: the verifier
+/// refused its certificate, which TLS reports to both sides as "access denied".
+pub fn is_unlisted_key(error: &quinn::ConnectionError) -> bool {
+    let denied = quinn::TransportErrorCode::crypto(rustls::AlertDescription::AccessDenied.into());
+    matches!(error, quinn::ConnectionError::TransportError(e) if e.code == denied)
+}
+
+/// What the relay does with the key of an agent it refused: log it, or count it first so that
+/// a stream of them is not a stream of log lines.
+pub type OnRefused = Box<dyn Fn(&Fingerprint) + Send + Sync>;
+
 /// The relay's verifier of agents' certificates: the set of agent keys it serves.
-#[derive(Debug)]
 pub struct AgentPins {
     known: RwLock<HashSet<Fingerprint>>,
     algorithms: WebPkiSupportedAlgorithms,
+    on_refused: OnRefused,
+}
+
+impl std::fmt::Debug for AgentPins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentPins")
+            .field("known", &self.known)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentPins {
+    /// Pins that log each refused key.
     pub fn new(known: impl IntoIterator<Item = Fingerprint>) -> Self {
+        Self::with_on_refused(
+            known,
+            Box::new(
+                |fingerprint| tracing::info!(%fingerprint, "refused an agent whose key is not listed"),
+            ),
+        )
+    }
+
+    pub fn with_on_refused(
+        known: impl IntoIterator<Item = Fingerprint>,
+        on_refused: OnRefused,
+    ) -> Self {
         Self {
             known: RwLock::new(known.into_iter().collect()),
             algorithms: provider().signature_verification_algorithms,
+            on_refused,
         }
     }
 
@@ -199,7 +232,7 @@ impl ClientCertVerifier for AgentPins {
     ) -> Result<ClientCertVerified, rustls::Error> {
         let got = fingerprint_or_refuse(end_entity)?;
         if !self.contains(&got) {
-            tracing::info!(fingerprint = %got, "refused an agent whose key is not listed");
+            (self.on_refused)(&got);
             return Err(CertificateError::ApplicationVerificationFailure.into());
         }
         Ok(ClientCertVerified::assertion())

@@ -19,6 +19,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
 
+use crate::admission::Admission;
 use crate::registry::PortRegistry;
 use crate::server::Shared;
 use crate::udp::{self, SessionFlows};
@@ -42,10 +43,12 @@ impl LiveSession {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Route {
     pub forward: u16,
     pub name: Arc<str>,
+    /// Which visitors may reach the forward, and how many at once.
+    pub admission: Arc<Admission>,
     /// A UDP port's socket, where answers to its visitors leave from.
     pub udp: Option<Arc<UdpSocket>>,
 }
@@ -130,10 +133,16 @@ impl Table {
             results.push(match result {
                 Ok(()) => {
                     let name: Arc<str> = request.name.as_str().into();
+                    let admission = Arc::new(Admission::new(
+                        request.allow_from.clone(),
+                        shared.limits.max_visitors_per_forward,
+                        shared.limits.max_visitors_per_address,
+                    ));
                     for port in spec.range.ports() {
                         let route = Route {
                             forward: index as u16,
                             name: name.clone(),
+                            admission: admission.clone(),
                             udp: ports.get(&(spec.proto, port)).and_then(|h| h.udp.clone()),
                         };
                         routes.insert((spec.proto, port), route);

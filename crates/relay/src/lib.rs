@@ -1,12 +1,15 @@
 //! tether's relay: the public side of the tunnel. It admits agents by their pinned keys, opens
 //! the public ports each may have, and carries visitors' connections to them.
 
+mod admission;
 pub mod agents;
 pub mod cli;
+mod handshakes;
 mod public;
 pub mod registry;
 pub mod server;
 pub mod session;
+mod tally;
 pub mod udp;
 pub mod visitor;
 

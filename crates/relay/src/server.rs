@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tether_common::config::RelayConfig;
 use tether_common::datagram::UdpCounters;
-use tether_common::identity::Identity;
+use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::CloseCode;
 use tether_common::tls::{self, AgentPins, TlsError};
 use tether_common::transport;
@@ -15,7 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::Table;
+use crate::handshakes::{Pending, Verdict};
 use crate::session;
+use crate::tally::{self, Tally};
 
 /// The relay's timings. The defaults are the product's; tests shorten them to see each limit
 /// work without waiting for it.
@@ -36,6 +38,20 @@ pub struct Limits {
     /// UDP flows one visitor address has on one forward at once (mosh hops source ports, and a
     /// few visitors may share a NAT's address).
     pub max_flows_per_visitor: usize,
+    /// Visitor TCP connections one forward carries at once; more are refused.
+    pub max_visitors_per_forward: usize,
+    /// Visitor TCP connections from one address to one forward at once; more are refused.
+    pub max_visitors_per_address: usize,
+    /// Handshakes under way at once, from anyone; more are dropped unanswered.
+    pub max_pending_handshakes: usize,
+    /// Handshakes under way at once from one address; more are dropped unanswered.
+    pub max_pending_handshakes_per_address: usize,
+    /// Above this many handshakes under way, a client must first prove its address with a QUIC
+    /// Retry, so that spoofed sources cost the relay nothing but a packet.
+    pub retry_above: usize,
+    /// How often repeated failures (refused handshakes, refused visitors) are summed up in the
+    /// log; within a period, only the first of each reason is logged.
+    pub log_summary_every: Duration,
 }
 
 impl Default for Limits {
@@ -48,6 +64,14 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(5),
             max_flows_per_forward: 256,
             max_flows_per_visitor: 32,
+            max_visitors_per_forward: 1024,
+            max_visitors_per_address: 256,
+            max_pending_handshakes: 256,
+            // An agent keeps up to 8 handshakes going while it probes a restarting relay, and a
+            // few agents may share one NAT's address.
+            max_pending_handshakes_per_address: 32,
+            retry_above: 64,
+            log_summary_every: Duration::from_secs(60),
         }
     }
 }
@@ -72,6 +96,8 @@ pub struct Shared {
     /// Cancelled when the relay drains: listeners close, sessions end.
     pub shutdown: CancellationToken,
     pub udp: Arc<UdpCounters>,
+    pub refused_visitors: Tally,
+    pub refused_handshakes: Arc<Tally>,
 }
 
 impl Shared {
@@ -100,9 +126,21 @@ impl Relay {
         identity: &Identity,
         limits: Limits,
     ) -> Result<Self, RelayError> {
-        let pins = Arc::new(AgentPins::new(config.agents.iter().map(|a| a.fingerprint)));
+        let refused_handshakes = Arc::new(Tally::new("handshake refused"));
+        let pins = {
+            let tally = refused_handshakes.clone();
+            let on_refused = move |fp: &Fingerprint| tally.record("agent key not listed", fp);
+            let known = config.agents.iter().map(|a| a.fingerprint);
+            Arc::new(AgentPins::with_on_refused(known, Box::new(on_refused)))
+        };
         let mut server = tls::server_config(identity, pins)?;
-        server.transport_config(transport::relay());
+        server
+            .transport_config(transport::relay())
+            // Attempts the accept loop has not decided on yet: it decides on each at once, so
+            // these bound only a stall.
+            .max_incoming(1024)
+            .incoming_buffer_size(64 * 1024)
+            .incoming_buffer_size_total(4 * 1024 * 1024);
         let endpoint = std::net::UdpSocket::bind(config.listen)
             .and_then(|socket| {
                 let runtime = Arc::new(quinn::TokioRuntime);
@@ -120,6 +158,8 @@ impl Relay {
             tasks: TaskTracker::new(),
             shutdown: CancellationToken::new(),
             udp: Arc::default(),
+            refused_visitors: Tally::new("visitor refused"),
+            refused_handshakes,
         });
         Ok(Self {
             endpoint,
@@ -156,13 +196,16 @@ impl Relay {
         if shared.config.agents.is_empty() {
             tracing::warn!("relay.toml lists no [[agent]]: no agent can connect");
         }
+        let pending = Arc::new(Pending::new(&shared.limits));
+        let tallies = [&*shared.refused_handshakes, &shared.refused_visitors];
+        let summaries = tally::flush_every(shared.limits.log_summary_every, &tallies);
+        tokio::pin!(summaries);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
+                () = &mut summaries => {}
                 incoming = endpoint.accept() => match incoming {
-                    Some(incoming) => {
-                        shared.tasks.spawn(session::serve(shared.clone(), incoming));
-                    }
+                    Some(incoming) => admit(&shared, &pending, incoming),
                     None => break,
                 },
             }
@@ -180,5 +223,33 @@ impl Relay {
             tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
         tracing::info!("relay stopped");
+    }
+}
+
+/// Starts the handshake of a connection attempt, asks it to prove its address, or drops it.
+fn admit(shared: &Arc<Shared>, pending: &Arc<Pending>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let verdict = pending.consider(
+        remote.ip().to_canonical(),
+        incoming.remote_address_validated(),
+        incoming.may_retry(),
+    );
+    match verdict {
+        Verdict::Accept(permit) => {
+            shared
+                .tasks
+                .spawn(session::serve(shared.clone(), incoming, permit));
+        }
+        Verdict::Retry => {
+            if let Err(error) = incoming.retry() {
+                error.into_incoming().ignore();
+            }
+        }
+        Verdict::Drop(reason) => {
+            shared
+                .refused_handshakes
+                .record(reason, &remote.ip().to_canonical());
+            incoming.ignore();
+        }
     }
 }

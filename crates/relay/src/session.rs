@@ -1,5 +1,6 @@
 //! One agent's session on the relay: who it is, what it asks for, and how it ends.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use tether_common::tls;
 use tracing::Instrument;
 
 use crate::agents::NewSession;
+use crate::handshakes::Permit;
 use crate::server::Shared;
 use crate::udp::{self, SessionFlows};
 
@@ -32,6 +34,19 @@ enum SetupError {
 }
 
 impl SetupError {
+    /// What a failed handshake is counted under, unless the verifier counted it already.
+    fn handshake_failure(&self) -> Option<&'static str> {
+        use quinn::ConnectionError as E;
+        match self {
+            SetupError::Handshake(e) if tls::is_unlisted_key(e) => None,
+            SetupError::HandshakeTimeout | SetupError::Handshake(E::TimedOut) => {
+                Some("handshake timed out")
+            }
+            SetupError::Handshake(E::TransportError(_)) => Some("TLS or QUIC handshake failed"),
+            _ => Some("handshake abandoned by the client"),
+        }
+    }
+
     fn close_code(&self) -> CloseCode {
         match self {
             SetupError::HelloTimeout => CloseCode::Timeout,
@@ -41,12 +56,21 @@ impl SetupError {
     }
 }
 
-/// Serves one incoming connection from the handshake to the end of its session.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+/// Serves one incoming connection from the handshake to the end of its session. `permit` holds
+/// the handshake's place among those under way until it is over.
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, permit: Permit) {
     let remote = incoming.remote_address();
-    let conn = match handshake(incoming, shared.limits.handshake_timeout).await {
+    let handshake = handshake(incoming, shared.limits.handshake_timeout).await;
+    drop(permit);
+    let conn = match handshake {
         Ok(conn) => conn,
         Err(error) => {
+            // An unlisted key was counted by the verifier, with its fingerprint.
+            if let Some(reason) = error.handshake_failure() {
+                shared
+                    .refused_handshakes
+                    .record(reason, &remote.ip().to_canonical());
+            }
             tracing::debug!(%remote, %error, "handshake refused");
             return;
         }
@@ -60,9 +84,22 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     let id: SessionId = rand::random();
     let span = tracing::info_span!("session", agent = %agent.name, session = id);
-    run_session(shared.clone(), conn, remote, id, agent.clone())
-        .instrument(span)
-        .await;
+    let session = run_session(shared.clone(), conn.clone(), remote, id, agent.clone());
+    let panicked = isolate(session.instrument(span.clone())).await;
+    if panicked {
+        // A bug of ours, not the agent's doing: end this session as any other end would, and
+        // leave the relay and other sessions running.
+        let _span = span.enter();
+        tracing::error!("the session's task panicked; closing the session");
+        CloseCode::InternalError.close(&conn);
+        end_session(&shared, &agent.name, id);
+    }
+}
+
+/// Runs `task` on a task of its own, so that a panic in it unwinds that task alone. Returns
+/// whether it panicked.
+async fn isolate(task: impl Future<Output = ()> + Send + 'static) -> bool {
+    tokio::spawn(task).await.is_err_and(|e| e.is_panic())
 }
 
 async fn handshake(
@@ -149,15 +186,24 @@ async fn wait_for_end(
         biased;
         () = shared.shutdown.cancelled() => CloseCode::RelayShutdown.reason().to_owned(),
         error = conn.closed() => error.to_string(),
-        frame = read_frame(recv) => match frame {
-            // Version 1 has no message for the agent to send after Hello.
-            Ok(_) | Err(FrameError::Decode(_)) => {
-                CloseCode::ProtocolError.close(conn);
-                "protocol error: unexpected control message".to_owned()
-            }
-            // The stream ended with the connection, or the agent has nothing more to say.
-            Err(_) => conn.closed().await.to_string(),
-        },
+        frame = read_frame(recv) => {
+            use quinn::{ReadError, ReadExactError};
+            let why = match frame {
+                // Version 1 has no message for the agent to send after Hello.
+                Ok(_) | Err(FrameError::Decode(_)) => "unexpected control message",
+                // The control stream lasts as long as the session.
+                Err(FrameError::Closed | FrameError::Read(ReadExactError::FinishedEarly(_))) => {
+                    "the agent ended its control stream"
+                }
+                Err(FrameError::Read(ReadExactError::ReadError(ReadError::Reset(_)))) => {
+                    "the agent reset its control stream"
+                }
+                // The stream ended with the connection.
+                Err(_) => return conn.closed().await.to_string(),
+            };
+            CloseCode::ProtocolError.close(conn);
+            format!("protocol error: {why}")
+        }
     }
 }
 
@@ -196,4 +242,19 @@ async fn read_hello(
         return Err(SetupError::Version(hello.version));
     }
     Ok((send, recv, hello))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::within;
+
+    #[tokio::test]
+    async fn a_panicking_session_task_is_reported_and_contained() {
+        within(async {
+            assert!(isolate(async { panic!("a bug") }).await);
+            assert!(!isolate(async {}).await);
+        })
+        .await;
+    }
 }

@@ -14,14 +14,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
-use tether_common::datagram::{self, DatagramHeader, FlowId, UdpCounters};
+use tether_common::datagram::{self, DatagramHeader, FlowId, UdpCounters, Violation};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
 use tether_common::flows::{self, FlowTable};
 use tether_common::ports::Proto;
+use tether_common::protocol::CloseCode;
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
+use crate::admission::Refused;
 use crate::agents::{LiveSession, SessionWatch};
 use crate::public;
 use crate::server::{Limits, Shared};
@@ -80,6 +82,12 @@ async fn receive_loop(
             UdpCounters::add(&shared.udp.dropped, 1);
             continue;
         };
+        if !route.admission.allows(visitor.ip()) {
+            UdpCounters::add(&shared.udp.refused, 1);
+            let reason = Refused::NotAllowed.reason();
+            shared.refused_visitors.record(reason, &visitor);
+            continue;
+        }
         let Some(flow) = live
             .flows
             .flow_for(route.forward, port, visitor, &shared.udp)
@@ -100,19 +108,22 @@ async fn receive_loop(
 }
 
 /// Carries the session's datagrams from the agent back to visitors, and forgets idle flows,
-/// until the returned guard is dropped or the session ends.
+/// until the returned guard is dropped or the session ends. An agent that breaks the rules of
+/// datagrams loses its session with a protocol error.
 pub fn carry(shared: &Arc<Shared>, live: Arc<LiveSession>) -> DropGuard {
     let cancel = shared.shutdown.child_token();
     let task = {
         let (shared, cancel) = (shared.clone(), cancel.clone());
         async move {
-            let answers = datagram::receive(&live.conn, |datagram| {
-                answer(&shared, &live, &datagram);
-            });
+            let answers =
+                datagram::receive(&live.conn, |datagram| answer(&shared, &live, &datagram));
             tokio::select! {
                 () = cancel.cancelled() => {}
-                () = answers => {}
                 () = expire_loop(&shared, &live) => {}
+                ended = answers => if let Err(violation) = ended {
+                    tracing::warn!(%violation, "protocol error: closing the session");
+                    CloseCode::ProtocolError.close(&live.conn);
+                },
             }
         }
     };
@@ -121,30 +132,41 @@ pub fn carry(shared: &Arc<Shared>, live: Arc<LiveSession>) -> DropGuard {
 }
 
 /// Sends one datagram from the agent to the visitor of its flow.
-fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) {
+fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) -> Result<(), Violation> {
     if datagram.is_empty() {
         // The agent's probe after a silence; the answer lets the relay find out at once what
         // the silence lost (see the agent's probe module).
         let _ = live.conn.send_datagram(Bytes::new());
-        return;
+        return Ok(());
     }
     let counters = &shared.udp;
-    let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
+    let (header, payload) = DatagramHeader::decode(datagram)
+        .map_err(|e| Violation(format!("datagram of {} bytes: {e}", datagram.len())))?;
+    let Some((forward, port, visitor)) = live.flows.visitor_of(header.flow) else {
+        if !live.flows.ever_opened(header.flow) {
+            return Err(Violation(format!(
+                "datagram for flow {}, which the relay never opened",
+                header.flow
+            )));
+        }
+        // Expired or evicted meanwhile: the visitor's next datagram opens a new flow.
         UdpCounters::add(&counters.dropped, 1);
-        return;
+        return Ok(());
     };
-    // Expired or evicted meanwhile: the visitor's next datagram opens a new flow.
-    let Some((port, visitor)) = live.flows.visitor_of(header.flow) else {
-        UdpCounters::add(&counters.dropped, 1);
-        return;
-    };
+    if (header.forward, header.port) != (forward, port) {
+        return Err(Violation(format!(
+            "datagram of flow {} names forward {} port {}, but the flow is forward {forward} \
+             port {port}",
+            header.flow, header.forward, header.port
+        )));
+    }
     let Some(socket) = live
         .routes
         .get(&(Proto::Udp, port))
         .and_then(|r| r.udp.as_ref())
     else {
         UdpCounters::add(&counters.dropped, 1);
-        return;
+        return Ok(());
     };
     // A non-blocking send straight on the socket: a full socket buffer drops this datagram
     // rather than hold up the others, as a router would.
@@ -154,6 +176,7 @@ fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) {
     {
         UdpCounters::add(&counters.dropped, 1);
     }
+    Ok(())
 }
 
 async fn expire_loop(shared: &Shared, live: &LiveSession) {
@@ -183,6 +206,8 @@ struct Flows {
     forwards: HashMap<u16, ForwardFlows>,
     by_id: HashMap<FlowId, (u16, Source)>,
     next_id: FlowId,
+    /// Ids have come round past `FlowId::MAX`, so any id but 0 may have been opened once.
+    wrapped: bool,
 }
 
 struct ForwardFlows {
@@ -210,6 +235,7 @@ impl SessionFlows {
                 forwards,
                 by_id: HashMap::new(),
                 next_id: 1,
+                wrapped: false,
             }),
             sweep,
         }
@@ -234,6 +260,7 @@ impl SessionFlows {
             forwards,
             by_id,
             next_id,
+            wrapped,
         } = &mut *flows;
         let table = &mut forwards.get_mut(&forward)?.table;
         let source = (port, visitor);
@@ -245,6 +272,7 @@ impl SessionFlows {
             id = id.wrapping_add(1);
         }
         *next_id = id.wrapping_add(1);
+        *wrapped |= *next_id <= id;
         let evicted = table.insert(source, id, now);
         for (source, old) in &evicted {
             by_id.remove(old);
@@ -257,8 +285,8 @@ impl SessionFlows {
         Some(id)
     }
 
-    /// The source of flow `id`, marking it seen.
-    pub fn visitor_of(&self, id: FlowId) -> Option<Source> {
+    /// The forward, public port and visitor of flow `id`, marking it seen.
+    pub fn visitor_of(&self, id: FlowId) -> Option<(u16, u16, SocketAddr)> {
         let mut flows = self.lock();
         let (forward, source) = *flows.by_id.get(&id)?;
         flows
@@ -266,7 +294,13 @@ impl SessionFlows {
             .get_mut(&forward)?
             .table
             .touch(&source, Instant::now())?;
-        Some(source)
+        Some((forward, source.0, source.1))
+    }
+
+    /// Whether flow `id` was ever opened, even if it has been forgotten since.
+    pub fn ever_opened(&self, id: FlowId) -> bool {
+        let flows = self.lock();
+        id != 0 && (flows.wrapped || id < flows.next_id)
     }
 
     /// Forgets the flows that stayed silent for their forward's idle time; returns how many.
@@ -325,7 +359,7 @@ mod tests {
         assert_ne!(a, other_port);
         assert_eq!(
             flows.visitor_of(hopped.unwrap()),
-            Some((60001, visitor("203.0.113.5:4001")))
+            Some((1, 60001, visitor("203.0.113.5:4001")))
         );
         assert_eq!(counters.count().flows_opened, 3);
         // Not a UDP forward of this session.
@@ -350,6 +384,10 @@ mod tests {
         assert_eq!(flows.expire(Instant::now() + Duration::from_secs(119)), 0);
         assert_eq!(flows.expire(Instant::now() + Duration::from_secs(121)), 1);
         assert_eq!(flows.visitor_of(second), None);
+        // Forgotten, but once opened: the agent may still answer them.
+        assert!(flows.ever_opened(first) && flows.ever_opened(second));
+        assert!(!flows.ever_opened(0));
+        assert!(!flows.ever_opened(second + 1));
     }
 
     #[test]

@@ -86,6 +86,14 @@ async fn serve(
         tracing::debug!("agent away; visitor closed");
         return;
     };
+    let _ticket = match route.admission.admit(visitor.ip()) {
+        Ok(ticket) => ticket,
+        Err(refused) => {
+            shared.refused_visitors.record(refused.reason(), &visitor);
+            splice::reset_tcp(&tcp);
+            return;
+        }
+    };
     let (mut send, recv) = match live.conn.open_bi().await {
         Ok(stream) => stream,
         Err(error) => {

@@ -1,0 +1,75 @@
+//! Repeated failures logged so that a flood of them costs a few lines: the first of each reason
+//! in a period is logged at once, the rest are counted and summed up when the period ends.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The failures of one kind, such as refused handshakes or refused visitors.
+pub struct Tally {
+    what: &'static str,
+    reasons: Mutex<HashMap<&'static str, Unlogged>>,
+}
+
+/// What a period saw of one reason beyond its first occurrence.
+#[derive(Default)]
+struct Unlogged {
+    count: u64,
+    last: String,
+}
+
+impl Tally {
+    pub fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            reasons: Mutex::default(),
+        }
+    }
+
+    /// Counts one failure, logging it if it is the first of its reason this period. `from` says
+    /// who failed: an address, a fingerprint.
+    pub fn record(&self, reason: &'static str, from: &dyn Display) {
+        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
+        match reasons.get_mut(reason) {
+            Some(unlogged) => {
+                unlogged.count += 1;
+                unlogged.last.clear();
+                use std::fmt::Write;
+                let _ = write!(unlogged.last, "{from}");
+            }
+            None => {
+                reasons.insert(reason, Unlogged::default());
+                drop(reasons);
+                tracing::info!(%from, "{}: {reason}", self.what);
+            }
+        }
+    }
+
+    /// Logs a summary of what was counted and not logged in the `period` that ends now, and
+    /// starts a new one.
+    pub fn flush(&self, period: Duration) {
+        let reasons = std::mem::take(&mut *self.reasons.lock().unwrap_or_else(|e| e.into_inner()));
+        for (reason, unlogged) in reasons {
+            if unlogged.count > 0 {
+                tracing::info!(
+                    last_from = %unlogged.last,
+                    "{}: {reason}: {} more in the last {period:?}",
+                    self.what,
+                    unlogged.count,
+                );
+            }
+        }
+    }
+}
+
+/// Flushes `tallies` every `period` until the future is dropped.
+pub async fn flush_every(period: Duration, tallies: &[&Tally]) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tick.tick().await;
+        for tally in tallies {
+            tally.flush(period);
+        }
+    }
+}
