@@ -3,14 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use tether_common::control::{read_frame, write_frame};
 use tether_common::identity::Identity;
 use tether_common::ports::{PortRange, PortSpec, Proto};
-use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, Refusal, RelayMessage, VERSION,
-};
-use tether_common::tls;
+use tether_common::protocol::{CloseCode, ForwardRequest, ForwardResult, Refusal};
 use tether_relay::Limits;
+use tether_tests::raw::RawAgent;
 use tether_tests::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -111,25 +108,14 @@ async fn session_asking_for(
     Control,
     Vec<ForwardResult>,
 ) {
-    let (client, _) = tls::client_config(identity, relay.fingerprint).unwrap();
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = endpoint
-        .connect_with(client, relay.addr, tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let hello = Hello {
-        version: VERSION,
-        resume: None,
-        forwards,
-    };
-    write_frame(&mut send, &AgentMessage::Hello(hello).encode())
-        .await
-        .unwrap();
-    let (kind, body) = read_frame(&mut recv).await.unwrap();
-    let RelayMessage::Welcome(welcome) = RelayMessage::decode(kind, &body).unwrap();
-    (endpoint, conn, (send, recv), welcome.results)
+    let mut agent = RawAgent::connect(identity, relay).await;
+    let results = agent.hello(forwards).await;
+    (
+        agent.endpoint,
+        agent.conn,
+        (agent.send, agent.recv),
+        results,
+    )
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@ pub mod gate;
 pub mod lab;
 pub mod mosh;
 pub mod process;
+pub mod raw;
 pub mod tools;
 pub mod udp;
 

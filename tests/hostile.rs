@@ -1,0 +1,511 @@
+//! What strangers and misbehaving agents can make the relay do: visitors outside a forward's
+//! allow_from or over its caps are refused before the agent hears of them, handshakes over
+//! their caps get no answer and leave nothing behind, an agent that breaks the protocol loses
+//! its session alone, and a visitor that does not read pushes back all the way to the service.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tether_common::datagram::{DatagramHeader, HEADER_LEN, MAX_PAYLOAD};
+use tether_common::identity::Identity;
+use tether_common::ports::{PortRange, PortSpec, Proto};
+use tether_common::protocol::{CloseCode, ForwardRequest, ForwardResult, MAX_FRAME_LEN};
+use tether_common::tls;
+use tether_relay::Limits;
+use tether_tests::raw::RawAgent;
+use tether_tests::udp::{ask, consecutive_udp_ports, udp_echo, visitor};
+use tether_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::watch;
+
+/// A visitor TCP connection from `source`, one of loopback's addresses.
+async fn connect_from(source: &str, port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(public(port)).await.expect("connect")
+}
+
+/// Whether an echo through `tcp` comes back.
+async fn echoes(tcp: &mut TcpStream) -> bool {
+    if tcp.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    match within("the echo", tcp.read_exact(&mut buf)).await {
+        Ok(_) => &buf == b"ping",
+        Err(_) => false,
+    }
+}
+
+/// An echo service that counts the connections it accepted.
+async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let addr = serve(move |mut tcp| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (mut read, mut write) = tcp.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        }
+    })
+    .await;
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn a_visitor_outside_allow_from_is_refused_and_one_inside_is_served() {
+    within("the whole test", async {
+        let (echo, accepted) = counting_echo().await;
+        let tcp_port = free_port();
+        let mut tcp = tcp_forward("ssh", tcp_port, echo);
+        tcp.allow_from = vec!["127.0.0.2".parse().unwrap()];
+        let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = PortRange::single(service.local_addr().unwrap().port()).unwrap();
+        udp_echo(service);
+        let (remote, held) = consecutive_udp_ports(1);
+        drop(held);
+        let mut udp = udp_forward("mosh", remote, "127.0.0.1", local);
+        udp.allow_from = vec!["127.0.0.0/30".parse().unwrap()];
+        let bench = Bench::serving(vec![tcp, udp], Limits::default(), |_| {}).await;
+
+        let mut outsider = connect_from("127.0.0.1", tcp_port).await;
+        assert!(!echoes(&mut outsider).await, "an outsider was served");
+        let mut insider = connect_from("127.0.0.2", tcp_port).await;
+        assert!(echoes(&mut insider).await, "an insider was not served");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "only the insider reaches the service"
+        );
+
+        let public_udp = SocketAddr::from(([127, 0, 0, 1], remote.start()));
+        let outsider = visitor("127.0.0.5").await;
+        assert_eq!(ask(&outsider, public_udp, b"hi").await, None);
+        assert!(bench.relay.udp.count().refused >= 1);
+        assert_eq!(
+            bench.agent.udp.count().flows_opened,
+            0,
+            "the agent heard of the outsider"
+        );
+        let insider = visitor("127.0.0.3").await;
+        assert_eq!(
+            ask(&insider, public_udp, b"hi").await.as_deref(),
+            Some(&b"hi"[..])
+        );
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitors_over_the_caps_are_refused_and_the_others_served() {
+    within("the whole test", async {
+        let (echo, accepted) = counting_echo().await;
+        let port = free_port();
+        let limits = Limits {
+            max_visitors_per_forward: 3,
+            max_visitors_per_address: 2,
+            ..Limits::default()
+        };
+        let bench = Bench::serving(vec![tcp_forward("web", port, echo)], limits, |_| {}).await;
+
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut tcp = connect_from("127.0.0.1", port).await;
+            assert!(echoes(&mut tcp).await);
+            open.push(tcp);
+        }
+        let mut third_from_one_address = connect_from("127.0.0.1", port).await;
+        assert!(!echoes(&mut third_from_one_address).await);
+
+        let mut other = connect_from("127.0.0.2", port).await;
+        assert!(echoes(&mut other).await);
+        let mut over_the_forward = connect_from("127.0.0.3", port).await;
+        assert!(!echoes(&mut over_the_forward).await);
+
+        // The open ones were not disturbed.
+        for tcp in &mut open {
+            assert!(echoes(tcp).await);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 3);
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agents_connect_when_every_client_must_prove_its_address() {
+    within("the whole test", async {
+        let port = free_port();
+        let limits = Limits {
+            retry_above: 0,
+            ..Limits::default()
+        };
+        let forwards = vec![tcp_forward("echo", port, echo_service().await)];
+        let bench = Bench::serving(forwards, limits, |_| {}).await;
+        assert_eq!(round_trip(public(port), b"hi").await.unwrap(), b"hi");
+        bench.stop().await;
+    })
+    .await;
+}
+
+/// A UDP hop between a client and the relay, from its own address, that counts the relay's
+/// answers and passes them on only if told to: a client behind a hop that swallows them keeps
+/// its handshake under way at the relay.
+struct Hop {
+    /// Where the client sends.
+    addr: SocketAddr,
+    answers: watch::Receiver<u64>,
+}
+
+impl Hop {
+    async fn start(source: &str, relay: SocketAddr, pass_answers: bool) -> Self {
+        let front = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = UdpSocket::bind((source.parse::<IpAddr>().unwrap(), 0))
+            .await
+            .unwrap();
+        back.connect(relay).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let (count, answers) = watch::channel(0);
+        tokio::spawn(async move {
+            let mut client = None;
+            let (mut up, mut down) = (vec![0u8; 2048], vec![0u8; 2048]);
+            loop {
+                tokio::select! {
+                    Ok((len, from)) = front.recv_from(&mut up) => {
+                        client = Some(from);
+                        let _ = back.send(&up[..len]).await;
+                    }
+                    Ok(len) = back.recv(&mut down) => {
+                        count.send_modify(|n| *n += 1);
+                        if let (true, Some(client)) = (pass_answers, client) {
+                            let _ = front.send_to(&down[..len], client).await;
+                        }
+                    }
+                }
+            }
+        });
+        Self { addr, answers }
+    }
+
+    /// Waits until the relay has answered through this hop.
+    async fn answered(&mut self) {
+        within("the relay to answer", self.answers.wait_for(|&n| n > 0))
+            .await
+            .unwrap();
+    }
+
+    /// Asserts that the relay stays silent towards this hop for a second.
+    async fn assert_unanswered(&mut self) {
+        let answered =
+            tokio::time::timeout(Duration::from_secs(1), self.answers.wait_for(|&n| n > 0)).await;
+        assert!(
+            answered.is_err(),
+            "the relay answered an attempt over the cap"
+        );
+    }
+}
+
+/// Starts a handshake with `identity`'s key through `hop`; the attempt goes on in the
+/// background for as long as the returned endpoint lives.
+fn attempt(identity: &Identity, relay: &RelayHandle, hop: &Hop) -> quinn::Endpoint {
+    let (client, _) = tls::client_config(identity, relay.fingerprint).unwrap();
+    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let connecting = endpoint
+        .connect_with(client, hop.addr, tls::SERVER_NAME)
+        .unwrap();
+    tokio::spawn(connecting);
+    endpoint
+}
+
+#[tokio::test]
+async fn handshakes_over_their_caps_are_dropped_unanswered() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, _) = keys.identity("agent");
+        let (stranger, _) = keys.identity("stranger");
+        let limits = Limits {
+            max_pending_handshakes: 2,
+            max_pending_handshakes_per_address: 1,
+            // Long enough that the stalled handshakes hold their places for the whole test.
+            handshake_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let config = relay_config(
+            relay_key,
+            vec![agent_entry("dorm", agent_identity.fingerprint(), &[])],
+        );
+        let relay = start_relay_with(config, &relay_identity, limits);
+
+        // One handshake under way from 127.0.0.2 takes that address's one place.
+        let mut stalled = Hop::start("127.0.0.2", relay.addr, false).await;
+        let _first = attempt(&stranger, &relay, &stalled);
+        stalled.answered().await;
+        let mut same_address = Hop::start("127.0.0.2", relay.addr, true).await;
+        let _second = attempt(&stranger, &relay, &same_address);
+        same_address.assert_unanswered().await;
+
+        // Another address still gets through, and its finished handshake frees its place.
+        let agent = RawAgent::connect(&agent_identity, &relay).await;
+        drop(agent);
+
+        // A second stalled handshake fills the relay's two places; then nobody gets an answer.
+        let mut stalled_too = Hop::start("127.0.0.3", relay.addr, false).await;
+        let _third = attempt(&stranger, &relay, &stalled_too);
+        stalled_too.answered().await;
+        let mut over_the_total = Hop::start("127.0.0.4", relay.addr, true).await;
+        let _fourth = attempt(&stranger, &relay, &over_the_total);
+        over_the_total.assert_unanswered().await;
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failed_handshakes_leave_nothing_behind() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, _) = keys.identity("agent");
+        let (stranger, _) = keys.identity("stranger");
+        let port = free_port();
+        // One handshake at a time from an address: one left behind would lock the agent out.
+        let limits = Limits {
+            max_pending_handshakes_per_address: 1,
+            ..Limits::default()
+        };
+        let config = relay_config(
+            relay_key,
+            vec![agent_entry("dorm", agent_identity.fingerprint(), &[port])],
+        );
+        let relay = start_relay_with(config, &relay_identity, limits);
+        for _ in 0..20 {
+            let (client, _) = tls::client_config(&stranger, relay.fingerprint).unwrap();
+            let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+            let connecting = endpoint
+                .connect_with(client, relay.addr, tls::SERVER_NAME)
+                .unwrap();
+            // TLS 1.3 ends the client's side of the handshake before the relay has checked
+            // the client's key, so the refusal may come right after.
+            if let Ok(conn) = within("the handshake", connecting).await {
+                let refusal = within("the refusal", conn.closed()).await;
+                assert!(
+                    matches!(refusal, quinn::ConnectionError::ConnectionClosed(_)),
+                    "{refusal}"
+                );
+            }
+        }
+        assert_port_closed(port).await;
+        let mut agent = RawAgent::connect(&agent_identity, &relay).await;
+        let results = agent.hello(vec![request("ssh", Proto::Tcp, port)]).await;
+        assert_eq!(results, [ForwardResult::Opened]);
+        relay.stop().await;
+    })
+    .await;
+}
+
+fn request(name: &str, proto: Proto, port: u16) -> ForwardRequest {
+    ForwardRequest {
+        name: name.into(),
+        proto,
+        remote: PortRange::single(port).unwrap(),
+        flow_idle: Duration::from_secs(120),
+        allow_from: vec![],
+    }
+}
+
+/// One way an authenticated agent can break the protocol.
+#[derive(Debug, Clone, Copy)]
+enum Misdeed {
+    MalformedHello,
+    UnknownControlMessage,
+    OversizedControlFrame,
+    EndedControlStream,
+    ResetControlStream,
+    ShortDatagram,
+    DatagramForAFlowNeverOpened,
+    DatagramUnderAnotherForward,
+    OversizedDatagramStream,
+}
+
+impl Misdeed {
+    const ALL: [Misdeed; 9] = [
+        Misdeed::MalformedHello,
+        Misdeed::UnknownControlMessage,
+        Misdeed::OversizedControlFrame,
+        Misdeed::EndedControlStream,
+        Misdeed::ResetControlStream,
+        Misdeed::ShortDatagram,
+        Misdeed::DatagramForAFlowNeverOpened,
+        Misdeed::DatagramUnderAnotherForward,
+        Misdeed::OversizedDatagramStream,
+    ];
+
+    /// Does it, on a fresh session of `rogue`, whose UDP port is `udp_port`.
+    async fn commit(self, rogue: &mut RawAgent, udp_port: u16) {
+        if let Misdeed::MalformedHello = self {
+            // A Hello whose one forward has proto 9.
+            let body = [0, 1, 0, 0, 1, 1, b'a', 9, 0, 22, 0, 22, 0, 0, 0, 0, 0];
+            let mut frame = vec![0x01];
+            frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            frame.extend_from_slice(&body);
+            return rogue.write(&frame).await;
+        }
+        let results = rogue
+            .hello(vec![request("mosh", Proto::Udp, udp_port)])
+            .await;
+        assert_eq!(results, [ForwardResult::Opened]);
+        let header = |flow, forward, port| {
+            DatagramHeader {
+                flow,
+                forward,
+                port,
+            }
+            .encode()
+        };
+        match self {
+            Misdeed::MalformedHello => unreachable!(),
+            Misdeed::UnknownControlMessage => rogue.write(&[0x7f, 0, 0, 0, 0]).await,
+            Misdeed::OversizedControlFrame => {
+                let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
+                rogue.write(&[0x01, len[0], len[1], len[2], len[3]]).await;
+            }
+            Misdeed::EndedControlStream => rogue.send.finish().unwrap(),
+            Misdeed::ResetControlStream => rogue.send.reset(0u32.into()).unwrap(),
+            Misdeed::ShortDatagram => rogue.conn.send_datagram(vec![1, 2, 3].into()).unwrap(),
+            Misdeed::DatagramForAFlowNeverOpened => {
+                let datagram = [&header(77, 0, udp_port)[..], b"hi"].concat();
+                rogue.conn.send_datagram(datagram.into()).unwrap();
+            }
+            Misdeed::DatagramUnderAnotherForward => {
+                // A visitor opens a real flow; the answer names another forward.
+                let visitor = visitor("127.0.0.1").await;
+                let public = SocketAddr::from(([127, 0, 0, 1], udp_port));
+                visitor.send_to(b"hello", public).await.unwrap();
+                let datagram = within("the visitor's datagram", rogue.conn.read_datagram())
+                    .await
+                    .unwrap();
+                let (flow, _) = DatagramHeader::decode(&datagram).unwrap();
+                let answer = [&header(flow.flow, 1, udp_port)[..], b"hi"].concat();
+                rogue.conn.send_datagram(answer.into()).unwrap();
+            }
+            Misdeed::OversizedDatagramStream => {
+                let mut stream = rogue.conn.open_uni().await.unwrap();
+                let too_long = vec![0u8; HEADER_LEN + MAX_PAYLOAD + 1];
+                // The relay may stop reading before it has all of it.
+                let _ = stream.write_all(&too_long).await;
+                let _ = stream.finish();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_misbehaving_agent_loses_its_session_and_nobody_else_does() {
+    within("the whole test", async {
+        let rogue_keys = Keys::new();
+        let (rogue_identity, _) = rogue_keys.identity("rogue");
+        let (udp_ports, held) = consecutive_udp_ports(1);
+        drop(held);
+        let udp_port = udp_ports.start();
+        let tcp_port = free_port();
+        let forwards = vec![tcp_forward("echo", tcp_port, echo_service().await)];
+        let mut bench = Bench::serving(forwards, Limits::default(), |config| {
+            let mut rogue = agent_entry("rogue", rogue_identity.fingerprint(), &[]);
+            rogue.ports = vec![PortSpec {
+                proto: Proto::Udp,
+                range: udp_ports,
+            }];
+            config.agents.push(rogue);
+        })
+        .await;
+        let session = bench.agent.connected().await.session();
+
+        for misdeed in Misdeed::ALL {
+            let mut rogue = RawAgent::connect(&rogue_identity, &bench.relay).await;
+            misdeed.commit(&mut rogue, udp_port).await;
+            assert_eq!(
+                rogue.closed_by_relay().await,
+                Some(CloseCode::ProtocolError),
+                "{misdeed:?}"
+            );
+            // The well-behaved agent keeps its session and its visitors are served.
+            assert_eq!(
+                bench.agent.status.borrow().session(),
+                session,
+                "{misdeed:?}"
+            );
+            assert_eq!(
+                round_trip(public(tcp_port), b"still here").await.unwrap(),
+                b"still here",
+                "{misdeed:?}"
+            );
+        }
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_visitor_that_does_not_read_pushes_back_on_the_service() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        const OFFERED: usize = 128 * 1024 * 1024;
+        let written = Arc::new(AtomicU64::new(0));
+        let count = written.clone();
+        // A service that writes OFFERED bytes as fast as the tunnel takes them.
+        let firehose = serve(move |mut tcp| {
+            let count = count.clone();
+            async move {
+                let chunk = vec![7u8; 64 * 1024];
+                for _ in 0..OFFERED / chunk.len() {
+                    if tcp.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                    count.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                }
+                let _ = tcp.shutdown().await;
+            }
+        })
+        .await;
+        let port = free_port();
+        let bench = Bench::start(&[port], vec![tcp_forward("bulk", port, firehose)]).await;
+        let mut visitor = TcpStream::connect(public(port)).await.unwrap();
+
+        // The service stalls once every buffer on the way is full: nothing more is written
+        // for half a second.
+        let stalled_at = loop {
+            let before = written.load(Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let after = written.load(Ordering::SeqCst);
+            if after == before && after > 0 {
+                break after;
+            }
+        };
+        println!(
+            "the service stalled after {:.1} MiB of {} MiB offered",
+            stalled_at as f64 / 1048576.0,
+            OFFERED / 1048576
+        );
+        // Socket buffers at both ends, the stream's 1 MiB window and a chunk or two.
+        assert!(stalled_at < 48 * 1024 * 1024, "{stalled_at} bytes buffered");
+
+        // Once the visitor reads, every byte arrives.
+        let mut received = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            match visitor.read(&mut buf).await.unwrap() {
+                0 => break,
+                n => received += n,
+            }
+        }
+        assert_eq!(received, OFFERED);
+        bench.stop().await;
+    })
+    .await;
+}
