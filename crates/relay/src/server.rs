@@ -210,6 +210,10 @@ impl Relay {
                 },
             }
         }
+        // What was counted since the last summary is logged before the relay stops.
+        for tally in tallies {
+            tally.flush();
+        }
         shared.shutdown.cancel();
         let code = CloseCode::RelayShutdown;
         endpoint.close(code.code(), code.reason().as_bytes());

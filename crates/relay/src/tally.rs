@@ -4,12 +4,18 @@
 use std::collections::HashMap;
 use std::fmt::Display;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The failures of one kind, such as refused handshakes or refused visitors.
 pub struct Tally {
     what: &'static str,
-    reasons: Mutex<HashMap<&'static str, Unlogged>>,
+    period: Mutex<Period>,
+}
+
+/// What the current period saw, by reason.
+struct Period {
+    started: Instant,
+    reasons: HashMap<&'static str, Unlogged>,
 }
 
 /// What a period saw of one reason beyond its first occurrence.
@@ -23,15 +29,18 @@ impl Tally {
     pub fn new(what: &'static str) -> Self {
         Self {
             what,
-            reasons: Mutex::default(),
+            period: Mutex::new(Period {
+                started: Instant::now(),
+                reasons: HashMap::new(),
+            }),
         }
     }
 
     /// Counts one failure, logging it if it is the first of its reason this period. `from` says
     /// who failed: an address, a fingerprint.
     pub fn record(&self, reason: &'static str, from: &dyn Display) {
-        let mut reasons = self.reasons.lock().unwrap_or_else(|e| e.into_inner());
-        match reasons.get_mut(reason) {
+        let mut period = self.lock();
+        match period.reasons.get_mut(reason) {
             Some(unlogged) => {
                 unlogged.count += 1;
                 unlogged.last.clear();
@@ -39,27 +48,36 @@ impl Tally {
                 let _ = write!(unlogged.last, "{from}");
             }
             None => {
-                reasons.insert(reason, Unlogged::default());
-                drop(reasons);
+                period.reasons.insert(reason, Unlogged::default());
+                drop(period);
                 tracing::info!(%from, "{}: {reason}", self.what);
             }
         }
     }
 
-    /// Logs a summary of what was counted and not logged in the `period` that ends now, and
+    /// Logs a summary of what was counted and not logged in the period that ends now, and
     /// starts a new one.
-    pub fn flush(&self, period: Duration) {
-        let reasons = std::mem::take(&mut *self.reasons.lock().unwrap_or_else(|e| e.into_inner()));
+    pub fn flush(&self) {
+        let (started, reasons) = {
+            let mut period = self.lock();
+            let started = std::mem::replace(&mut period.started, Instant::now());
+            (started, std::mem::take(&mut period.reasons))
+        };
+        let secs = started.elapsed().as_secs();
         for (reason, unlogged) in reasons {
             if unlogged.count > 0 {
                 tracing::info!(
                     last_from = %unlogged.last,
-                    "{}: {reason}: {} more in the last {period:?}",
+                    "{}: {reason}: {} more in the last {secs} s",
                     self.what,
                     unlogged.count,
                 );
             }
         }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Period> {
+        self.period.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -69,7 +87,7 @@ pub async fn flush_every(period: Duration, tallies: &[&Tally]) {
     loop {
         tick.tick().await;
         for tally in tallies {
-            tally.flush(period);
+            tally.flush();
         }
     }
 }
