@@ -129,7 +129,9 @@ impl Relay {
         let refused_handshakes = Arc::new(Tally::new("handshake refused"));
         let pins = {
             let tally = refused_handshakes.clone();
-            let on_refused = move |fp: &Fingerprint| tally.record("agent key not listed", fp);
+            let on_refused = move |fp: &Fingerprint| {
+                tally.record("agent key not listed", fp);
+            };
             let known = config.agents.iter().map(|a| a.fingerprint);
             Arc::new(AgentPins::with_on_refused(known, Box::new(on_refused)))
         };

@@ -36,9 +36,9 @@ impl Tally {
         }
     }
 
-    /// Counts one failure, logging it if it is the first of its reason this period. `from` says
-    /// who failed: an address, a fingerprint.
-    pub fn record(&self, reason: &'static str, from: &dyn Display) {
+    /// Counts one failure, logging it if it is the first of its reason this period; returns
+    /// whether it did. `from` says who failed: an address, a fingerprint.
+    pub fn record(&self, reason: &'static str, from: &dyn Display) -> bool {
         let mut period = self.lock();
         match period.reasons.get_mut(reason) {
             Some(unlogged) => {
@@ -46,24 +46,27 @@ impl Tally {
                 unlogged.last.clear();
                 use std::fmt::Write;
                 let _ = write!(unlogged.last, "{from}");
+                false
             }
             None => {
                 period.reasons.insert(reason, Unlogged::default());
                 drop(period);
                 tracing::info!(%from, "{}: {reason}", self.what);
+                true
             }
         }
     }
 
     /// Logs a summary of what was counted and not logged in the period that ends now, and
-    /// starts a new one.
-    pub fn flush(&self) {
+    /// starts a new one. Returns each reason summed up, with its count.
+    pub fn flush(&self) -> Vec<(&'static str, u64)> {
         let (started, reasons) = {
             let mut period = self.lock();
             let started = std::mem::replace(&mut period.started, Instant::now());
             (started, std::mem::take(&mut period.reasons))
         };
         let secs = started.elapsed().as_secs();
+        let mut summed = Vec::new();
         for (reason, unlogged) in reasons {
             if unlogged.count > 0 {
                 tracing::info!(
@@ -72,8 +75,10 @@ impl Tally {
                     self.what,
                     unlogged.count,
                 );
+                summed.push((reason, unlogged.count));
             }
         }
+        summed
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Period> {
@@ -89,5 +94,25 @@ pub async fn flush_every(period: Duration, tallies: &[&Tally]) {
         for tally in tallies {
             tally.flush();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_of_each_reason_is_logged_and_the_rest_summed_up_once_a_period() {
+        let tally = Tally::new("visitor refused");
+        let logged: Vec<bool> = (0..5)
+            .map(|i| tally.record("not in the forward's allow_from", &i))
+            .collect();
+        assert_eq!(logged, [true, false, false, false, false]);
+        assert!(tally.record("the forward has its most open connections", &9));
+        assert_eq!(tally.flush(), [("not in the forward's allow_from", 4)]);
+        // A new period logs the first again, and a quiet one sums up nothing.
+        assert!(tally.record("not in the forward's allow_from", &5));
+        assert_eq!(tally.flush(), []);
+        assert_eq!(tally.flush(), []);
     }
 }
