@@ -268,6 +268,46 @@ async fn handshakes_over_their_caps_are_dropped_unanswered() {
 }
 
 #[tokio::test]
+async fn a_stalled_handshake_ends_at_its_deadline_and_frees_its_place() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, _) = keys.identity("agent");
+        let deadline = Duration::from_secs(1);
+        let limits = Limits {
+            max_pending_handshakes_per_address: 1,
+            handshake_timeout: deadline,
+            ..Limits::default()
+        };
+        let config = relay_config(
+            relay_key,
+            vec![agent_entry("dorm", agent_identity.fingerprint(), &[])],
+        );
+        let relay = start_relay_with(config, &relay_identity, limits);
+        let mut stalled = Hop::start("127.0.0.2", relay.addr, false).await;
+        let _stalled = attempt(&agent_identity, &relay, &stalled);
+        stalled.answered().await;
+        let since = std::time::Instant::now();
+
+        // The same address gets in once the stalled handshake's deadline has passed: the
+        // client's next retransmission of its first packet finds a free place.
+        let through = Hop::start("127.0.0.2", relay.addr, true).await;
+        let (client, _) = tls::client_config(&agent_identity, relay.fingerprint).unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connecting = endpoint
+            .connect_with(client, through.addr, tls::SERVER_NAME)
+            .unwrap();
+        let conn = within("the second handshake", connecting).await.unwrap();
+        let waited = since.elapsed();
+        println!("a second handshake from the address got through after {waited:?}");
+        assert!(waited >= deadline, "got through after {waited:?}");
+        drop(conn);
+        relay.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn failed_handshakes_leave_nothing_behind() {
     within("the whole test", async {
         let keys = Keys::new();
