@@ -139,6 +139,56 @@ async fn visitors_over_the_caps_are_refused_and_the_others_served() {
 }
 
 #[tokio::test]
+async fn udp_flow_caps_hold_under_a_flood_of_sources() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        const SOURCES: usize = 2_000;
+        let service = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let local = PortRange::single(service.local_addr().unwrap().port()).unwrap();
+        udp_echo(service);
+        let (remote, held) = consecutive_udp_ports(1);
+        drop(held);
+        let forward = udp_forward("mosh", remote, "127.0.0.1", local);
+        let bench = Bench::serving(vec![forward], Limits::default(), |_| {}).await;
+        let public_udp = SocketAddr::from(([127, 0, 0, 1], remote.start()));
+        let regular = visitor("127.0.0.1").await;
+        assert!(ask(&regular, public_udp, b"before").await.is_some());
+
+        for batch in 0..SOURCES / 100 {
+            let mut sockets = Vec::with_capacity(100);
+            for i in 0..100 {
+                let n = batch * 100 + i;
+                let ip = format!("127.1.{}.{}", n / 250, n % 250 + 1);
+                let socket = visitor(&ip).await;
+                socket.send_to(b"flood", public_udp).await.unwrap();
+                sockets.push(socket);
+            }
+        }
+        // The regular visitor's next datagram is answered, on a flow of its own again if the
+        // flood evicted its old one.
+        assert_eq!(
+            ask(&regular, public_udp, b"after").await.as_deref(),
+            Some(&b"after"[..])
+        );
+        let udp = bench.relay.udp.count();
+        let live = udp.flows_opened - udp.flows_evicted - udp.flows_expired;
+        println!(
+            "{} flows opened, {} evicted, {live} live",
+            udp.flows_opened, udp.flows_evicted
+        );
+        assert!(
+            udp.flows_opened > SOURCES as u64 / 2,
+            "the flood did not arrive"
+        );
+        assert!(
+            live <= Limits::default().max_flows_per_forward as u64,
+            "{live} flows live"
+        );
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn agents_connect_when_every_client_must_prove_its_address() {
     within("the whole test", async {
         let port = free_port();
