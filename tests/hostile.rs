@@ -273,13 +273,23 @@ fn attempt(identity: &Identity, relay: &RelayHandle, hop: &Hop) -> quinn::Endpoi
     endpoint
 }
 
+/// A relay with `limits` that lists one agent, allowed TCP `ports`; returns the relay, the
+/// agent's key and a stranger's.
+fn gatekeeper(keys: &Keys, limits: Limits, ports: &[u16]) -> (RelayHandle, Identity, Identity) {
+    let (relay_identity, relay_key) = keys.identity("relay");
+    let (agent_identity, _) = keys.identity("agent");
+    let (stranger, _) = keys.identity("stranger");
+    let config = relay_config(
+        relay_key,
+        vec![agent_entry("dorm", agent_identity.fingerprint(), ports)],
+    );
+    let relay = start_relay_with(config, &relay_identity, limits);
+    (relay, agent_identity, stranger)
+}
+
 #[tokio::test]
 async fn handshakes_over_their_caps_are_dropped_unanswered() {
     within("the whole test", async {
-        let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (agent_identity, _) = keys.identity("agent");
-        let (stranger, _) = keys.identity("stranger");
         let limits = Limits {
             max_pending_handshakes: 2,
             max_pending_handshakes_per_address: 1,
@@ -287,11 +297,8 @@ async fn handshakes_over_their_caps_are_dropped_unanswered() {
             handshake_timeout: Duration::from_secs(60),
             ..Limits::default()
         };
-        let config = relay_config(
-            relay_key,
-            vec![agent_entry("dorm", agent_identity.fingerprint(), &[])],
-        );
-        let relay = start_relay_with(config, &relay_identity, limits);
+        let keys = Keys::new();
+        let (relay, agent_identity, stranger) = gatekeeper(&keys, limits, &[]);
 
         // One handshake under way from 127.0.0.2 takes that address's one place.
         let mut stalled = Hop::start("127.0.0.2", relay.addr, false).await;
@@ -320,20 +327,14 @@ async fn handshakes_over_their_caps_are_dropped_unanswered() {
 #[tokio::test]
 async fn a_stalled_handshake_ends_at_its_deadline_and_frees_its_place() {
     within("the whole test", async {
-        let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (agent_identity, _) = keys.identity("agent");
         let deadline = Duration::from_secs(1);
         let limits = Limits {
             max_pending_handshakes_per_address: 1,
             handshake_timeout: deadline,
             ..Limits::default()
         };
-        let config = relay_config(
-            relay_key,
-            vec![agent_entry("dorm", agent_identity.fingerprint(), &[])],
-        );
-        let relay = start_relay_with(config, &relay_identity, limits);
+        let keys = Keys::new();
+        let (relay, agent_identity, _) = gatekeeper(&keys, limits, &[]);
         let mut stalled = Hop::start("127.0.0.2", relay.addr, false).await;
         let _stalled = attempt(&agent_identity, &relay, &stalled);
         stalled.answered().await;
@@ -360,21 +361,14 @@ async fn a_stalled_handshake_ends_at_its_deadline_and_frees_its_place() {
 #[tokio::test]
 async fn failed_handshakes_leave_nothing_behind() {
     within("the whole test", async {
-        let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (agent_identity, _) = keys.identity("agent");
-        let (stranger, _) = keys.identity("stranger");
         let port = free_port();
         // One handshake at a time from an address: one left behind would lock the agent out.
         let limits = Limits {
             max_pending_handshakes_per_address: 1,
             ..Limits::default()
         };
-        let config = relay_config(
-            relay_key,
-            vec![agent_entry("dorm", agent_identity.fingerprint(), &[port])],
-        );
-        let relay = start_relay_with(config, &relay_identity, limits);
+        let keys = Keys::new();
+        let (relay, agent_identity, stranger) = gatekeeper(&keys, limits, &[port]);
         for _ in 0..20 {
             let (client, _) = tls::client_config(&stranger, relay.fingerprint).unwrap();
             let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();

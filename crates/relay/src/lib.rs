@@ -5,6 +5,7 @@ mod admission;
 pub mod agents;
 pub mod cli;
 mod handshakes;
+mod places;
 mod public;
 pub mod registry;
 pub mod server;

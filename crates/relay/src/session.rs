@@ -15,7 +15,7 @@ use tether_common::tls;
 use tracing::Instrument;
 
 use crate::agents::NewSession;
-use crate::handshakes::Permit;
+use crate::places::Place;
 use crate::server::Shared;
 use crate::udp::{self, SessionFlows};
 
@@ -58,7 +58,7 @@ impl SetupError {
 
 /// Serves one incoming connection from the handshake to the end of its session. `permit` holds
 /// the handshake's place among those under way until it is over.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, permit: Permit) {
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, permit: Place) {
     let remote = incoming.remote_address();
     let handshake = handshake(incoming, shared.limits.handshake_timeout).await;
     drop(permit);
