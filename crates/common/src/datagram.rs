@@ -98,6 +98,8 @@ pub struct UdpCounters {
     pub flows_expired: AtomicU64,
     /// Flows forgotten to make room under a cap, the longest idle first.
     pub flows_evicted: AtomicU64,
+    /// New flows refused because every flow under the cap was active.
+    pub flows_refused: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -109,6 +111,7 @@ pub struct UdpCount {
     pub flows_opened: u64,
     pub flows_expired: u64,
     pub flows_evicted: u64,
+    pub flows_refused: u64,
 }
 
 impl UdpCounters {
@@ -121,6 +124,7 @@ impl UdpCounters {
             flows_opened: get(&self.flows_opened),
             flows_expired: get(&self.flows_expired),
             flows_evicted: get(&self.flows_evicted),
+            flows_refused: get(&self.flows_refused),
         }
     }
 

@@ -4,7 +4,10 @@
 //!
 //! Two caps hold: one for the whole table, and one per group (the relay groups by visitor
 //! address, so one source cannot take every slot). A new flow that would pass either cap evicts
-//! the longest idle flow of the table or of its group.
+//! the longest idle flow of its group or of the table. A table may protect its active flows: a
+//! flow seen within the protection time is never evicted to make room for a stranger's, so a
+//! flood of new sources cannot push out a conversation under way; the new flow is refused
+//! instead.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -28,6 +31,7 @@ pub struct FlowTable<K, V, G> {
     max_flows: usize,
     max_per_group: usize,
     group_of: fn(&K) -> G,
+    protect: Duration,
 }
 
 impl<K: Eq + Hash + Clone, V, G: Eq + Hash> FlowTable<K, V, G> {
@@ -39,7 +43,15 @@ impl<K: Eq + Hash + Clone, V, G: Eq + Hash> FlowTable<K, V, G> {
             max_flows: max_flows.max(1),
             max_per_group: max_per_group.max(1),
             group_of,
+            protect: Duration::ZERO,
         }
+    }
+
+    /// Flows seen within `protect` are not evicted to make room for another group's flow.
+    /// The agent keeps none: the relay decides which flows live, and the agent follows.
+    pub fn protect_active(mut self, protect: Duration) -> Self {
+        self.protect = protect;
+        self
     }
 
     /// The flow's value, marking it seen at `now`.
@@ -49,19 +61,33 @@ impl<K: Eq + Hash + Clone, V, G: Eq + Hash> FlowTable<K, V, G> {
         Some(&mut entry.value)
     }
 
-    /// Adds a flow, first evicting what the caps require. Returns the evicted flows.
-    pub fn insert(&mut self, key: K, value: V, now: Instant) -> Vec<(K, V)> {
+    /// Adds a flow, first evicting what the caps require. Returns the evicted flows, or `None`
+    /// (and adds nothing) if the table is full of protected flows.
+    pub fn insert(&mut self, key: K, value: V, now: Instant) -> Option<Vec<(K, V)>> {
         let mut evicted = Vec::new();
         if let Some(old) = self.remove(&key) {
             evicted.push((key.clone(), old));
         }
         let group = (self.group_of)(&key);
         if self.per_group.get(&group).copied().unwrap_or(0) >= self.max_per_group {
+            // Within its own group a flow makes room for the next, as when mosh hops ports.
             let group_of = self.group_of;
             evicted.extend(self.evict_longest_idle(|k| group_of(k) == group));
         }
         if self.entries.len() >= self.max_flows {
-            evicted.extend(self.evict_longest_idle(|_| true));
+            let longest_idle = self.entries.values().map(|e| e.last_seen).min();
+            let protected =
+                longest_idle.is_some_and(|seen| now.saturating_duration_since(seen) < self.protect);
+            let group_of = self.group_of;
+            let room = match protected {
+                false => self.evict_longest_idle(|_| true),
+                // Every flow is active: only the newcomer's own group may make room.
+                true => self.evict_longest_idle(|k| group_of(k) == group),
+            };
+            match room {
+                Some(flow) => evicted.push(flow),
+                None => return None,
+            }
         }
         *self.per_group.entry(group).or_default() += 1;
         self.entries.insert(
@@ -71,7 +97,7 @@ impl<K: Eq + Hash + Clone, V, G: Eq + Hash> FlowTable<K, V, G> {
                 last_seen: now,
             },
         );
-        evicted
+        Some(evicted)
     }
 
     pub fn remove(&mut self, key: &K) -> Option<V> {
@@ -159,7 +185,7 @@ mod tests {
         // The oldest was seen last, so the middle one is now the longest idle.
         flows.touch(&(1, 1), at(t0, 3));
         let evicted = flows.insert((4, 1), "new", at(t0, 4));
-        assert_eq!(evicted, [((2, 1), "middle")]);
+        assert_eq!(evicted, Some(vec![((2, 1), "middle")]));
         assert_eq!(flows.len(), 3);
     }
 
@@ -173,7 +199,7 @@ mod tests {
         // A third source port of visitor 1 evicts that visitor's longest idle flow, not
         // visitor 9's older one.
         let evicted = flows.insert((1, 3), "third", at(t0, 3));
-        assert_eq!(evicted, [((1, 1), "first")]);
+        assert_eq!(evicted, Some(vec![((1, 1), "first")]));
         assert!(flows.touch(&(9, 1), at(t0, 4)).is_some());
         assert_eq!(flows.len(), 3);
     }
@@ -194,11 +220,32 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_new_sources_cannot_push_out_active_flows() {
+        let t0 = Instant::now();
+        let mut flows = table(3, 3).protect_active(Duration::from_secs(5));
+        flows.insert((1, 1), "ssh-like, idle", t0);
+        flows.insert((2, 1), "mosh", at(t0, 1));
+        flows.insert((3, 1), "flood", at(t0, 6));
+        // At 7 s the first flow has been idle for 7 s and makes room.
+        let evicted = flows.insert((4, 1), "flood", at(t0, 7));
+        assert_eq!(evicted, Some(vec![((1, 1), "ssh-like, idle")]));
+        // Every flow was seen within 5 s: the newcomer is refused, nothing is evicted.
+        flows.touch(&(2, 1), at(t0, 7));
+        assert_eq!(flows.insert((5, 1), "flood", at(t0, 8)), None);
+        assert_eq!(flows.len(), 3);
+        assert!(flows.touch(&(2, 1), at(t0, 8)).is_some());
+        // A visitor that already has a flow may replace its own, as mosh does when it hops.
+        let evicted = flows.insert((2, 2), "mosh, hopped", at(t0, 9));
+        assert_eq!(evicted, Some(vec![((2, 1), "mosh")]));
+        assert_eq!(flows.len(), 3);
+    }
+
+    #[test]
     fn inserting_a_known_key_replaces_it() {
         let t0 = Instant::now();
         let mut flows = table(10, 10);
         flows.insert((1, 1), "old", t0);
-        assert_eq!(flows.insert((1, 1), "new", t0), [((1, 1), "old")]);
+        assert_eq!(flows.insert((1, 1), "new", t0), Some(vec![((1, 1), "old")]));
         assert_eq!(flows.touch(&(1, 1), t0).copied(), Some("new"));
         assert_eq!(flows.len(), 1);
     }

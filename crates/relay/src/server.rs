@@ -38,6 +38,9 @@ pub struct Limits {
     /// UDP flows one visitor address has on one forward at once (mosh hops source ports, and a
     /// few visitors may share a NAT's address).
     pub max_flows_per_visitor: usize,
+    /// A UDP flow seen this recently is never evicted for another visitor's new flow: under a
+    /// flood of new sources the newcomers are refused, and mosh sessions under way go on.
+    pub protect_active_flows: Duration,
     /// Visitor TCP connections one forward carries at once; more are refused.
     pub max_visitors_per_forward: usize,
     /// Visitor TCP connections from one address to one forward at once; more are refused.
@@ -64,6 +67,8 @@ impl Default for Limits {
             shutdown_grace: Duration::from_secs(5),
             max_flows_per_forward: 256,
             max_flows_per_visitor: 32,
+            // mosh sends at least every 3 s while a session is open.
+            protect_active_flows: Duration::from_secs(5),
             max_visitors_per_forward: 1024,
             max_visitors_per_address: 256,
             max_pending_handshakes: 256,

@@ -225,7 +225,8 @@ impl SessionFlows {
                     limits.max_flows_per_forward,
                     limits.max_flows_per_visitor,
                     |(_, visitor): &Source| visitor.ip(),
-                );
+                )
+                .protect_active(limits.protect_active_flows);
                 (index, ForwardFlows { table, idle })
             })
             .collect();
@@ -246,7 +247,8 @@ impl SessionFlows {
     }
 
     /// The flow of `visitor` on `port` of `forward`, opened if it is new. `None` if the session
-    /// has no UDP forward of that index.
+    /// has no UDP forward of that index, or if the forward's flows are all at their cap and
+    /// active, so that a new one may not push any out.
     pub fn flow_for(
         &self,
         forward: u16,
@@ -273,7 +275,10 @@ impl SessionFlows {
         }
         *next_id = id.wrapping_add(1);
         *wrapped |= *next_id <= id;
-        let evicted = table.insert(source, id, now);
+        let Some(evicted) = table.insert(source, id, now) else {
+            UdpCounters::add(&counters.flows_refused, 1);
+            return None;
+        };
         for (source, old) in &evicted {
             by_id.remove(old);
             tracing::debug!(port = source.0, visitor = %source.1, "flow evicted under the cap");
