@@ -24,6 +24,8 @@ const RANDOM_DATAGRAMS: usize = 30_000;
 const UDP_SOURCES: usize = 3_000;
 const IDLE_VISITORS: usize = 400;
 const HANDSHAKE_LOOPS: usize = 8;
+/// The least time the flood lasts.
+const MIN_FLOOD_TIME: Duration = Duration::from_secs(5);
 
 /// Most bytes the relay's memory may grow by under the flood.
 const MAX_GROWTH: u64 = 64 * 1024 * 1024;
@@ -162,6 +164,7 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
             .2
         };
         // The real forwards answer throughout, each answer within two seconds.
+        let mut udp_tries = Vec::new();
         let probes = async {
             let mut answers = Vec::new();
             loop {
@@ -173,8 +176,8 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
                 )
                 .await;
                 assert_eq!(tcp.unwrap(), b"still there?");
-                let udp = ask(&udp_visitor, udp_public, b"still there?").await;
-                assert_eq!(udp.as_deref(), Some(&b"still there?"[..]));
+                let tries = ask_until_answered(&udp_visitor, udp_public).await;
+                udp_tries.push(tries);
                 answers.push(sent.elapsed());
                 if !flooding.load(Ordering::Relaxed) {
                     return answers;
@@ -185,6 +188,9 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
         let (visitors, mut answers) = tokio::join!(
             async {
                 let visitors = floods.await;
+                // Handshakes and probes go on for a while, with the idle visitors held, so that
+                // the rate of handshakes is measured over seconds, not a burst.
+                tokio::time::sleep_until((started + MIN_FLOOD_TIME).into()).await;
                 flooding.store(false, Ordering::Relaxed);
                 visitors
             },
@@ -203,7 +209,7 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
         );
         let udp = agent.udp.count();
         println!(
-            "UDP flows the agent opened: {}, evicted under the relay's caps: {}",
+            "UDP flows the agent opened: {}, evicted: {}",
             udp.flows_opened, udp.flows_evicted
         );
         answers.sort();
@@ -222,10 +228,13 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
             mib(peak.saturating_sub(at_rest)),
         );
         println!(
-            "{} probes of both forwards answered: median {:?}, slowest {:?}",
+            "{} probes of both forwards answered: median {:?}, slowest {:?}; {} UDP probes \
+             needed a second datagram, the most tries {}",
             answers.len(),
             answers[answers.len() / 2],
             answers[answers.len() - 1],
+            udp_tries.iter().filter(|&&t| t > 1).count(),
+            udp_tries.iter().max().unwrap(),
         );
         assert!(
             peak.saturating_sub(at_rest) < MAX_GROWTH,
@@ -248,6 +257,22 @@ async fn the_relay_stays_up_small_and_serving_under_a_flood() {
         assert!(lines < MAX_LOG_LINES, "{lines} lines of log:\n{log}");
     })
     .await;
+}
+
+/// Asks the UDP forward as mosh would, sending again every half second until an answer comes;
+/// returns how many datagrams it took. A flood at the relay's QUIC port overflows its socket
+/// buffer in the kernel, and a QUIC datagram lost there is not sent again.
+async fn ask_until_answered(socket: &UdpSocket, to: SocketAddr) -> usize {
+    let mut buf = [0u8; 64];
+    for tries in 1..=10 {
+        socket.send_to(b"still there?", to).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_millis(500), socket.recv_from(&mut buf));
+        if let Ok(Ok((len, _))) = answer.await {
+            assert_eq!(&buf[..len], b"still there?");
+            return tries;
+        }
+    }
+    panic!("the UDP forward did not answer 10 datagrams in 5 s");
 }
 
 /// One unknown agent's attempt, to its end.
