@@ -246,10 +246,10 @@ fn admit(shared: &Arc<Shared>, pending: &Arc<Pending>, incoming: quinn::Incoming
         incoming.may_retry(),
     );
     match verdict {
-        Verdict::Accept(permit) => {
+        Verdict::Accept(place) => {
             shared
                 .tasks
-                .spawn(session::serve(shared.clone(), incoming, permit));
+                .spawn(session::serve(shared.clone(), incoming, place));
         }
         Verdict::Retry => {
             if let Err(error) = incoming.retry() {

@@ -56,12 +56,12 @@ impl SetupError {
     }
 }
 
-/// Serves one incoming connection from the handshake to the end of its session. `permit` holds
+/// Serves one incoming connection from the handshake to the end of its session. `place` holds
 /// the handshake's place among those under way until it is over.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, permit: Place) {
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place) {
     let remote = incoming.remote_address();
     let handshake = handshake(incoming, shared.limits.handshake_timeout).await;
-    drop(permit);
+    drop(place);
     let conn = match handshake {
         Ok(conn) => conn,
         Err(error) => {
