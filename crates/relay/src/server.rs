@@ -203,7 +203,7 @@ impl Relay {
         if shared.config.agents.is_empty() {
             tracing::warn!("relay.toml lists no [[agent]]: no agent can connect");
         }
-        let pending = Arc::new(Pending::new(&shared.limits));
+        let pending = Pending::new(&shared.limits);
         let tallies = [&*shared.refused_handshakes, &shared.refused_visitors];
         let summaries = tally::flush_every(shared.limits.log_summary_every, &tallies);
         tokio::pin!(summaries);
@@ -238,7 +238,7 @@ impl Relay {
 }
 
 /// Starts the handshake of a connection attempt, asks it to prove its address, or drops it.
-fn admit(shared: &Arc<Shared>, pending: &Arc<Pending>, incoming: quinn::Incoming) {
+fn admit(shared: &Arc<Shared>, pending: &Pending, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
     let verdict = pending.consider(
         remote.ip().to_canonical(),
