@@ -184,7 +184,12 @@ async fn wait_for_end(
 ) -> String {
     tokio::select! {
         biased;
-        () = shared.shutdown.cancelled() => CloseCode::RelayShutdown.reason().to_owned(),
+        () = shared.shutdown.cancelled() => {
+            // Said here, not left to the endpoint's close: once this task ends, nothing may
+            // hold the connection, and quinn would close it with code 0 first.
+            CloseCode::RelayShutdown.close(conn);
+            CloseCode::RelayShutdown.reason().to_owned()
+        }
         error = conn.closed() => error.to_string(),
         frame = read_frame(recv) => {
             use quinn::{ReadError, ReadExactError};
