@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 #[tokio::test]
 async fn eight_mib_through_a_forward_comes_back_identical() {
@@ -227,7 +228,8 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
             .unwrap();
         let (inside, _) = listener.accept().await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
-        let spliced = tokio::spawn(splice(inside, send, recv));
+        let stop = CancellationToken::new();
+        let spliced = tokio::spawn(async move { splice(inside, send, recv, &stop).await });
 
         let (up, down) = (pattern(300_001), pattern(700_003));
         outside.write_all(&up).await.unwrap();

@@ -118,7 +118,7 @@ pub async fn run(
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, opened.clone()));
+                    streams.spawn(serve_stream(send, recv, opened.clone(), shutdown.clone()));
                 }
                 Err(error) => {
                     break SessionEnd::of_closed(Some(session), &error, error.to_string());
@@ -218,6 +218,7 @@ async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     forwards: Arc<[Option<Forward>]>,
+    shutdown: CancellationToken,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
         let _ = send.reset(code.code());
@@ -254,12 +255,13 @@ async fn serve_stream(
         };
         let _ = tcp.set_nodelay(true);
         tracing::debug!("visitor connected");
-        match splice(tcp, send, recv).await {
+        match splice(tcp, send, recv, &shutdown).await {
             Ok(moved) => tracing::debug!(
                 bytes_in = moved.to_tcp,
                 bytes_out = moved.to_stream,
                 "visitor done"
             ),
+            Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
             Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
         }
     }

@@ -6,6 +6,9 @@
 //! - A failure on one side is passed on as a failure, not a clean end: a TCP error resets the
 //!   stream, a reset stream resets the TCP connection (RST), so neither end mistakes a broken
 //!   connection for a complete one.
+//! - A shutdown is no failure: when this process stops, or the peer closes the session because
+//!   it stops, the TCP connection ends with a FIN, as any server that is stopped closes its
+//!   connections.
 //! - Memory is bounded: one chunk in flight per direction, and QUIC flow control pushes back on
 //!   the sender when the TCP reader is slow. No buffer is held while a connection is idle.
 
@@ -17,8 +20,9 @@ use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use socket2::SockRef;
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
-use crate::protocol::StreamCode;
+use crate::protocol::{CloseCode, StreamCode};
 
 /// The most bytes read from either side at once.
 pub const CHUNK: usize = 16 * 1024;
@@ -42,21 +46,37 @@ pub enum SpliceError {
     StreamRead(#[from] quinn::ReadError),
     #[error("writing to the tunnel: {0}")]
     StreamWrite(#[from] quinn::WriteError),
+    #[error("closed because this end is stopping")]
+    Stopping,
 }
 
-/// Carries bytes both ways between `tcp` and the stream until both directions have ended.
+/// Carries bytes both ways between `tcp` and the stream until both directions have ended, or
+/// until `stop` is cancelled (this process is stopping).
 pub async fn splice(
     tcp: TcpStream,
     mut send: SendStream,
     mut recv: RecvStream,
+    stop: &CancellationToken,
 ) -> Result<Transferred, SpliceError> {
     let mut moved = Transferred::default();
-    let result = tokio::try_join!(
-        tcp_to_stream(&tcp, &mut send, &mut moved.to_stream),
-        stream_to_tcp(&mut recv, &tcp, &mut moved.to_tcp),
-    );
+    let result = tokio::select! {
+        // Checked first: once stopping, the errors of the closing session are no failures.
+        biased;
+        () = stop.cancelled() => Err(SpliceError::Stopping),
+        result = async {
+            tokio::try_join!(
+                tcp_to_stream(&tcp, &mut send, &mut moved.to_stream),
+                stream_to_tcp(&mut recv, &tcp, &mut moved.to_tcp),
+            )
+        } => result.map(|_| ()),
+    };
     match result {
-        Ok(_) => Ok(moved),
+        Ok(()) => Ok(moved),
+        Err(error) if error.is_shutdown() => {
+            let _ = send.finish();
+            let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
+            Err(error)
+        }
         Err(error) => {
             // Whichever side failed, tell the other one that this is no clean end.
             let _ = send.reset(StreamCode::Aborted.code());
@@ -69,6 +89,26 @@ pub async fn splice(
             }
             Err(error)
         }
+    }
+}
+
+impl SpliceError {
+    /// Whether the splice ended because this process or its peer is stopping, rather than
+    /// because something broke.
+    pub fn is_shutdown(&self) -> bool {
+        let lost = match self {
+            SpliceError::Stopping => return true,
+            SpliceError::StreamRead(quinn::ReadError::ConnectionLost(lost)) => lost,
+            SpliceError::StreamWrite(quinn::WriteError::ConnectionLost(lost)) => lost,
+            _ => return false,
+        };
+        let quinn::ConnectionError::ApplicationClosed(close) = lost else {
+            return false;
+        };
+        matches!(
+            CloseCode::from_code(close.error_code),
+            Some(CloseCode::AgentShutdown | CloseCode::RelayShutdown)
+        )
     }
 }
 

@@ -114,12 +114,13 @@ async fn serve(
         return;
     }
     drop(live);
-    match splice(tcp, send, recv).await {
+    match splice(tcp, send, recv, &shared.shutdown).await {
         Ok(moved) => tracing::debug!(
             bytes_in = moved.to_stream,
             bytes_out = moved.to_tcp,
             "visitor done"
         ),
+        Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
         Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
     }
 }
