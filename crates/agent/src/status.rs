@@ -1,5 +1,7 @@
-//! What the agent is doing, published for tests, logs and (later) the status command.
+//! What the agent is doing, published for tests, systemd's status line and (later) the status
+//! command.
 
+use std::fmt;
 use std::time::Duration;
 
 use tether_common::protocol::{ForwardResult, SessionId};
@@ -37,5 +39,75 @@ impl AgentStatus {
             }
             _ => None,
         }
+    }
+}
+
+/// One line, as `systemctl status` shows it.
+impl fmt::Display for AgentStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentStatus::Connecting => f.write_str("connecting to the relay"),
+            AgentStatus::Connected { forwards, .. } => {
+                let opened = forwards
+                    .iter()
+                    .filter(|(_, r)| *r == ForwardResult::Opened)
+                    .count();
+                let plural = if opened == 1 { "" } else { "s" };
+                write!(f, "connected to the relay, {opened} forward{plural}")?;
+                match forwards.len() - opened {
+                    0 => Ok(()),
+                    refused => write!(f, " ({refused} refused)"),
+                }
+            }
+            AgentStatus::Waiting { retry_in, error } if retry_in.is_zero() => {
+                write!(f, "reconnecting: {error}")
+            }
+            AgentStatus::Waiting { retry_in, error } => {
+                write!(
+                    f,
+                    "reconnecting in {:.1} s: {error}",
+                    retry_in.as_secs_f64()
+                )
+            }
+            AgentStatus::Stopped => f.write_str("stopped"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_common::protocol::Refusal;
+
+    use super::*;
+
+    #[test]
+    fn status_lines() {
+        let connected = |forwards: Vec<(String, ForwardResult)>| AgentStatus::Connected {
+            session: 1,
+            forwards,
+        };
+        let ssh = || ("ssh".to_string(), ForwardResult::Opened);
+        let mosh = || ("mosh".to_string(), ForwardResult::Refused(Refusal::InUse));
+        assert_eq!(
+            connected(vec![ssh()]).to_string(),
+            "connected to the relay, 1 forward"
+        );
+        assert_eq!(
+            connected(vec![ssh(), mosh()]).to_string(),
+            "connected to the relay, 1 forward (1 refused)"
+        );
+        let waiting = AgentStatus::Waiting {
+            retry_in: Duration::from_millis(4200),
+            error: "connection refused".into(),
+        };
+        assert_eq!(
+            waiting.to_string(),
+            "reconnecting in 4.2 s: connection refused"
+        );
+        let unanswered = AgentStatus::Waiting {
+            retry_in: Duration::ZERO,
+            error: "no answer".into(),
+        };
+        assert_eq!(unanswered.to_string(), "reconnecting: no answer");
     }
 }

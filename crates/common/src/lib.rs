@@ -9,6 +9,7 @@ pub mod datagram;
 pub mod flows;
 pub mod fuzzing;
 pub mod identity;
+pub mod notify;
 pub mod ports;
 pub mod protocol;
 pub mod splice;

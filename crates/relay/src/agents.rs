@@ -5,7 +5,8 @@
 //! over at once, without closing the listeners, and an agent that went away keeps them for
 //! [`crate::server::Limits::port_hold`] so that it finds them again when it reconnects.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -75,6 +76,30 @@ pub type SessionWatch = watch::Receiver<Option<Arc<LiveSession>>>;
 pub struct Table {
     registry: PortRegistry,
     agents: HashMap<String, Slot>,
+    summary: watch::Sender<Summary>,
+}
+
+/// What the relay serves at the moment, for systemd's status line.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    /// Agents with a live session.
+    pub agents: usize,
+    /// Forwards those sessions have open.
+    pub forwards: usize,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        write!(
+            f,
+            "{} agent{}, {} forward{}",
+            self.agents,
+            plural(self.agents),
+            self.forwards,
+            plural(self.forwards)
+        )
+    }
 }
 
 struct Slot {
@@ -189,6 +214,7 @@ impl Table {
             );
             CloseCode::Replaced.close(&old.conn);
         }
+        self.update_summary();
         Some(live)
     }
 
@@ -205,7 +231,30 @@ impl Table {
             return None;
         }
         slot.live.send_replace(None);
-        Some(slot.generation)
+        let generation = slot.generation;
+        self.update_summary();
+        Some(generation)
+    }
+
+    /// Follows how many agents and forwards the relay serves.
+    pub fn summary(&self) -> watch::Receiver<Summary> {
+        self.summary.subscribe()
+    }
+
+    fn update_summary(&self) {
+        let mut summary = Summary::default();
+        for slot in self.agents.values() {
+            if let Some(live) = &*slot.live.borrow() {
+                summary.agents += 1;
+                let forwards: HashSet<u16> = live.routes.values().map(|r| r.forward).collect();
+                summary.forwards += forwards.len();
+            }
+        }
+        self.summary.send_if_modified(|current| {
+            let changed = *current != summary;
+            *current = summary;
+            changed
+        });
     }
 
     /// Closes and releases the agent's ports if no session came since `generation`.

@@ -11,10 +11,11 @@ use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::CloseCode;
 use tether_common::tls::{self, AgentPins, TlsError};
 use tether_common::transport;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::Table;
+use crate::agents::{Summary, Table};
 use crate::handshakes::{Pending, Verdict};
 use crate::session;
 use crate::tally::{self, Tally};
@@ -178,6 +179,11 @@ impl Relay {
     /// The UDP address agents connect to (useful when `listen` had port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// Follows how many agents and forwards the relay serves.
+    pub fn summary(&self) -> watch::Receiver<Summary> {
+        self.shared.table().summary()
     }
 
     /// What happened to UDP traffic since the relay started.
