@@ -593,49 +593,23 @@ async fn a_visitor_that_does_not_read_pushes_back_on_the_service() {
 #[tokio::test]
 async fn private_keys_stay_out_of_the_logs() {
     use tether_tests::lab::binary;
-    use tether_tests::process::Process;
+    use tether_tests::process::{Configs, Process};
     within_for("the whole test", Duration::from_secs(60), async {
         let keys = Keys::new();
-        let (relay_identity, relay_key) = keys.identity("relay");
-        let (agent_identity, agent_key) = keys.identity("agent");
-        let (quic, held) = consecutive_udp_ports(1);
-        drop(held);
-        let port = free_port();
-        let relay_config = keys.path().join("relay.toml");
-        std::fs::write(
-            &relay_config,
-            format!(
-                "listen = \"127.0.0.1:{}\"\nkey = \"relay.key\"\npublic_bind = \"127.0.0.1\"\n\
-                 [[agent]]\nname = \"home\"\nfingerprint = \"{}\"\nports = [\"{port}/tcp\"]\n",
-                quic.start(),
-                agent_identity.fingerprint()
-            ),
-        )
-        .unwrap();
-        let agent_config = keys.path().join("agent.toml");
-        std::fs::write(
-            &agent_config,
-            format!(
-                "relay = \"127.0.0.1:{}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
-                 [[forward]]\nname = \"echo\"\nproto = \"tcp\"\nremote = {port}\nlocal = \"{}\"\n",
-                quic.start(),
-                relay_identity.fingerprint(),
-                echo_service().await
-            ),
-        )
-        .unwrap();
+        let configs = Configs::write(&keys, echo_service().await);
+        let port = configs.port;
         // Debug logs: everything tether itself says about sessions and visitors.
-        let relay_args = ["run", "-v", "-c", relay_config.to_str().unwrap()];
+        let relay_args = ["run", "-v", "-c", configs.relay.to_str().unwrap()];
         let mut relay = Process::spawn(&binary("tether-relay"), &relay_args);
         relay.wait_for_line("relay listening").await;
-        let agent_args = ["run", "-v", "-c", agent_config.to_str().unwrap()];
+        let agent_args = ["run", "-v", "-c", configs.agent.to_str().unwrap()];
         let mut agent = Process::spawn(&binary("tether-agent"), &agent_args);
         agent.wait_for_line("connected to relay").await;
         assert_eq!(round_trip(public(port), b"hi").await.unwrap(), b"hi");
         assert!(agent.signal_and_wait("TERM").await.success());
         assert!(relay.signal_and_wait("TERM").await.success());
 
-        for (key, process) in [(&relay_key, &relay), (&agent_key, &agent)] {
+        for (key, process) in [(&configs.relay_key, &relay), (&configs.agent_key, &agent)] {
             let pem = std::fs::read_to_string(key).unwrap();
             let body: Vec<&str> = pem.lines().filter(|l| !l.starts_with("-----")).collect();
             assert!(!body.is_empty());

@@ -1,13 +1,15 @@
 //! The real binaries as child processes: start one, await a line of its log, signal it.
 
-use std::path::Path;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
 
-use crate::{within, within_for, STEP};
+use crate::udp::consecutive_udp_ports;
+use crate::{free_port, within, within_for, Keys, STEP};
 
 /// A running binary whose stderr is read line by line.
 pub struct Process {
@@ -81,6 +83,11 @@ impl Process {
     /// Sends `signal` (such as "TERM") and waits for the process to exit.
     pub async fn signal_and_wait(&mut self, signal: &str) -> ExitStatus {
         self.signal(signal);
+        self.wait().await
+    }
+
+    /// Waits for the process to exit.
+    pub async fn wait(&mut self) -> ExitStatus {
         within("the process to exit", async {
             // Drain the log meanwhile, so that a full pipe cannot hold the process up.
             while let Ok(Some(line)) = self.stderr.next_line().await {
@@ -103,4 +110,53 @@ pub fn run(binary: &Path, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stdout).into_owned(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// Config files, in the keys' folder, for a relay binary on loopback and an agent binary that
+/// know each other's keys; the agent forwards one public TCP port to `local`.
+pub struct Configs {
+    pub relay: PathBuf,
+    pub agent: PathBuf,
+    /// The public port of the agent's one forward.
+    pub port: u16,
+    pub relay_key: PathBuf,
+    pub agent_key: PathBuf,
+}
+
+impl Configs {
+    pub fn write(keys: &Keys, local: SocketAddr) -> Self {
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let (quic, held) = consecutive_udp_ports(1);
+        drop(held);
+        let quic = quic.start();
+        let port = free_port();
+        let relay = keys.path().join("relay.toml");
+        std::fs::write(
+            &relay,
+            format!(
+                "listen = \"127.0.0.1:{quic}\"\nkey = \"relay.key\"\npublic_bind = \"127.0.0.1\"\n\
+                 [[agent]]\nname = \"home\"\nfingerprint = \"{}\"\nports = [\"{port}/tcp\"]\n",
+                agent_identity.fingerprint()
+            ),
+        )
+        .expect("relay.toml");
+        let agent = keys.path().join("agent.toml");
+        std::fs::write(
+            &agent,
+            format!(
+                "relay = \"127.0.0.1:{quic}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
+                 [[forward]]\nname = \"echo\"\nproto = \"tcp\"\nremote = {port}\nlocal = \"{local}\"\n",
+                relay_identity.fingerprint(),
+            ),
+        )
+        .expect("agent.toml");
+        Self {
+            relay,
+            agent,
+            port,
+            relay_key,
+            agent_key,
+        }
+    }
 }

@@ -7,8 +7,9 @@ use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::{AgentConfig, HostPort};
 use tether_common::identity::{Fingerprint, Identity};
+use tether_common::notify;
 
-use crate::Agent;
+use crate::{Agent, AgentStatus};
 
 const DEFAULT_CONFIG: &str = "/etc/tether/agent.toml";
 
@@ -123,6 +124,11 @@ fn run(config: AgentConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
         match Agent::new(config, &identity) {
             Ok(agent) => {
+                tokio::spawn(notify::report(
+                    agent.status(),
+                    AgentStatus::to_string,
+                    shutdown.clone(),
+                ));
                 agent.run(shutdown).await;
                 ExitCode::SUCCESS
             }
@@ -163,6 +169,12 @@ fn init(
     println!("name = \"{name}\"");
     println!("fingerprint = \"{}\"", identity.fingerprint());
     println!("ports = [\"2222/tcp\"]");
+    println!();
+    println!(
+        "Firewall: on the relay, open 2222/tcp to visitors, and {}/udp to this",
+        relay.port
+    );
+    println!("agent. This machine needs no open port: the agent only connects out.");
     ExitCode::SUCCESS
 }
 

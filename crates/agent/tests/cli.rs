@@ -43,6 +43,10 @@ fn init_prints_the_block_to_paste_on_the_relay() {
         fingerprint.trim()
     );
     assert!(out.contains(&block), "{out}");
+    assert!(
+        out.contains("on the relay, open 2222/tcp to visitors, and 4433/udp to this"),
+        "{out}"
+    );
     let mode = fs::metadata(dir.path().join("agent.key"))
         .unwrap()
         .permissions()

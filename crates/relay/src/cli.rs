@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::RelayConfig;
 use tether_common::identity::Identity;
+use tether_common::notify;
 
 use crate::Relay;
 
@@ -105,6 +106,9 @@ fn run(config: RelayConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
         match Relay::bind(config, &identity) {
             Ok(relay) => {
+                // Ready once bound: agents' handshakes queue from then on.
+                let summary = relay.summary();
+                tokio::spawn(notify::report(summary, |s| s.to_string(), shutdown.clone()));
                 relay.run(shutdown).await;
                 ExitCode::SUCCESS
             }
@@ -127,6 +131,12 @@ fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
         };
     let (config_path, key_path) = (dir.join("relay.toml"), dir.join("relay.key"));
     let fingerprint = identity.fingerprint();
+    // The address agents reach: the one given, unless it is "every address".
+    let relay = if listen.ip().is_unspecified() {
+        format!("RELAY_HOST:{}", listen.port())
+    } else {
+        listen.to_string()
+    };
     println!(
         "Wrote {} and {}.",
         config_path.display(),
@@ -134,15 +144,23 @@ fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
     );
     println!("Relay fingerprint: {fingerprint}");
     println!();
-    println!("On the home machine, run (with this relay's public name or address):");
+    println!("On the home machine, run:");
     println!(
-        "  tether-agent init --dir /etc/tether --relay RELAY_HOST:{} --relay-fingerprint {fingerprint}",
-        listen.port()
+        "  tether-agent init --dir /etc/tether --relay {relay} --relay-fingerprint {fingerprint}"
     );
+    if listen.ip().is_unspecified() {
+        println!("with RELAY_HOST this relay's public name or address.");
+    }
     println!(
-        "then paste the [[agent]] block it prints into {}.",
+        "Then paste the [[agent]] block it prints into {}.",
         config_path.display()
     );
+    println!();
+    println!(
+        "Firewall: open {}/udp (agents connect there), and the public ports each agent is",
+        listen.port()
+    );
+    println!("allowed in relay.toml (such as 2222/tcp for ssh, 60000-60010/udp for mosh).");
     ExitCode::SUCCESS
 }
 

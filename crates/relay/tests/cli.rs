@@ -25,9 +25,12 @@ fn init_writes_a_private_key_and_a_config_that_checks() {
         .find_map(|l| l.strip_prefix("Relay fingerprint: "))
         .expect("init prints the fingerprint");
     assert!(
-        out.contains(&format!("--relay-fingerprint {printed}")),
+        out.contains(&format!(
+            "tether-agent init --dir /etc/tether --relay 127.0.0.1:4433 --relay-fingerprint {printed}"
+        )),
         "{out}"
     );
+    assert!(out.contains("Firewall: open 4433/udp"), "{out}");
     let mode = fs::metadata(dir.path().join("etc/relay.key"))
         .unwrap()
         .permissions()
@@ -48,7 +51,14 @@ fn init_writes_a_private_key_and_a_config_that_checks() {
 fn init_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     let target = dir.path().to_str().unwrap();
-    assert_eq!(relay(&["init", "--dir", target]).0, 0);
+    let (code, out, _) = relay(&["init", "--dir", target]);
+    assert_eq!(code, 0);
+    // Listening on every address, init cannot know the public one.
+    assert!(out.contains("--relay RELAY_HOST:4433 "), "{out}");
+    assert!(
+        out.contains("with RELAY_HOST this relay's public name"),
+        "{out}"
+    );
     let key_before = fs::read(dir.path().join("relay.key")).unwrap();
     fs::remove_file(dir.path().join("relay.toml")).unwrap();
     let (code, _, err) = relay(&["init", "--dir", target]);
