@@ -45,7 +45,7 @@ const MAX_HANDSHAKES: usize = 8;
 const STILL_UNANSWERED_EVERY: Duration = Duration::from_secs(300);
 
 /// How long the agent waits for its goodbye to the relay to go out when it stops.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
+pub const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -1,0 +1,104 @@
+//! The systemd units in `deploy/`: systemd accepts them, rates their hardening 2.0 or lower
+//! (`systemd-analyze security`), and they agree with the binaries they start.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use tether_tests::lab::binary;
+use tether_tests::tools;
+
+/// The highest exposure `systemd-analyze security` may give a unit, in its tenths (2.0).
+const MOST_EXPOSURE: u32 = 20;
+
+fn unit(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(format!("{name}.service"))
+}
+
+/// The value of `key` in the unit, which must appear once.
+fn setting(text: &str, key: &str) -> String {
+    let prefix = format!("{key}=");
+    let values: Vec<&str> = text
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .collect();
+    assert_eq!(values.len(), 1, "{key} appears {} times", values.len());
+    values[0].to_owned()
+}
+
+fn seconds(value: &str) -> Duration {
+    let seconds = value.strip_suffix('s').expect("a time in seconds");
+    Duration::from_secs(seconds.parse().expect("whole seconds"))
+}
+
+#[test]
+fn units_start_the_binaries_as_they_expect() {
+    for (side, grace) in [
+        ("relay", tether_relay::Limits::default().shutdown_grace),
+        ("agent", tether_agent::client::CLOSE_GRACE),
+    ] {
+        let text = std::fs::read_to_string(unit(&format!("tether-{side}"))).unwrap();
+        assert_eq!(setting(&text, "Type"), "notify");
+        assert_eq!(
+            setting(&text, "ExecStart"),
+            format!("/usr/bin/tether-{side} run -c %d/{side}.toml")
+        );
+        // The config's default key path is relative to its folder: the credentials folder.
+        for file in [format!("{side}.toml"), format!("{side}.key")] {
+            let credential = format!("LoadCredential={file}:/etc/tether/{file}");
+            assert!(text.lines().any(|l| l == credential), "no {credential}");
+        }
+        // A usage or config error (exit 64) is not worth restarting for.
+        assert_eq!(setting(&text, "RestartPreventExitStatus"), "64");
+        assert_eq!(setting(&text, "Restart"), "on-failure");
+        let stop = seconds(&setting(&text, "TimeoutStopSec"));
+        assert!(stop > grace * 2, "TimeoutStopSec {stop:?}, grace {grace:?}");
+        assert!(seconds(&setting(&text, "WatchdogSec")) >= Duration::from_secs(10));
+        assert_eq!(setting(&text, "After"), "network-online.target");
+        assert_eq!(setting(&text, "DynamicUser"), "yes");
+        assert_eq!(setting(&text, "CapabilityBoundingSet"), "");
+    }
+}
+
+#[test]
+fn systemd_accepts_the_units_and_rates_them_two_or_lower() {
+    let test = "systemd_accepts_the_units_and_rates_them_two_or_lower";
+    if !tools::available(test, &["systemd-analyze"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["tether-relay", "tether-agent"] {
+        // verify checks that ExecStart's program exists: point it at the one just built.
+        let text = std::fs::read_to_string(unit(name)).unwrap().replace(
+            &format!("/usr/bin/{name}"),
+            binary(name).to_str().unwrap(),
+        );
+        let copy = dir.path().join(format!("{name}.service"));
+        std::fs::write(&copy, text).unwrap();
+
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze runs");
+        let complaints = String::from_utf8_lossy(&verify.stderr);
+        assert!(verify.status.success(), "{name}: {complaints}");
+        assert!(complaints.trim().is_empty(), "{name}: {complaints}");
+
+        let security = Command::new("systemd-analyze")
+            .args(["security", "--offline=true"])
+            .arg(format!("--threshold={MOST_EXPOSURE}"))
+            .arg(&copy)
+            .output()
+            .expect("systemd-analyze runs");
+        let report = String::from_utf8_lossy(&security.stdout);
+        let overall = report
+            .lines()
+            .find(|l| l.contains("Overall exposure level"))
+            .unwrap_or_else(|| panic!("{name}: no overall rating in\n{report}"));
+        println!("{overall}");
+        assert!(security.status.success(), "{name} is rated above 2.0:\n{report}");
+    }
+}
