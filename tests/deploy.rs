@@ -71,10 +71,9 @@ fn systemd_accepts_the_units_and_rates_them_two_or_lower() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["tether-relay", "tether-agent"] {
         // verify checks that ExecStart's program exists: point it at the one just built.
-        let text = std::fs::read_to_string(unit(name)).unwrap().replace(
-            &format!("/usr/bin/{name}"),
-            binary(name).to_str().unwrap(),
-        );
+        let text = std::fs::read_to_string(unit(name))
+            .unwrap()
+            .replace(&format!("/usr/bin/{name}"), binary(name).to_str().unwrap());
         let copy = dir.path().join(format!("{name}.service"));
         std::fs::write(&copy, text).unwrap();
 
@@ -99,6 +98,9 @@ fn systemd_accepts_the_units_and_rates_them_two_or_lower() {
             .find(|l| l.contains("Overall exposure level"))
             .unwrap_or_else(|| panic!("{name}: no overall rating in\n{report}"));
         println!("{overall}");
-        assert!(security.status.success(), "{name} is rated above 2.0:\n{report}");
+        assert!(
+            security.status.success(),
+            "{name} is rated above 2.0:\n{report}"
+        );
     }
 }
