@@ -3,7 +3,6 @@
 //! loop runs, `STOPPING=1` when it drains. Each message is one datagram to the Unix socket named
 //! by `$NOTIFY_SOCKET`; outside systemd nothing is sent.
 
-use std::fmt;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
@@ -54,14 +53,9 @@ impl Systemd {
         })
     }
 
-    /// How often [`Systemd::report`] sends `WATCHDOG=1`.
-    pub fn watchdog_every(&self) -> Option<Duration> {
-        self.watchdog_every
-    }
-
     /// Sends one message of `KEY=value` lines. A message systemd cannot take at once is
     /// dropped: the next status or watchdog message follows soon.
-    pub fn send(&self, message: &str) {
+    fn send(&self, message: &str) {
         if let Err(error) = self.socket.send_to_addr(message.as_bytes(), &self.target) {
             tracing::debug!(%error, "cannot notify systemd");
         }
@@ -127,38 +121,23 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 
 /// `$NOTIFY_SOCKET` as an address: a path, or with a leading `@` a name in Linux's abstract
 /// namespace.
-fn socket_address(text: &str) -> Result<SocketAddr, NotifyError> {
+fn socket_address(text: &str) -> Result<SocketAddr, String> {
     match text.strip_prefix('@') {
         Some(name) => abstract_address(name.as_bytes()),
-        None if text.starts_with('/') => {
-            SocketAddr::from_pathname(text).map_err(|e| NotifyError(e.to_string()))
-        }
-        None => Err(NotifyError(
-            "expected an absolute path or @name".to_string(),
-        )),
+        None if text.starts_with('/') => SocketAddr::from_pathname(text).map_err(|e| e.to_string()),
+        None => Err("expected an absolute path or @name".to_string()),
     }
 }
 
 #[cfg(target_os = "linux")]
-fn abstract_address(name: &[u8]) -> Result<SocketAddr, NotifyError> {
+fn abstract_address(name: &[u8]) -> Result<SocketAddr, String> {
     use std::os::linux::net::SocketAddrExt;
-    SocketAddr::from_abstract_name(name).map_err(|e| NotifyError(e.to_string()))
+    SocketAddr::from_abstract_name(name).map_err(|e| e.to_string())
 }
 
 #[cfg(not(target_os = "linux"))]
-fn abstract_address(_: &[u8]) -> Result<SocketAddr, NotifyError> {
-    Err(NotifyError(
-        "abstract sockets exist on Linux alone".to_string(),
-    ))
-}
-
-#[derive(Debug)]
-struct NotifyError(String);
-
-impl fmt::Display for NotifyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
+fn abstract_address(_: &[u8]) -> Result<SocketAddr, String> {
+    Err("abstract sockets exist on Linux alone".to_string())
 }
 
 /// Half of `WATCHDOG_USEC`, if it is set for this process: `WATCHDOG_PID`, when present, must
