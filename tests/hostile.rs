@@ -355,6 +355,27 @@ async fn a_stalled_handshake_ends_at_its_deadline_and_frees_its_place() {
 }
 
 #[tokio::test]
+async fn a_stalled_handshake_does_not_hold_up_the_drain() {
+    within("the whole test", async {
+        let keys = Keys::new();
+        let limits = Limits::default();
+        let deadline = limits.handshake_timeout;
+        let (relay, agent_identity, _) = gatekeeper(&keys, limits, &[]);
+        // An agent that gave up on a handshake (it keeps several going while it probes a
+        // restarting relay) leaves one the relay cannot finish.
+        let mut stalled = Hop::start("127.0.0.2", relay.addr, false).await;
+        let _stalled = attempt(&agent_identity, &relay, &stalled);
+        stalled.answered().await;
+        let since = std::time::Instant::now();
+        relay.stop().await;
+        let took = since.elapsed();
+        println!("the relay drained in {took:?} with a handshake stalled");
+        assert!(took < deadline / 2, "the drain took {took:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn failed_handshakes_leave_nothing_behind() {
     within("the whole test", async {
         let port = free_port();

@@ -82,6 +82,9 @@ impl Default for Limits {
     }
 }
 
+/// How long a draining relay waits, at most, for its closed connections to go idle.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error(transparent)]
@@ -233,7 +236,10 @@ impl Relay {
         shared.tasks.close();
         let drained = async {
             shared.tasks.wait().await;
-            endpoint.wait_idle().await;
+            // The goodbyes went out at once; waiting for idle lets a lost one be sent again.
+            // A connection dropped mid-handshake would hold this up for its whole closing
+            // period (3 s at QUIC's initial RTT estimate), hence the bound.
+            let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
         };
         let grace = shared.limits.shutdown_grace;
         if tokio::time::timeout(grace, drained).await.is_err() {
