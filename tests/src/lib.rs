@@ -257,17 +257,18 @@ impl AgentHandle {
 
     /// Waits for a failed attempt and returns its error.
     pub async fn failed(&mut self) -> String {
+        let failure = |status: &AgentStatus| match status {
+            AgentStatus::Waiting { error, .. } => Some(error.clone()),
+            AgentStatus::Connecting { last_error } => last_error.clone(),
+            _ => None,
+        };
         let status = within(
             "the agent to report a failure",
-            self.status
-                .wait_for(|s| matches!(s, AgentStatus::Waiting { .. })),
+            self.status.wait_for(|s| failure(s).is_some()),
         )
         .await
         .expect("agent status");
-        match &*status {
-            AgentStatus::Waiting { error, .. } => error.clone(),
-            _ => unreachable!(),
-        }
+        failure(&status).expect("a failure")
     }
 
     pub async fn stop(self) {

@@ -124,7 +124,7 @@ impl Agent {
             client,
             pin,
             forwards: config.forwards.clone().into(),
-            status: watch::Sender::new(AgentStatus::Connecting),
+            status: watch::Sender::new(AgentStatus::Connecting { last_error: None }),
             udp: Arc::default(),
             config,
         })
@@ -146,9 +146,13 @@ impl Agent {
         let mut last_session: Option<SessionId> = None;
         let mut probe = None;
         let mut unanswered = Unanswered::default();
+        // Why the last attempt or session failed, shown while the next attempt runs.
+        let mut last_error = None;
         tracing::info!(relay = %self.config.relay, fingerprint = %self.fingerprint, "agent starting");
         while !shutdown.is_cancelled() {
-            self.status.send_replace(AgentStatus::Connecting);
+            self.status.send_replace(AgentStatus::Connecting {
+                last_error: last_error.take(),
+            });
             let attempt = tokio::select! {
                 () = shutdown.cancelled() => break,
                 attempt = self.connect(probe.take()) => attempt,
@@ -179,16 +183,20 @@ impl Agent {
                     unanswered.log(&error);
                     self.status.send_replace(AgentStatus::Waiting {
                         retry_in: Duration::ZERO,
-                        error,
+                        error: error.clone(),
                     });
+                    last_error = Some(error);
                     continue;
                 }
                 Err(error) => error.to_string(),
             };
             let retry_in = backoff.next_delay(rand::random());
             tracing::warn!(%error, "reconnecting in {:.1}s", retry_in.as_secs_f64());
-            self.status
-                .send_replace(AgentStatus::Waiting { retry_in, error });
+            self.status.send_replace(AgentStatus::Waiting {
+                retry_in,
+                error: error.clone(),
+            });
+            last_error = Some(error);
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(retry_in) => {}

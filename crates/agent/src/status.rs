@@ -8,8 +8,10 @@ use tether_common::protocol::{ForwardResult, SessionId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentStatus {
-    /// Resolving the relay's name and handshaking.
-    Connecting,
+    /// Resolving the relay's name and handshaking; after a failure, with its reason.
+    Connecting {
+        last_error: Option<String>,
+    },
     /// A session is up; the relay answered for each forward.
     Connected {
         session: SessionId,
@@ -46,7 +48,13 @@ impl AgentStatus {
 impl fmt::Display for AgentStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            AgentStatus::Connecting => f.write_str("connecting to the relay"),
+            AgentStatus::Connecting { last_error: None } => f.write_str("connecting to the relay"),
+            AgentStatus::Connecting {
+                last_error: Some(error),
+            } => write!(
+                f,
+                "connecting to the relay again; the last attempt: {error}"
+            ),
             AgentStatus::Connected { forwards, .. } => {
                 let opened = forwards
                     .iter()
@@ -109,5 +117,12 @@ mod tests {
             error: "no answer".into(),
         };
         assert_eq!(unanswered.to_string(), "reconnecting: no answer");
+        let again = AgentStatus::Connecting {
+            last_error: Some("no answer".into()),
+        };
+        assert_eq!(
+            again.to_string(),
+            "connecting to the relay again; the last attempt: no answer"
+        );
     }
 }
