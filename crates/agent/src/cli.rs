@@ -98,9 +98,9 @@ pub fn main() -> ExitCode {
         Command::Check { config: file } => match load(&file) {
             Ok((config, _)) => {
                 println!(
-                    "{}: ok ({} forwards)",
+                    "{}: ok ({})",
                     file.display(),
-                    config.forwards.len()
+                    common::count(config.forwards.len(), "forward")
                 );
                 ExitCode::SUCCESS
             }

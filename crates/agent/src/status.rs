@@ -4,6 +4,7 @@
 use std::fmt;
 use std::time::Duration;
 
+use tether_common::cli::count;
 use tether_common::protocol::{ForwardResult, SessionId};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,8 +61,7 @@ impl fmt::Display for AgentStatus {
                     .iter()
                     .filter(|(_, r)| *r == ForwardResult::Opened)
                     .count();
-                let plural = if opened == 1 { "" } else { "s" };
-                write!(f, "connected to the relay, {opened} forward{plural}")?;
+                write!(f, "connected to the relay, {}", count(opened, "forward"))?;
                 match forwards.len() - opened {
                     0 => Ok(()),
                     refused => write!(f, " ({refused} refused)"),

@@ -60,7 +60,7 @@ fn init_prints_the_block_to_paste_on_the_relay() {
     );
     let (code, out, err) = agent(&["check", "-c", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok (1 forwards)"), "{out}");
+    assert!(out.contains("ok (1 forward)"), "{out}");
 }
 
 #[test]

@@ -16,6 +16,15 @@ pub const EXIT_USAGE: u8 = 64;
 /// Exit code for a failure at run time.
 pub const EXIT_FAILURE: u8 = 1;
 
+/// `n` and the noun, in the plural unless `n` is 1: "1 agent", "2 agents".
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 pub fn usage_error() -> ExitCode {
     ExitCode::from(EXIT_USAGE)
 }

@@ -10,6 +10,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tether_common::cli::count;
 use tether_common::config::AgentEntry;
 use tether_common::datagram::DatagramSender;
 use tether_common::ports::{PortSpec, Proto};
@@ -90,14 +91,11 @@ pub struct Summary {
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let plural = |n: usize| if n == 1 { "" } else { "s" };
         write!(
             f,
-            "{} agent{}, {} forward{}",
-            self.agents,
-            plural(self.agents),
-            self.forwards,
-            plural(self.forwards)
+            "{}, {}",
+            count(self.agents, "agent"),
+            count(self.forwards, "forward")
         )
     }
 }

@@ -80,9 +80,9 @@ pub fn main() -> ExitCode {
         Command::Check { config } => match load(&config) {
             Ok((config_ok, _)) => {
                 println!(
-                    "{}: ok ({} agents)",
+                    "{}: ok ({})",
                     config.display(),
-                    config_ok.agents.len()
+                    common::count(config_ok.agents.len(), "agent")
                 );
                 ExitCode::SUCCESS
             }
