@@ -198,6 +198,7 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
     use std::sync::Arc;
     use tether_common::splice::{splice, Transferred};
     use tether_common::tls::{self, AgentPins};
+    use tether_common::traffic::ForwardTraffic;
 
     within("the whole test", async {
         let keys = Keys::new();
@@ -229,7 +230,12 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
         let (inside, _) = listener.accept().await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();
         let stop = CancellationToken::new();
-        let spliced = tokio::spawn(async move { splice(inside, send, recv, &stop).await });
+        let traffic = Arc::new(ForwardTraffic::default());
+        let meter = traffic.clone();
+        let spliced =
+            tokio::spawn(
+                async move { splice(inside, send, recv, &stop, meter.at_visitor()).await },
+            );
 
         let (up, down) = (pattern(300_001), pattern(700_003));
         outside.write_all(&up).await.unwrap();
@@ -249,6 +255,9 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
                 to_tcp: 700_003
             }
         );
+        // The forward's meter saw the same bytes: in from the TCP side, out to it.
+        let count = traffic.count();
+        assert_eq!((count.bytes_in, count.bytes_out), (300_001, 700_003));
     })
     .await;
 }

@@ -506,7 +506,8 @@ fn ip(args: &[&str]) {
     assert!(status.expect("run ip").success(), "ip {args:?} failed");
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (its effective uid is 0).
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
         status
             .lines()

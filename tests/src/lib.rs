@@ -105,10 +105,12 @@ pub fn consecutive<T>(count: u16, bind: impl Fn((&str, u16)) -> Option<T>) -> (u
 pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
     RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        key,
+        key: key.clone(),
         public_bind: Some("127.0.0.1".parse().unwrap()),
         tcp_keepalive: Some(Duration::from_secs(30)),
         agents,
+        status_socket: key.with_file_name("relay.sock"),
+        metrics: None,
     }
 }
 
@@ -139,10 +141,12 @@ pub fn agent_config(
             port: relay.port(),
         },
         relay_fingerprint,
+        status_socket: key.with_file_name("agent.sock"),
         key,
         keepalive: Some(Duration::from_secs(10)),
         idle_timeout: Duration::from_secs(30),
         forwards,
+        metrics: None,
     }
 }
 

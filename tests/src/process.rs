@@ -121,6 +121,9 @@ pub struct Configs {
     pub port: u16,
     pub relay_key: PathBuf,
     pub agent_key: PathBuf,
+    /// Where each binary answers `status`, in the keys' folder.
+    pub relay_socket: PathBuf,
+    pub agent_socket: PathBuf,
 }
 
 impl Configs {
@@ -136,6 +139,7 @@ impl Configs {
             &relay,
             format!(
                 "listen = \"127.0.0.1:{quic}\"\nkey = \"relay.key\"\npublic_bind = \"127.0.0.1\"\n\
+                 status_socket = \"relay.sock\"\n\
                  [[agent]]\nname = \"home\"\nfingerprint = \"{}\"\nports = [\"{port}/tcp\"]\n",
                 agent_identity.fingerprint()
             ),
@@ -146,6 +150,7 @@ impl Configs {
             &agent,
             format!(
                 "relay = \"127.0.0.1:{quic}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
+                 status_socket = \"agent.sock\"\n\
                  [[forward]]\nname = \"echo\"\nproto = \"tcp\"\nremote = {port}\nlocal = \"{local}\"\n",
                 relay_identity.fingerprint(),
             ),
@@ -157,6 +162,8 @@ impl Configs {
             port,
             relay_key,
             agent_key,
+            relay_socket: keys.path().join("relay.sock"),
+            agent_socket: keys.path().join("agent.sock"),
         }
     }
 }

@@ -1,14 +1,15 @@
-//! `tether-agent`'s command line: init, fingerprint, check, run.
+//! `tether-agent`'s command line: init, fingerprint, check, run, status.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
-use tether_common::config::{AgentConfig, HostPort};
+use tether_common::config::{AgentConfig, HostPort, AGENT_STATUS_SOCKET};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::notify;
 
+use crate::status::AgentReport;
 use crate::{Agent, AgentStatus};
 
 const DEFAULT_CONFIG: &str = "/etc/tether/agent.toml";
@@ -57,6 +58,20 @@ enum Command {
     Run {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The key file, instead of the config's `key` (the systemd unit passes its credential)
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+    /// Show the running agent's session and forwards, and what they carried
+    Status {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The status socket, instead of the config's status_socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -88,14 +103,14 @@ pub fn main() -> ExitCode {
             relay_fingerprint,
             name,
         } => init(&dir, &relay, relay_fingerprint, name),
-        Command::Fingerprint { config } => match load(&config) {
+        Command::Fingerprint { config } => match load(&config, None) {
             Ok((_, identity)) => {
                 println!("{}", identity.fingerprint());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Command::Check { config: file } => match load(&file) {
+        Command::Check { config: file } => match load(&file, None) {
             Ok((config, _)) => {
                 println!(
                     "{}: ok ({})",
@@ -106,8 +121,25 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            let Ok((config, identity)) = load(&config) else {
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = common::status_socket_path(
+                socket,
+                &config,
+                AgentConfig::load,
+                |c| c.status_socket,
+                AGENT_STATUS_SOCKET,
+            );
+            match socket {
+                Ok(socket) => common::print_status(&socket, json, AgentReport::render),
+                Err(code) => code,
+            }
+        }
+        Command::Run { config, key } => {
+            let Ok((config, identity)) = load(&config, key.as_deref()) else {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
@@ -116,14 +148,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(file: &Path) -> Result<(AgentConfig, Identity), ExitCode> {
-    common::load_config_and_key(file, AgentConfig::load, |c| &c.key)
+fn load(file: &Path, key: Option<&Path>) -> Result<(AgentConfig, Identity), ExitCode> {
+    common::load_config_and_key(file, AgentConfig::load, |c| &mut c.key, key)
 }
 
 fn run(config: AgentConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
+        let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
         match Agent::new(config, &identity) {
             Ok(agent) => {
+                let observer = agent.observer();
+                if let Some(address) = metrics {
+                    let registry = crate::metrics::registry(observer.clone());
+                    if let Err(code) =
+                        common::spawn_metrics(address, registry, shutdown.clone()).await
+                    {
+                        return code;
+                    }
+                }
+                common::spawn_status_socket(
+                    &status_socket,
+                    move || observer.status(),
+                    shutdown.clone(),
+                );
                 tokio::spawn(notify::report(
                     agent.status(),
                     AgentStatus::to_string,

@@ -11,10 +11,11 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use tether_common::config::{AgentConfig, Forward};
-use tether_common::datagram::UdpCounters;
+use tether_common::config::AgentConfig;
+use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
-use tether_common::protocol::{CloseCode, SessionId};
+use tether_common::protocol::{CloseCode, ForwardResult, SessionId};
+use tether_common::report;
 use tether_common::tls::{self, RelayPin, TlsError};
 use tether_common::transport;
 use tokio::sync::watch;
@@ -24,8 +25,8 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::probe;
-use crate::session::{self, SessionEnd};
-use crate::status::AgentStatus;
+use crate::session::{self, Context, Offered, SessionEnd};
+use crate::status::{AgentReport, AgentStatus, ForwardReport, Tracker};
 
 /// How long one attempt to reach the relay may take, name lookup and handshake included.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -108,8 +109,9 @@ pub struct Agent {
     client: quinn::ClientConfig,
     pin: Arc<RelayPin>,
     /// The forwards offered to the relay, in the order of the Hello.
-    forwards: Arc<[Forward]>,
+    forwards: Arc<[Offered]>,
     status: watch::Sender<AgentStatus>,
+    tracker: Arc<Tracker>,
     udp: Arc<UdpCounters>,
 }
 
@@ -123,8 +125,9 @@ impl Agent {
             fingerprint: identity.fingerprint(),
             client,
             pin,
-            forwards: config.forwards.clone().into(),
+            forwards: config.forwards.iter().cloned().map(Offered::new).collect(),
             status: watch::Sender::new(AgentStatus::Connecting { last_error: None }),
+            tracker: Arc::default(),
             udp: Arc::default(),
             config,
         })
@@ -133,6 +136,19 @@ impl Agent {
     /// Follows what the agent is doing.
     pub fn status(&self) -> watch::Receiver<AgentStatus> {
         self.status.subscribe()
+    }
+
+    /// A handle that reads the agent's state, for the status socket and the metrics.
+    pub fn observer(&self) -> AgentObserver {
+        AgentObserver {
+            relay: self.config.relay.to_string(),
+            relay_fingerprint: self.config.relay_fingerprint,
+            fingerprint: self.fingerprint,
+            forwards: self.forwards.clone(),
+            status: self.status.subscribe(),
+            tracker: self.tracker.clone(),
+            udp: self.udp.clone(),
+        }
     }
 
     /// What happened to UDP traffic since the agent started.
@@ -185,6 +201,7 @@ impl Agent {
                         retry_in: Duration::ZERO,
                         error: error.clone(),
                     });
+                    self.tracker.failed(&error);
                     last_error = Some(error);
                     continue;
                 }
@@ -196,6 +213,7 @@ impl Agent {
                 retry_in,
                 error: error.clone(),
             });
+            self.tracker.failed(&error);
             last_error = Some(error);
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -218,16 +236,15 @@ impl Agent {
         let _probe = self.config.keepalive.map(|keepalive| {
             AbortOnDropHandle::new(tokio::spawn(probe::while_silent(conn.clone(), keepalive)))
         });
-        let end = session::run(
-            conn,
-            self.forwards.clone(),
-            *last_session,
-            &self.status,
-            &self.udp,
+        let cx = Context {
+            status: &self.status,
+            tracker: &self.tracker,
+            udp: &self.udp,
             shutdown,
-        )
-        .instrument(span)
-        .await;
+        };
+        let end = session::run(conn, self.forwards.clone(), *last_session, cx)
+            .instrument(span)
+            .await;
         match end {
             SessionEnd::Stopped => Next::Stop,
             SessionEnd::RelayRestarting { session, why } => {
@@ -316,15 +333,91 @@ impl Agent {
     }
 }
 
+/// Reads the state of a running agent.
+#[derive(Clone)]
+pub struct AgentObserver {
+    relay: String,
+    relay_fingerprint: Fingerprint,
+    fingerprint: Fingerprint,
+    forwards: Arc<[Offered]>,
+    status: watch::Receiver<AgentStatus>,
+    tracker: Arc<Tracker>,
+    udp: Arc<UdpCounters>,
+}
+
+impl std::fmt::Debug for AgentObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentObserver")
+            .field("relay", &self.relay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentObserver {
+    /// The session, the forwards and what they carried.
+    pub fn status(&self) -> AgentReport {
+        let status = self.status.borrow().clone();
+        let live = self.tracker.live();
+        let forwards = self
+            .forwards
+            .iter()
+            .enumerate()
+            .map(|(index, Offered { forward, traffic })| {
+                let state = match status.forward(&forward.name) {
+                    None => "not connected".to_string(),
+                    Some(ForwardResult::Opened) => "open".to_string(),
+                    Some(ForwardResult::Refused(why)) => format!("refused: {why}"),
+                };
+                let flows = live
+                    .as_ref()
+                    .map_or(0, |l| l.flows.open_flows(index as u16));
+                ForwardReport {
+                    name: forward.name.clone(),
+                    proto: forward.proto.to_string(),
+                    remote: forward.remote.to_string(),
+                    local: forward.local.to_string(),
+                    state,
+                    flows_open: flows as u64,
+                    traffic: traffic.count(),
+                }
+            })
+            .collect();
+        let sessions = self.tracker.sessions();
+        let last_error = self.tracker.last_error();
+        AgentReport {
+            relay: self.relay.clone(),
+            relay_fingerprint: self.relay_fingerprint.to_string(),
+            fingerprint: self.fingerprint.to_string(),
+            state: status.to_string(),
+            connected: live.is_some(),
+            session: status.session(),
+            relay_address: live.as_ref().map(|l| l.conn.remote_address().to_string()),
+            since: live.as_ref().map(|l| report::timestamp(l.since)),
+            rtt_ms: live.as_ref().map(|l| report::millis(l.conn.rtt())),
+            sessions,
+            reconnects: sessions.saturating_sub(1),
+            last_error_at: last_error.as_ref().map(|(_, at)| report::timestamp(*at)),
+            last_error: last_error.map(|(error, _)| error),
+            forwards,
+            dropped_datagrams: DropReason::ALL
+                .iter()
+                .map(|&reason| (reason.label().to_owned(), self.udp.dropped(reason)))
+                .collect(),
+        }
+    }
+}
+
 /// Why a lost session calls for reconnecting at once, if it does: the relay said goodbye
-/// because it is restarting, or it answered with a stateless reset, which only a relay holding
+/// because it is restarting or its config for this agent changed, or it answered with a stateless reset, which only a relay holding
 /// the same key can make (it restarted and no longer knows the session).
 pub(crate) fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
     match error {
-        quinn::ConnectionError::ApplicationClosed(close)
-            if CloseCode::from_code(close.error_code) == Some(CloseCode::RelayShutdown) =>
-        {
-            Some("relay is restarting")
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            match CloseCode::from_code(close.error_code)? {
+                CloseCode::RelayShutdown => Some("relay is restarting"),
+                CloseCode::Reconfigured => Some("the relay's config for this agent changed"),
+                _ => None,
+            }
         }
         quinn::ConnectionError::Reset => Some("relay restarted and no longer knows this session"),
         _ => None,

@@ -4,10 +4,11 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod metrics;
 pub mod probe;
 pub mod session;
 pub mod status;
 pub mod udp;
 
-pub use client::{Agent, AgentError};
+pub use client::{Agent, AgentError, AgentObserver};
 pub use status::AgentStatus;

@@ -12,6 +12,7 @@ use tether_common::protocol::{
     StreamCode, StreamHeader, VERSION,
 };
 use tether_common::splice::splice;
+use tether_common::traffic::ForwardTraffic;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -20,7 +21,7 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::client::relay_restarting;
-use crate::status::AgentStatus;
+use crate::status::{AgentStatus, Tracker};
 use crate::udp;
 
 /// How long the relay may take to answer Hello.
@@ -29,6 +30,30 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a local service may take.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A forward from agent.toml, with what it carried since the agent started.
+#[derive(Debug, Clone)]
+pub struct Offered {
+    pub forward: Forward,
+    pub traffic: Arc<ForwardTraffic>,
+}
+
+impl Offered {
+    pub fn new(forward: Forward) -> Self {
+        Self {
+            forward,
+            traffic: Arc::default(),
+        }
+    }
+}
+
+/// What a session reports to and counts into, besides its connection.
+pub struct Context<'a> {
+    pub status: &'a watch::Sender<AgentStatus>,
+    pub tracker: &'a Tracker,
+    pub udp: &'a Arc<UdpCounters>,
+    pub shutdown: &'a CancellationToken,
+}
 
 /// How a session ended.
 #[derive(Debug)]
@@ -66,12 +91,16 @@ impl SessionEnd {
 /// Runs one session on an established connection until it ends.
 pub async fn run(
     conn: &quinn::Connection,
-    forwards: Arc<[Forward]>,
+    forwards: Arc<[Offered]>,
     resume: Option<SessionId>,
-    status: &watch::Sender<AgentStatus>,
-    udp: &Arc<UdpCounters>,
-    shutdown: &CancellationToken,
+    cx: Context<'_>,
 ) -> SessionEnd {
+    let Context {
+        status,
+        tracker,
+        udp,
+        shutdown,
+    } = cx;
     let (session, opened, (_control_send, mut control)) = match open(conn, &forwards, resume).await
     {
         Ok(open) => open,
@@ -94,17 +123,18 @@ pub async fn run(
         session,
         forwards: forwards
             .iter()
-            .map(|f| f.name.clone())
+            .map(|o| o.forward.name.clone())
             .zip(opened.iter().copied())
             .collect(),
     });
-    let opened: Arc<[Option<Forward>]> = forwards
+    let opened: Arc<[Option<Offered>]> = forwards
         .iter()
         .zip(opened.iter())
         .map(|(f, r)| (*r == ForwardResult::Opened).then(|| f.clone()))
         .collect();
     let datagrams = DatagramSender::new(conn.clone(), udp.clone());
     let flows = udp::Flows::new(&opened, datagrams, udp.clone()).await;
+    let _live = tracker.connected(conn.clone(), flows.clone());
     let _udp = AbortOnDropHandle::new(tokio::spawn(
         udp::carry(conn.clone(), flows).in_current_span(),
     ));
@@ -158,7 +188,7 @@ type Control = (quinn::SendStream, quinn::RecvStream);
 /// Says Hello and reads the relay's Welcome.
 async fn open(
     conn: &quinn::Connection,
-    forwards: &[Forward],
+    forwards: &[Offered],
     resume: Option<SessionId>,
 ) -> Result<(SessionId, Vec<ForwardResult>, Control), OpenError> {
     let exchange = async {
@@ -168,6 +198,7 @@ async fn open(
             resume,
             forwards: forwards
                 .iter()
+                .map(|o| &o.forward)
                 .map(|f| ForwardRequest {
                     name: f.name.clone(),
                     proto: f.proto,
@@ -196,8 +227,8 @@ async fn open(
 }
 
 /// Logs the relay's answer for each forward in plain words.
-fn report(forwards: &[Forward], results: &[ForwardResult]) {
-    for (forward, result) in forwards.iter().zip(results) {
+fn report(forwards: &[Offered], results: &[ForwardResult]) {
+    for (Offered { forward, .. }, result) in forwards.iter().zip(results) {
         let public = format!("{}/{}", forward.remote, forward.proto);
         match result {
             ForwardResult::Opened => tracing::info!(
@@ -217,7 +248,7 @@ fn report(forwards: &[Forward], results: &[ForwardResult]) {
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    forwards: Arc<[Option<Forward>]>,
+    forwards: Arc<[Option<Offered>]>,
     shutdown: CancellationToken,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
@@ -230,11 +261,17 @@ async fn serve_stream(
         _ => None,
     };
     let target = header.and_then(|h| {
-        let forward = forwards.get(usize::from(h.forward))?.as_ref()?;
+        let Offered { forward, traffic } = forwards.get(usize::from(h.forward))?.as_ref()?;
         let (host, port) = forward.local_for(h.port)?;
-        Some((h, forward.name.clone(), host.to_owned(), port))
+        Some((
+            h,
+            forward.name.clone(),
+            traffic.clone(),
+            host.to_owned(),
+            port,
+        ))
     });
-    let Some((header, name, host, port)) = target else {
+    let Some((header, name, traffic, host, port)) = target else {
         tracing::warn!("the relay opened a data stream with a bad header");
         refuse(&mut send, &mut recv, StreamCode::BadHeader);
         return;
@@ -254,8 +291,9 @@ async fn serve_stream(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let _open = traffic.visitor();
         tracing::debug!("visitor connected");
-        match splice(tcp, send, recv, &shutdown).await {
+        match splice(tcp, send, recv, &shutdown, traffic.at_service()).await {
             Ok(moved) => tracing::debug!(
                 bytes_in = moved.to_tcp,
                 bytes_out = moved.to_stream,

@@ -1,11 +1,18 @@
-//! What the agent is doing, published for tests, systemd's status line and (later) the status
-//! command.
+//! What the agent is doing: [`AgentStatus`], published for tests and systemd's status line, and
+//! the fuller [`AgentReport`] that `tether-agent status` shows.
 
-use std::fmt;
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::fmt::{self, Write};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
+use serde::{Deserialize, Serialize};
 use tether_common::cli::count;
 use tether_common::protocol::{ForwardResult, SessionId};
+use tether_common::report::{self, age, bytes};
+use tether_common::traffic::TrafficCount;
+
+use crate::udp::Flows;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentStatus {
@@ -79,6 +86,200 @@ impl fmt::Display for AgentStatus {
             }
             AgentStatus::Stopped => f.write_str("stopped"),
         }
+    }
+}
+
+/// What `status` shows beyond [`AgentStatus`]: the live session's connection and flows, how
+/// many sessions there were, and the last error.
+#[derive(Default)]
+pub struct Tracker {
+    inner: Mutex<Tracked>,
+}
+
+#[derive(Default)]
+struct Tracked {
+    live: Option<Live>,
+    sessions: u64,
+    last_error: Option<(String, SystemTime)>,
+}
+
+#[derive(Clone)]
+pub struct Live {
+    pub conn: quinn::Connection,
+    pub since: SystemTime,
+    pub flows: Arc<Flows>,
+}
+
+/// A session counted as live until dropped.
+pub struct LiveGuard<'a>(&'a Tracker);
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().live = None;
+    }
+}
+
+impl Tracker {
+    fn lock(&self) -> MutexGuard<'_, Tracked> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a session that is set up, live until the returned guard is dropped.
+    pub fn connected(&self, conn: quinn::Connection, flows: Arc<Flows>) -> LiveGuard<'_> {
+        let mut tracked = self.lock();
+        tracked.sessions += 1;
+        tracked.live = Some(Live {
+            conn,
+            since: SystemTime::now(),
+            flows,
+        });
+        LiveGuard(self)
+    }
+
+    /// Keeps `error` as the last one, for the status.
+    pub fn failed(&self, error: &str) {
+        self.lock().last_error = Some((error.to_owned(), SystemTime::now()));
+    }
+
+    pub fn live(&self) -> Option<Live> {
+        self.lock().live.clone()
+    }
+
+    pub fn sessions(&self) -> u64 {
+        self.lock().sessions
+    }
+
+    pub fn last_error(&self) -> Option<(String, SystemTime)> {
+        self.lock().last_error.clone()
+    }
+}
+
+/// The agent's state at one moment, as `status --json` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentReport {
+    /// The relay as agent.toml names it.
+    pub relay: String,
+    pub relay_fingerprint: String,
+    /// This agent's own key.
+    pub fingerprint: String,
+    /// What the agent is doing, in the words of systemd's status line.
+    pub state: String,
+    pub connected: bool,
+    pub session: Option<SessionId>,
+    /// The address the live session goes to.
+    pub relay_address: Option<String>,
+    /// When the live session began; RFC 3339.
+    pub since: Option<String>,
+    pub rtt_ms: Option<f64>,
+    /// Sessions since the agent started; every one after the first was a reconnect.
+    pub sessions: u64,
+    pub reconnects: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub forwards: Vec<ForwardReport>,
+    /// Datagrams dropped since the agent started, by reason.
+    pub dropped_datagrams: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardReport {
+    pub name: String,
+    pub proto: String,
+    /// The public port or range on the relay.
+    pub remote: String,
+    pub local: String,
+    /// "open", "refused: <why>", or "not connected".
+    pub state: String,
+    /// UDP flows open now.
+    pub flows_open: u64,
+    /// Since the agent started, across its sessions.
+    #[serde(flatten)]
+    pub traffic: TrafficCount,
+}
+
+impl AgentReport {
+    /// The report as a person reads it: the relay, the session, then a table of forwards.
+    pub fn render(&self, now: SystemTime) -> String {
+        let mut out = format!(
+            "relay {}, key {}\nthis agent's key {}\n\n{}\n",
+            self.relay, self.relay_fingerprint, self.fingerprint, self.state
+        );
+        if self.connected {
+            let mut parts = Vec::new();
+            if let Some(session) = self.session {
+                parts.push(format!("session {session}"));
+            }
+            if let Some(address) = &self.relay_address {
+                parts.push(format!("to {address}"));
+            }
+            if let Some(age) = self.since.as_deref().and_then(|s| age(s, now)) {
+                parts.push(format!("up {age}"));
+            }
+            if let Some(rtt) = self.rtt_ms {
+                parts.push(format!("RTT {rtt} ms"));
+            }
+            parts.push(count(self.reconnects as usize, "reconnect"));
+            let _ = writeln!(out, "{}", parts.join(", "));
+        }
+        if let Some(error) = &self.last_error {
+            let ago = self.last_error_at.as_deref().and_then(|at| age(at, now));
+            match ago {
+                Some(ago) => {
+                    let _ = writeln!(out, "last error, {ago} ago: {error}");
+                }
+                None => {
+                    let _ = writeln!(out, "last error: {error}");
+                }
+            }
+        }
+        let dash = || "-".to_string();
+        let rows: Vec<Vec<String>> = self
+            .forwards
+            .iter()
+            .map(|f| {
+                let t = &f.traffic;
+                let (visitors, flows) = match f.proto.as_str() {
+                    "udp" => (dash(), f.flows_open.to_string()),
+                    _ => (t.visitors_open.to_string(), dash()),
+                };
+                vec![
+                    f.name.clone(),
+                    format!("{}/{}", f.remote, f.proto),
+                    f.local.clone(),
+                    f.state.clone(),
+                    visitors,
+                    flows,
+                    bytes(t.bytes_in + t.datagram_bytes_in),
+                    bytes(t.bytes_out + t.datagram_bytes_out),
+                ]
+            })
+            .collect();
+        if !rows.is_empty() {
+            out.push('\n');
+            out.push_str(&report::table(
+                &[
+                    "FORWARD",
+                    "RELAY PORTS",
+                    "LOCAL",
+                    "STATE",
+                    "VISITORS",
+                    "FLOWS",
+                    "IN",
+                    "OUT",
+                ],
+                &rows,
+            ));
+        }
+        let dropped: Vec<String> = self
+            .dropped_datagrams
+            .iter()
+            .filter(|(_, &n)| n > 0)
+            .map(|(reason, n)| format!("{n} {reason}"))
+            .collect();
+        if !dropped.is_empty() {
+            let _ = writeln!(out, "\ndropped datagrams: {}", dropped.join(", "));
+        }
+        out
     }
 }
 

@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
-use tether_common::config::Forward;
-use tether_common::datagram::{self, DatagramHeader, DatagramSender, FlowId, UdpCounters};
+use tether_common::datagram::UdpCounters;
+use tether_common::datagram::{self, DatagramHeader, DatagramSender, DropReason, FlowId};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
 use tether_common::flows::{self, FlowTable};
 use tether_common::ports::{PortRange, Proto};
+use tether_common::traffic::ForwardTraffic;
 use tokio::net::UdpSocket;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
+
+use crate::session::Offered;
 
 /// Flows one forward carries at once; a new one evicts the longest idle. Each holds a socket
 /// and a 64 KiB receive buffer.
@@ -42,6 +45,7 @@ struct UdpForward {
     local_ip: IpAddr,
     local_ports: PortRange,
     idle: Duration,
+    traffic: Arc<ForwardTraffic>,
 }
 
 struct Flow {
@@ -53,13 +57,15 @@ impl Flows {
     /// Flows for the UDP forwards among `opened` (the forwards of the Hello, `None` where the
     /// relay refused one). Local host names are resolved here, once per session.
     pub async fn new(
-        opened: &[Option<Forward>],
+        opened: &[Option<Offered>],
         datagrams: DatagramSender,
         counters: Arc<UdpCounters>,
     ) -> Arc<Self> {
         let mut forwards = HashMap::new();
         for (index, forward) in opened.iter().enumerate() {
-            let Some(forward) = forward.as_ref().filter(|f| f.proto == Proto::Udp) else {
+            let Some(Offered { forward, traffic }) =
+                forward.as_ref().filter(|o| o.forward.proto == Proto::Udp)
+            else {
                 continue;
             };
             let host = forward.local.host.as_str();
@@ -83,6 +89,7 @@ impl Flows {
                     local_ip,
                     local_ports: forward.local.ports,
                     idle: forward.flow_idle,
+                    traffic: traffic.clone(),
                 },
             );
         }
@@ -111,22 +118,36 @@ impl Flows {
         if datagram.is_empty() {
             return; // The relay's answer to a probe: its arrival was the point.
         }
-        let dropped = || UdpCounters::add(&self.counters.dropped, 1);
+        let dropped = |reason| self.counters.count_drop(reason);
         let Ok((header, payload)) = DatagramHeader::decode(datagram) else {
-            return dropped();
+            return dropped(DropReason::UnknownFlow);
         };
         let now = Instant::now();
         let mut tables = self.lock();
         let Some(table) = tables.get_mut(&header.forward) else {
-            return dropped();
+            return dropped(DropReason::NoRoute);
         };
+        let Some(forward) = self.forwards.get(&header.forward) else {
+            return dropped(DropReason::NoRoute);
+        };
+        tracing::trace!(
+            flow = header.flow,
+            len = payload.len(),
+            "datagram to the service"
+        );
         if let Some(flow) = table.touch(&header.flow, now) {
-            return send(&flow.socket, payload, dropped);
+            if send(&flow.socket, payload, dropped) {
+                forward.traffic.datagram_in(payload.len());
+            }
+            return;
         }
         let Some(flow) = self.open(header) else {
-            return dropped();
+            return dropped(DropReason::NoFlow);
         };
-        send(&flow.socket, payload, dropped);
+        forward.traffic.flow_opened();
+        if send(&flow.socket, payload, dropped) {
+            forward.traffic.datagram_in(payload.len());
+        }
         // The agent's table protects no flow, so the insert always makes room.
         let evicted = table.insert(header.flow, flow, now).unwrap_or_default();
         UdpCounters::add(&self.counters.flows_opened, 1);
@@ -154,6 +175,11 @@ impl Flows {
             socket,
             _answers: AbortOnDropHandle::new(answers),
         })
+    }
+
+    /// The flows of forward `index` open now.
+    pub fn open_flows(&self, index: u16) -> usize {
+        self.lock().get(&index).map_or(0, |table| table.len())
     }
 
     /// Marks flow `id` of `forward` seen; false if it is gone.
@@ -220,8 +246,12 @@ async fn carry_answers(flows: Weak<Flows>, header: DatagramHeader, socket: Arc<U
             Ok(len) => {
                 let Some(flows) = flows.upgrade() else { return };
                 if flows.touch(header.forward, header.flow) {
+                    tracing::trace!(len, "datagram to the relay");
                     let answer = Bytes::copy_from_slice(&buf[..HEADER_LEN + len]);
                     flows.datagrams.send(answer);
+                    if let Some(forward) = flows.forwards.get(&header.forward) {
+                        forward.traffic.datagram_out(len);
+                    }
                 }
             }
             // The service is not listening (yet): an ICMP message said so, once per datagram.
@@ -256,9 +286,12 @@ fn connect(local: SocketAddr) -> io::Result<UdpSocket> {
 }
 
 /// A non-blocking send straight on the socket: a datagram that does not fit now is dropped
-/// rather than waited for, and the socket need not have been polled first.
-fn send(socket: &UdpSocket, payload: &[u8], dropped: impl Fn()) {
-    if SockRef::from(socket).send(payload).is_err() {
-        dropped();
+/// rather than waited for, and the socket need not have been polled first. Returns whether it
+/// was sent.
+fn send(socket: &UdpSocket, payload: &[u8], dropped: impl Fn(DropReason)) -> bool {
+    let sent = SockRef::from(socket).send(payload).is_ok();
+    if !sent {
+        dropped(DropReason::SendFailed);
     }
+    sent
 }

@@ -2,14 +2,22 @@
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::time::SystemTime;
+
+use prometheus_client::registry::Registry;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::ConfigError;
 use crate::identity::Identity;
+use crate::metrics;
+use crate::status_socket::{self, StatusSocket};
 
 /// Exit code for bad usage or a bad config (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
@@ -65,21 +73,60 @@ async fn shutdown_signal() -> std::io::Result<()> {
     Ok(())
 }
 
-/// Loads a config with `load` and the key it names, printing every problem for the user.
+/// Loads a config with `load` and the key it names (or `key_override`, which then becomes the
+/// config's key), printing every problem for the user.
 pub fn load_config_and_key<C>(
     file: &Path,
     load: fn(&Path) -> Result<C, ConfigError>,
-    key: fn(&C) -> &Path,
+    key: fn(&mut C) -> &mut std::path::PathBuf,
+    key_override: Option<&Path>,
 ) -> Result<(C, Identity), ExitCode> {
-    let config = load(file).map_err(|e| {
+    let mut config = load(file).map_err(|e| {
         eprintln!("{e}");
         usage_error()
     })?;
-    let identity = Identity::load(key(&config)).map_err(|e| {
+    if let Some(path) = key_override {
+        *key(&mut config) = path.to_owned();
+    }
+    let identity = Identity::load(key(&mut config)).map_err(|e| {
         eprintln!("{}: key: {e}", file.display());
         usage_error()
     })?;
     Ok((config, identity))
+}
+
+/// On each SIGHUP until `shutdown`, loads `file` again and hands the config to `apply`. A
+/// config that fails to load is logged, problem by problem, and the running one stays.
+pub async fn reload_on_hangup<C>(
+    file: std::path::PathBuf,
+    load: impl Fn(&Path) -> Result<C, ConfigError>,
+    mut apply: impl FnMut(C),
+    shutdown: CancellationToken,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(error) => {
+            tracing::error!(%error, "cannot listen for SIGHUP; reloading is off");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        tracing::info!("SIGHUP received, reloading {}", file.display());
+        match load(&file) {
+            Ok(config) => apply(config),
+            Err(error) => {
+                for problem in error.to_string().lines() {
+                    tracing::error!("{problem}");
+                }
+                tracing::error!("reload refused; the running config stays");
+            }
+        }
+    }
 }
 
 /// What `init` does on both sides: in `dir`, a new key as `key_name` and `config_text` as
@@ -135,5 +182,104 @@ where
             signal.cancel();
         });
         serve(shutdown).await
+    })
+}
+
+/// Answers `status` on the socket at `path` with what `status` returns, until `shutdown`. A
+/// socket that cannot be opened is logged, and the service goes on without it.
+pub fn spawn_status_socket<S: Serialize>(
+    path: &Path,
+    status: impl Fn() -> S + Send + 'static,
+    shutdown: CancellationToken,
+) {
+    match StatusSocket::bind(path) {
+        Ok(socket) => {
+            tracing::debug!(path = %path.display(), "status socket open");
+            let answer = move || serde_json::to_string(&status()).unwrap_or_default();
+            tokio::spawn(socket.serve(answer, shutdown));
+        }
+        Err(error) => tracing::warn!("{error}; `status` will get no answer"),
+    }
+}
+
+/// Serves `registry` on `address` until `shutdown`. The address was asked for in the config, so
+/// failing to bind it is an error, as failing to bind `listen` is.
+pub async fn spawn_metrics(
+    address: SocketAddr,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), ExitCode> {
+    match metrics::bind(address).await {
+        Ok(listener) => {
+            let bound = listener.local_addr().unwrap_or(address);
+            tracing::info!("metrics on http://{bound}/metrics");
+            tokio::spawn(metrics::serve(listener, registry, shutdown));
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!("cannot serve metrics on {address}: {error}");
+            Err(failure())
+        }
+    }
+}
+
+/// The `status` command: asks the process on `socket` and prints its answer, as JSON or for
+/// people with `render`. Exits 1 if the process does not answer.
+pub fn print_status<S: DeserializeOwned>(
+    socket: &Path,
+    json: bool,
+    render: fn(&S, SystemTime) -> String,
+) -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let answer = match runtime.map(|rt| rt.block_on(status_socket::query(socket))) {
+        Ok(Ok(answer)) => answer,
+        Ok(Err(error)) => {
+            eprintln!("{error}");
+            return failure();
+        }
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return failure();
+        }
+    };
+    if json {
+        print!("{answer}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<S>(&answer) {
+        Ok(status) => {
+            print!("{}", render(&status, SystemTime::now()));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!(
+                "{}: cannot read the answer ({error}); is the service the same version as this command?",
+                socket.display()
+            );
+            failure()
+        }
+    }
+}
+
+/// Where `status` asks: `--socket` if given, else the config's `status_socket`, else (no config
+/// file at all) the default.
+pub fn status_socket_path<C>(
+    socket: Option<std::path::PathBuf>,
+    file: &Path,
+    load: fn(&Path) -> Result<C, ConfigError>,
+    status_socket: fn(C) -> std::path::PathBuf,
+    default: &str,
+) -> Result<std::path::PathBuf, ExitCode> {
+    if let Some(socket) = socket {
+        return Ok(socket);
+    }
+    if !file.exists() {
+        return Ok(default.into());
+    }
+    load(file).map(status_socket).map_err(|e| {
+        eprintln!("{e}");
+        usage_error()
     })
 }

@@ -83,14 +83,50 @@ pub const MAX_STREAMED: u32 = 64;
 /// How long sending or receiving one oversized datagram on its stream may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What happened to the UDP traffic of one side, for logs and tests.
+/// Why a datagram was dropped, as the metrics label it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// No live session or no forward for it: the agent is away, or the forward closed.
+    NoRoute,
+    /// Its flow was forgotten meanwhile, or the header named no flow of this session.
+    UnknownFlow,
+    /// No flow could be opened for it: every flow under the cap was active, or no local socket
+    /// could be opened.
+    NoFlow,
+    /// A socket's buffer or the session's datagram queue was full, or the path went away.
+    SendFailed,
+    /// Too large for a QUIC datagram while [`MAX_STREAMED`] others were on streams already.
+    TooManyStreamed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 5] = [
+        DropReason::NoRoute,
+        DropReason::UnknownFlow,
+        DropReason::NoFlow,
+        DropReason::SendFailed,
+        DropReason::TooManyStreamed,
+    ];
+
+    /// The reason as a metric label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            DropReason::NoRoute => "no_route",
+            DropReason::UnknownFlow => "unknown_flow",
+            DropReason::NoFlow => "no_flow",
+            DropReason::SendFailed => "send_failed",
+            DropReason::TooManyStreamed => "too_many_streamed",
+        }
+    }
+}
+
+/// What happened to the UDP traffic of one side, for logs, metrics and tests.
 #[derive(Debug, Default)]
 pub struct UdpCounters {
     /// Datagrams too large for a QUIC datagram, sent on a stream of their own.
     pub sent_on_stream: AtomicU64,
-    /// Datagrams dropped: no session or route for them, an unknown flow, a full socket, or too
-    /// many oversized datagrams in flight at once.
-    pub dropped: AtomicU64,
+    /// Datagrams dropped, by [`DropReason`] in the order of [`DropReason::ALL`].
+    dropped: [AtomicU64; DropReason::ALL.len()],
     /// Datagrams from visitors outside the forward's `allow_from`.
     pub refused: AtomicU64,
     pub flows_opened: AtomicU64,
@@ -119,7 +155,7 @@ impl UdpCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         UdpCount {
             sent_on_stream: get(&self.sent_on_stream),
-            dropped: get(&self.dropped),
+            dropped: self.dropped.iter().map(get).sum(),
             refused: get(&self.refused),
             flows_opened: get(&self.flows_opened),
             flows_expired: get(&self.flows_expired),
@@ -130,6 +166,16 @@ impl UdpCounters {
 
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts one dropped datagram.
+    pub fn count_drop(&self, reason: DropReason) {
+        Self::add(&self.dropped[reason as usize], 1);
+    }
+
+    /// Datagrams dropped for `reason`.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.dropped[reason as usize].load(Ordering::Relaxed)
     }
 }
 
@@ -157,7 +203,7 @@ impl DatagramSender {
             Some(max) if datagram.len() <= max => {
                 // Only fails if the connection is gone or the path shrank this very moment.
                 if self.conn.send_datagram(datagram).is_err() {
-                    UdpCounters::add(&self.counters.dropped, 1);
+                    self.counters.count_drop(DropReason::SendFailed);
                 }
             }
             _ => self.send_on_stream(datagram),
@@ -166,7 +212,7 @@ impl DatagramSender {
 
     fn send_on_stream(&self, datagram: Bytes) {
         let Ok(permit) = self.streams.clone().try_acquire_owned() else {
-            UdpCounters::add(&self.counters.dropped, 1);
+            self.counters.count_drop(DropReason::TooManyStreamed);
             return;
         };
         UdpCounters::add(&self.counters.sent_on_stream, 1);

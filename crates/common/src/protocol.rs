@@ -443,10 +443,13 @@ pub enum CloseCode {
     Timeout,
     /// A bug in the relay ended the session; reconnecting starts a fresh one.
     InternalError,
+    /// The relay's config for this agent changed (its allowlist): reconnect at once, so that
+    /// the forwards are asked for again under the new one.
+    Reconfigured,
 }
 
 impl CloseCode {
-    const ALL: [CloseCode; 8] = [
+    const ALL: [CloseCode; 9] = [
         CloseCode::AgentShutdown,
         CloseCode::RelayShutdown,
         CloseCode::Replaced,
@@ -455,6 +458,7 @@ impl CloseCode {
         CloseCode::Unauthorized,
         CloseCode::Timeout,
         CloseCode::InternalError,
+        CloseCode::Reconfigured,
     ];
 
     pub fn code(self) -> quinn::VarInt {
@@ -467,6 +471,7 @@ impl CloseCode {
             CloseCode::Unauthorized => 6,
             CloseCode::Timeout => 7,
             CloseCode::InternalError => 8,
+            CloseCode::Reconfigured => 9,
         })
     }
 
@@ -485,6 +490,7 @@ impl CloseCode {
             CloseCode::Unauthorized => "agent not authorized",
             CloseCode::Timeout => "session set-up timed out",
             CloseCode::InternalError => "internal error in the relay",
+            CloseCode::Reconfigured => "the relay's config for this agent changed",
         }
     }
 

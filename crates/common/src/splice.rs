@@ -9,11 +9,14 @@
 //! - A shutdown is no failure: when this process stops, or the peer closes the session because
 //!   it stops, the TCP connection ends with a FIN, as any server that is stopped closes its
 //!   connections.
+//! - The bytes are counted as they go, into the forward's [`Meter`], so that status and metrics
+//!   see a long transfer move.
 //! - Memory is bounded: one chunk in flight per direction, and QUIC flow control pushes back on
 //!   the sender when the TCP reader is slow. No buffer is held while a connection is idle.
 
 use std::io;
 use std::net::Shutdown;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -34,6 +37,15 @@ pub struct Transferred {
     pub to_stream: u64,
     /// From the stream out to the TCP connection.
     pub to_tcp: u64,
+}
+
+/// The counters a splice adds its bytes to as it carries them.
+#[derive(Debug, Clone, Copy)]
+pub struct Meter<'a> {
+    /// Bytes read from the TCP connection.
+    pub from_tcp: &'a AtomicU64,
+    /// Bytes written to the TCP connection.
+    pub to_tcp: &'a AtomicU64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +69,7 @@ pub async fn splice(
     mut send: SendStream,
     mut recv: RecvStream,
     stop: &CancellationToken,
+    meter: Meter<'_>,
 ) -> Result<Transferred, SpliceError> {
     let mut moved = Transferred::default();
     let result = tokio::select! {
@@ -65,8 +78,8 @@ pub async fn splice(
         () = stop.cancelled() => Err(SpliceError::Stopping),
         result = async {
             tokio::try_join!(
-                tcp_to_stream(&tcp, &mut send, &mut moved.to_stream),
-                stream_to_tcp(&mut recv, &tcp, &mut moved.to_tcp),
+                tcp_to_stream(&tcp, &mut send, (&mut moved.to_stream, meter.from_tcp)),
+                stream_to_tcp(&mut recv, &tcp, (&mut moved.to_tcp, meter.to_tcp)),
             )
         } => result.map(|_| ()),
     };
@@ -117,10 +130,18 @@ pub fn reset_tcp(tcp: &TcpStream) {
     let _ = SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 
+/// What a direction counts its bytes into: its own total and the forward's meter.
+type Counts<'a> = (&'a mut u64, &'a AtomicU64);
+
+fn count((total, meter): &mut Counts<'_>, n: usize) {
+    **total += n as u64;
+    meter.fetch_add(n as u64, Ordering::Relaxed);
+}
+
 async fn tcp_to_stream(
     tcp: &TcpStream,
     send: &mut SendStream,
-    count: &mut u64,
+    mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     loop {
         tcp.readable().await.map_err(SpliceError::TcpRead)?;
@@ -138,21 +159,22 @@ async fn tcp_to_stream(
                 Err(e) => return Err(SpliceError::TcpRead(e)),
             }
         };
-        *count += chunk.len() as u64;
+        let len = chunk.len();
         send.write_chunk(chunk).await?;
+        count(&mut counts, len);
     }
 }
 
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &TcpStream,
-    count: &mut u64,
+    mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
         write_all(tcp, &chunk.bytes)
             .await
             .map_err(SpliceError::TcpWrite)?;
-        *count += chunk.bytes.len() as u64;
+        count(&mut counts, chunk.bytes.len());
     }
     match SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The peer may have closed already; there is nothing left to tell it.

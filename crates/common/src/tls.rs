@@ -211,6 +211,12 @@ impl AgentPins {
         }
     }
 
+    /// Lists `known` instead of the keys listed so far: handshakes from now on are checked
+    /// against them.
+    pub fn replace(&self, known: impl IntoIterator<Item = Fingerprint>) {
+        *self.known.write().unwrap_or_else(|e| e.into_inner()) = known.into_iter().collect();
+    }
+
     pub fn contains(&self, fingerprint: &Fingerprint) -> bool {
         self.known
             .read()

@@ -7,8 +7,10 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use tether_common::cli::count;
 use tether_common::config::AgentEntry;
@@ -17,6 +19,8 @@ use tether_common::ports::{PortSpec, Proto};
 use tether_common::protocol::{
     CloseCode, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
 };
+use tether_common::report;
+use tether_common::traffic::ForwardTraffic;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio_util::sync::DropGuard;
@@ -24,6 +28,7 @@ use tokio_util::sync::DropGuard;
 use crate::admission::Admission;
 use crate::registry::PortRegistry;
 use crate::server::Shared;
+use crate::status::{AgentState, ForwardState};
 use crate::udp::{self, SessionFlows};
 use crate::visitor;
 
@@ -49,6 +54,8 @@ impl LiveSession {
 pub struct Route {
     pub forward: u16,
     pub name: Arc<str>,
+    /// What the forward carried, since the relay started.
+    pub traffic: Arc<ForwardTraffic>,
     /// Which visitors may reach the forward, and how many at once.
     pub admission: Arc<Admission>,
     /// A UDP port's socket, where answers to its visitors leave from.
@@ -100,8 +107,27 @@ impl fmt::Display for Summary {
     }
 }
 
+/// A forward the agent asked for in its latest session, and the relay's answer.
+pub struct Asked {
+    pub name: Arc<str>,
+    pub spec: PortSpec,
+    pub result: ForwardResult,
+    pub traffic: Arc<ForwardTraffic>,
+}
+
 struct Slot {
     live: watch::Sender<Option<Arc<LiveSession>>>,
+    /// What the latest session asked for; kept while the agent is away.
+    forwards: Vec<Asked>,
+    /// What each forward carried, by name, since the relay started: a forward's totals go on
+    /// across sessions.
+    traffic: HashMap<Arc<str>, Arc<ForwardTraffic>>,
+    /// Sessions the agent has had since the relay started.
+    sessions: u64,
+    /// When the agent's latest session began, or ended if it is away.
+    since: Option<SystemTime>,
+    /// Where the latest session came from.
+    address: Option<SocketAddr>,
     /// The listener of each held port.
     ports: HashMap<(Proto, u16), Held>,
     next_stream: Arc<AtomicU64>,
@@ -113,6 +139,11 @@ impl Slot {
     fn new() -> Self {
         Self {
             live: watch::Sender::new(None),
+            forwards: Vec::new(),
+            traffic: HashMap::new(),
+            sessions: 0,
+            since: None,
+            address: None,
             ports: HashMap::new(),
             next_stream: Arc::new(AtomicU64::new(1)),
             generation: 0,
@@ -137,6 +168,7 @@ impl Table {
         let mut ports = HashMap::new();
         let mut routes = HashMap::new();
         let mut results = Vec::with_capacity(requests.len());
+        let mut asked = Vec::with_capacity(requests.len());
         for (index, request) in requests.iter().enumerate() {
             let spec = PortSpec {
                 proto: request.proto,
@@ -153,9 +185,16 @@ impl Table {
                     open_ports(shared, &agent.name, spec, &slot.live, &mut held, &mut ports)
                 })
             };
+            let name: Arc<str> = request.name.as_str().into();
+            let traffic = slot.traffic.entry(name.clone()).or_default().clone();
+            asked.push(Asked {
+                name: name.clone(),
+                spec,
+                result: ForwardResult::Opened,
+                traffic: traffic.clone(),
+            });
             results.push(match result {
                 Ok(()) => {
-                    let name: Arc<str> = request.name.as_str().into();
                     let admission = Arc::new(Admission::new(
                         request.allow_from.clone(),
                         shared.limits.max_visitors_per_forward,
@@ -165,6 +204,7 @@ impl Table {
                         let route = Route {
                             forward: index as u16,
                             name: name.clone(),
+                            traffic: traffic.clone(),
                             admission: admission.clone(),
                             udp: ports.get(&(spec.proto, port)).and_then(|h| h.udp.clone()),
                         };
@@ -189,6 +229,10 @@ impl Table {
             self.registry.release(&agent.name, proto, port);
         }
         slot.ports = ports;
+        for (asked, result) in asked.iter_mut().zip(&results) {
+            asked.result = *result;
+        }
+        slot.forwards = asked;
         (results, routes)
     }
 
@@ -196,6 +240,9 @@ impl Table {
     pub fn publish(&mut self, agent: &str, session: NewSession) -> Option<Arc<LiveSession>> {
         let slot = self.agents.get_mut(agent)?;
         slot.generation += 1;
+        slot.sessions += 1;
+        slot.since = Some(SystemTime::now());
+        slot.address = Some(session.conn.remote_address());
         let live = Arc::new(LiveSession {
             id: session.id,
             conn: session.conn,
@@ -229,6 +276,7 @@ impl Table {
             return None;
         }
         slot.live.send_replace(None);
+        slot.since = Some(SystemTime::now());
         let generation = slot.generation;
         self.update_summary();
         Some(generation)
@@ -253,6 +301,110 @@ impl Table {
             *current = summary;
             changed
         });
+    }
+
+    /// Forgets an agent that is no longer listed: its session is closed and its ports too.
+    pub fn remove_agent(&mut self, agent: &str) {
+        let Some(slot) = self.agents.remove(agent) else {
+            return;
+        };
+        if let Some(live) = slot.live.send_replace(None) {
+            tracing::info!(
+                agent,
+                session = live.id,
+                "agent no longer listed; session closed"
+            );
+            CloseCode::Unauthorized.close(&live.conn);
+        }
+        for (proto, port) in slot.ports.into_keys() {
+            self.registry.release(agent, proto, port);
+        }
+        self.update_summary();
+    }
+
+    /// Applies an agent's new allowlist. If its live session holds a forward the new one does
+    /// not allow, or was refused one it now allows, the session is closed with
+    /// [`CloseCode::Reconfigured`] so that the agent asks again at once; returns whether it was.
+    /// Ports an absent agent holds and may no longer have are closed.
+    pub fn allowlist_changed(&mut self, agent: &AgentEntry) -> bool {
+        let Some(slot) = self.agents.get_mut(&agent.name) else {
+            return false;
+        };
+        let live = slot.live.borrow().clone();
+        let Some(live) = live else {
+            let refused: Vec<_> = slot
+                .ports
+                .keys()
+                .copied()
+                .filter(|&(proto, port)| {
+                    let range = tether_common::ports::PortRange::single(port);
+                    !range.is_some_and(|range| agent.allows(PortSpec { proto, range }))
+                })
+                .collect();
+            for (proto, port) in refused {
+                slot.ports.remove(&(proto, port));
+                self.registry.release(&agent.name, proto, port);
+            }
+            return false;
+        };
+        let differs = slot.forwards.iter().any(|asked| match asked.result {
+            ForwardResult::Opened => !agent.allows(asked.spec),
+            ForwardResult::Refused(Refusal::NotAllowed) => agent.allows(asked.spec),
+            ForwardResult::Refused(_) => false,
+        });
+        if differs {
+            tracing::info!(
+                agent = agent.name,
+                session = live.id,
+                "allowlist changed; the agent asks for its forwards again"
+            );
+            CloseCode::Reconfigured.close(&live.conn);
+        }
+        differs
+    }
+
+    /// The state of each listed agent and of its latest session's forwards.
+    pub fn agent_states(&self, listed: &[AgentEntry]) -> Vec<AgentState> {
+        listed
+            .iter()
+            .map(|entry| {
+                let slot = self.agents.get(&entry.name);
+                let live = slot.and_then(|s| s.live.borrow().clone());
+                let forwards = slot.map_or(&[][..], |s| &s.forwards);
+                let forwards = forwards
+                    .iter()
+                    .enumerate()
+                    .map(|(index, asked)| {
+                        let state = match (&live, asked.result) {
+                            (None, _) => "agent away".to_string(),
+                            (Some(_), ForwardResult::Opened) => "open".to_string(),
+                            (Some(_), ForwardResult::Refused(why)) => format!("refused: {why}"),
+                        };
+                        let flows = live.as_ref().map(|l| l.flows.open_flows(index as u16));
+                        ForwardState {
+                            name: asked.name.to_string(),
+                            proto: asked.spec.proto.to_string(),
+                            ports: asked.spec.range.to_string(),
+                            state,
+                            flows_open: flows.unwrap_or(0) as u64,
+                            traffic: asked.traffic.count(),
+                        }
+                    })
+                    .collect();
+                let sessions = slot.map_or(0, |s| s.sessions);
+                AgentState {
+                    name: entry.name.clone(),
+                    fingerprint: entry.fingerprint.to_string(),
+                    connected: live.is_some(),
+                    address: slot.and_then(|s| s.address).map(|a| a.to_string()),
+                    since: slot.and_then(|s| s.since).map(report::timestamp),
+                    rtt_ms: live.as_ref().map(|l| report::millis(l.conn.rtt())),
+                    sessions,
+                    reconnects: sessions.saturating_sub(1),
+                    forwards,
+                }
+            })
+            .collect()
     }
 
     /// Closes and releases the agent's ports if no session came since `generation`.

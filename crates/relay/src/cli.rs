@@ -1,4 +1,4 @@
-//! `tether-relay`'s command line: init, fingerprint, check, run.
+//! `tether-relay`'s command line: init, fingerprint, check, run, status.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -6,10 +6,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tether_common::cli::{self as common, failure, usage_error};
-use tether_common::config::RelayConfig;
+use tether_common::config::{RelayConfig, RELAY_STATUS_SOCKET};
 use tether_common::identity::Identity;
 use tether_common::notify;
 
+use crate::status::RelayStatus;
 use crate::Relay;
 
 const DEFAULT_CONFIG: &str = "/etc/tether/relay.toml";
@@ -48,10 +49,24 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Serve until SIGINT or SIGTERM
+    /// Serve until SIGINT or SIGTERM; SIGHUP reloads the config's agents
     Run {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// The key file, instead of the config's `key` (the systemd unit passes its credential)
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+    },
+    /// Show the running relay's agents and forwards, and what they carried
+    Status {
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The status socket, instead of the config's status_socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -70,14 +85,14 @@ pub fn main() -> ExitCode {
     };
     match cli.command {
         Command::Init { dir, listen } => init(&dir, listen),
-        Command::Fingerprint { config } => match load(&config) {
+        Command::Fingerprint { config } => match load(&config, None) {
             Ok((_, identity)) => {
                 println!("{}", identity.fingerprint());
                 ExitCode::SUCCESS
             }
             Err(code) => code,
         },
-        Command::Check { config } => match load(&config) {
+        Command::Check { config } => match load(&config, None) {
             Ok((config_ok, _)) => {
                 println!(
                     "{}: ok ({})",
@@ -88,24 +103,71 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Run { config } => {
-            let Ok((config, identity)) = load(&config) else {
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => {
+            let socket = common::status_socket_path(
+                socket,
+                &config,
+                RelayConfig::load,
+                |c| c.status_socket,
+                RELAY_STATUS_SOCKET,
+            );
+            match socket {
+                Ok(socket) => common::print_status(&socket, json, RelayStatus::render),
+                Err(code) => code,
+            }
+        }
+        Command::Run { config: file, key } => {
+            let Ok((config, identity)) = load(&file, key.as_deref()) else {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
-            run(config, identity)
+            run(file, config, identity)
         }
     }
 }
 
-fn load(file: &Path) -> Result<(RelayConfig, Identity), ExitCode> {
-    common::load_config_and_key(file, RelayConfig::load, |c| &c.key)
+fn load(file: &Path, key: Option<&Path>) -> Result<(RelayConfig, Identity), ExitCode> {
+    common::load_config_and_key(file, RelayConfig::load, |c| &mut c.key, key)
 }
 
-fn run(config: RelayConfig, identity: Identity) -> ExitCode {
+fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
+        let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
+        let key = config.key.clone();
         match Relay::bind(config, &identity) {
             Ok(relay) => {
+                let control = relay.control();
+                if let Some(address) = metrics {
+                    let registry = crate::metrics::registry(control.clone());
+                    if let Err(code) =
+                        common::spawn_metrics(address, registry, shutdown.clone()).await
+                    {
+                        return code;
+                    }
+                }
+                let reload = {
+                    let control = control.clone();
+                    move |mut config: RelayConfig| {
+                        // The key in use came from the command line, or from the config.
+                        config.key = key.clone();
+                        control.reload(config).log();
+                    }
+                };
+                tokio::spawn(common::reload_on_hangup(
+                    file,
+                    RelayConfig::load,
+                    reload,
+                    shutdown.clone(),
+                ));
+                common::spawn_status_socket(
+                    &status_socket,
+                    move || control.status(),
+                    shutdown.clone(),
+                );
                 // Ready once bound: agents' handshakes queue from then on.
                 let summary = relay.summary();
                 tokio::spawn(notify::report(summary, |s| s.to_string(), shutdown.clone()));

@@ -5,16 +5,18 @@ mod admission;
 pub mod agents;
 pub mod cli;
 mod handshakes;
+pub mod metrics;
 mod places;
 mod public;
 pub mod registry;
 pub mod server;
 pub mod session;
+pub mod status;
 mod tally;
 pub mod udp;
 pub mod visitor;
 
-pub use server::{Limits, Relay, RelayError};
+pub use server::{Control, Limits, Relay, RelayError};
 
 #[cfg(test)]
 mod testing {

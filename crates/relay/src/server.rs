@@ -2,11 +2,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use tether_common::config::RelayConfig;
-use tether_common::datagram::UdpCounters;
+use tether_common::config::{AgentEntry, RelayConfig};
+use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::CloseCode;
 use tether_common::tls::{self, AgentPins, TlsError};
@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 use crate::agents::{Summary, Table};
 use crate::handshakes::{Pending, Verdict};
 use crate::session;
+use crate::status::RelayStatus;
 use crate::tally::{self, Tally};
 
 /// The relay's timings. The defaults are the product's; tests shorten them to see each limit
@@ -98,7 +99,11 @@ pub enum RelayError {
 
 /// What every task of the relay shares.
 pub struct Shared {
+    /// The config the relay started with; its agents are [`Shared::agents`], which a reload
+    /// replaces.
     pub config: RelayConfig,
+    agents: RwLock<Arc<[AgentEntry]>>,
+    pins: Arc<AgentPins>,
     pub limits: Limits,
     table: Mutex<Table>,
     pub tasks: TaskTracker,
@@ -113,6 +118,22 @@ impl Shared {
     pub fn table(&self) -> MutexGuard<'_, Table> {
         // A panic while holding the lock leaves the table as consistent as any step left it.
         self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agents the relay serves now.
+    pub fn agents(&self) -> Arc<[AgentEntry]> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The listed agent with this key, if any.
+    pub fn agent_with(&self, fingerprint: Fingerprint) -> Option<AgentEntry> {
+        self.agents()
+            .iter()
+            .find(|a| a.fingerprint == fingerprint)
+            .cloned()
     }
 }
 
@@ -144,7 +165,7 @@ impl Relay {
             let known = config.agents.iter().map(|a| a.fingerprint);
             Arc::new(AgentPins::with_on_refused(known, Box::new(on_refused)))
         };
-        let mut server = tls::server_config(identity, pins)?;
+        let mut server = tls::server_config(identity, pins.clone())?;
         server
             .transport_config(transport::relay())
             // Attempts the accept loop has not decided on yet: it decides on each at once, so
@@ -163,6 +184,8 @@ impl Relay {
                 source,
             })?;
         let shared = Arc::new(Shared {
+            agents: RwLock::new(config.agents.clone().into()),
+            pins: pins.clone(),
             config,
             limits,
             table: Mutex::default(),
@@ -187,6 +210,16 @@ impl Relay {
     /// Follows how many agents and forwards the relay serves.
     pub fn summary(&self) -> watch::Receiver<Summary> {
         self.shared.table().summary()
+    }
+
+    /// A handle that reads the relay's state (for the status socket and the metrics) and
+    /// reloads its config.
+    pub fn control(&self) -> Control {
+        Control {
+            shared: self.shared.clone(),
+            listen: self.local_addr().map_or("?".into(), |a| a.to_string()),
+            fingerprint: self.fingerprint,
+        }
     }
 
     /// What happened to UDP traffic since the relay started.
@@ -246,6 +279,148 @@ impl Relay {
             tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
         tracing::info!("relay stopped");
+    }
+}
+
+/// What a reload changed, by agent name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Listed now, and not before (or with another key).
+    pub added: Vec<String>,
+    /// No longer listed (or listed with another key): disconnected.
+    pub removed: Vec<String>,
+    /// Listed with other ports.
+    pub changed: Vec<String>,
+    /// Of those changed, the ones whose session was closed so that they ask again.
+    pub reconnected: Vec<String>,
+    /// Settings that changed and take effect only at the next start.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl Reloaded {
+    /// Says in the log what the reload did.
+    pub fn log(&self) {
+        let list = |names: &[String]| names.join(", ");
+        if !self.added.is_empty() {
+            tracing::info!(agents = list(&self.added), "reload: agents added");
+        }
+        if !self.removed.is_empty() {
+            tracing::info!(
+                agents = list(&self.removed),
+                "reload: agents removed and disconnected"
+            );
+        }
+        if !self.changed.is_empty() {
+            tracing::info!(
+                agents = list(&self.changed),
+                reconnected = list(&self.reconnected),
+                "reload: allowlists changed"
+            );
+        }
+        for key in &self.needs_restart {
+            tracing::warn!("reload: {key} changed; it takes effect at the next restart");
+        }
+        tracing::info!("reload done");
+    }
+}
+
+/// Reads the state of a running relay, and reloads its config.
+#[derive(Clone)]
+pub struct Control {
+    shared: Arc<Shared>,
+    listen: String,
+    fingerprint: Fingerprint,
+}
+
+impl std::fmt::Debug for Control {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Control")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Control {
+    /// Applies a new config's agents: a removed agent (or one whose key changed) is disconnected
+    /// and its ports closed, a new one is accepted from now on, and an agent whose allowlist
+    /// changed what its session may open reconnects to ask again. Other sessions go on
+    /// untouched. Settings that only a restart applies are named in the answer, and kept.
+    pub fn reload(&self, config: RelayConfig) -> Reloaded {
+        let shared = &self.shared;
+        let old = &shared.config;
+        let mut reloaded = Reloaded::default();
+        let restart_only = [
+            ("listen", old.listen != config.listen),
+            ("key", old.key != config.key),
+            ("public_bind", old.public_bind != config.public_bind),
+            ("tcp_keepalive", old.tcp_keepalive != config.tcp_keepalive),
+            ("status_socket", old.status_socket != config.status_socket),
+            ("metrics", old.metrics != config.metrics),
+        ];
+        reloaded.needs_restart = restart_only
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect();
+        // Under the table's lock, so that no session is published for an agent in between.
+        let mut table = shared.table();
+        let before = shared.agents();
+        for agent in before.iter() {
+            match config.agents.iter().find(|a| a.name == agent.name) {
+                Some(now) if now.fingerprint == agent.fingerprint => {
+                    if now.ports != agent.ports {
+                        if table.allowlist_changed(now) {
+                            reloaded.reconnected.push(agent.name.clone());
+                        }
+                        reloaded.changed.push(agent.name.clone());
+                    }
+                }
+                _ => {
+                    table.remove_agent(&agent.name);
+                    reloaded.removed.push(agent.name.clone());
+                }
+            }
+        }
+        reloaded.added = config
+            .agents
+            .iter()
+            .filter(|a| {
+                !before
+                    .iter()
+                    .any(|b| b.name == a.name && b.fingerprint == a.fingerprint)
+            })
+            .map(|a| a.name.clone())
+            .collect();
+        shared
+            .pins
+            .replace(config.agents.iter().map(|a| a.fingerprint));
+        *shared.agents.write().unwrap_or_else(|e| e.into_inner()) = config.agents.into();
+        reloaded
+    }
+
+    /// Every listed agent, its latest session's forwards and what they carried.
+    pub fn status(&self) -> RelayStatus {
+        let shared = &self.shared;
+        let agents = shared.table().agent_states(&shared.agents());
+        let by_reason = |tally: &Tally| {
+            tally
+                .totals()
+                .into_iter()
+                .map(|(reason, n)| (reason.to_owned(), n))
+                .collect()
+        };
+        let dropped_datagrams = DropReason::ALL
+            .iter()
+            .map(|&reason| (reason.label().to_owned(), shared.udp.dropped(reason)))
+            .collect();
+        RelayStatus {
+            listen: self.listen.clone(),
+            fingerprint: self.fingerprint.to_string(),
+            agents,
+            refused_handshakes: by_reason(&shared.refused_handshakes),
+            refused_visitors: by_reason(&shared.refused_visitors),
+            dropped_datagrams,
+        }
     }
 }
 

@@ -75,16 +75,14 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
             return;
         }
     };
-    let Some(agent) = tls::peer_fingerprint(&conn)
-        .and_then(|fp| shared.config.agents.iter().find(|a| a.fingerprint == fp))
-    else {
+    let Some(agent) = tls::peer_fingerprint(&conn).and_then(|fp| shared.agent_with(fp)) else {
         // The verifier admits only listed keys; this is the list having changed meanwhile.
         CloseCode::Unauthorized.close(&conn);
         return;
     };
     let id: SessionId = rand::random();
     let span = tracing::info_span!("session", agent = %agent.name, session = id);
-    let session = run_session(shared.clone(), conn.clone(), remote, id, agent.clone());
+    let session = run_session(shared.clone(), conn.clone(), remote, id, agent.fingerprint);
     let panicked = isolate(session.instrument(span.clone())).await;
     if panicked {
         // A bug of ours, not the agent's doing: end this session as any other end would, and
@@ -118,7 +116,7 @@ async fn run_session(
     conn: quinn::Connection,
     remote: SocketAddr,
     id: SessionId,
-    agent: tether_common::config::AgentEntry,
+    agent: tether_common::identity::Fingerprint,
 ) {
     let (mut send, mut recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,
@@ -130,8 +128,15 @@ async fn run_session(
     };
     // Opened and published under one lock, so that another session of the same agent cannot
     // come between; published before Welcome is sent, so that every way out ends alike.
-    let (results, live) = {
+    let (agent, results, live) = {
         let mut table = shared.table();
+        // A reload may have removed the agent, or changed its allowlist, since the handshake.
+        let Some(agent) = shared.agent_with(agent) else {
+            drop(table);
+            tracing::info!("agent no longer listed; session closed");
+            CloseCode::Unauthorized.close(&conn);
+            return;
+        };
         let (results, routes) = table.open_forwards(&shared, &agent, &hello.forwards);
         let udp_forwards = hello.forwards.iter().zip(&results).enumerate().filter_map(
             |(index, (request, result))| {
@@ -146,7 +151,8 @@ async fn run_session(
             flows: SessionFlows::new(udp_forwards, &shared.limits),
             datagrams: DatagramSender::new(conn.clone(), shared.udp.clone()),
         };
-        (results, table.publish(&agent.name, session))
+        let live = table.publish(&agent.name, session);
+        (agent, results, live)
     };
     let _udp = live.map(|live| udp::carry(&shared, live));
     for (request, result) in hello.forwards.iter().zip(&results) {

@@ -1,7 +1,7 @@
 //! Repeated failures logged so that a flood of them costs a few lines: the first of each reason
 //! in a period is logged at once, the rest are counted and summed up when the period ends.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Display;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -12,10 +12,11 @@ pub struct Tally {
     period: Mutex<Period>,
 }
 
-/// What the current period saw, by reason.
+/// What the current period saw, by reason, and every failure since the start.
 struct Period {
     started: Instant,
     reasons: HashMap<&'static str, Unlogged>,
+    totals: BTreeMap<&'static str, u64>,
 }
 
 /// What a period saw of one reason beyond its first occurrence.
@@ -32,6 +33,7 @@ impl Tally {
             period: Mutex::new(Period {
                 started: Instant::now(),
                 reasons: HashMap::new(),
+                totals: BTreeMap::new(),
             }),
         }
     }
@@ -40,6 +42,7 @@ impl Tally {
     /// whether it did. `from` says who failed: an address, a fingerprint.
     pub fn record(&self, reason: &'static str, from: &dyn Display) -> bool {
         let mut period = self.lock();
+        *period.totals.entry(reason).or_default() += 1;
         match period.reasons.get_mut(reason) {
             Some(unlogged) => {
                 unlogged.count += 1;
@@ -81,6 +84,11 @@ impl Tally {
         summed
     }
 
+    /// Every failure counted since the start, by reason.
+    pub fn totals(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().totals.clone()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Period> {
         self.period.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -114,5 +122,9 @@ mod tests {
         assert!(tally.record("not in the forward's allow_from", &5));
         assert_eq!(tally.flush(), []);
         assert_eq!(tally.flush(), []);
+        // The totals are never reset.
+        let totals = tally.totals();
+        assert_eq!(totals["not in the forward's allow_from"], 6);
+        assert_eq!(totals["the forward has its most open connections"], 1);
     }
 }

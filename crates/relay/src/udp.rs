@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
-use tether_common::datagram::{self, DatagramHeader, FlowId, UdpCounters, Violation};
+use tether_common::datagram::{self, DatagramHeader, DropReason, FlowId, UdpCounters, Violation};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
 use tether_common::flows::{self, FlowTable};
 use tether_common::ports::Proto;
 use tether_common::protocol::CloseCode;
+use tether_common::traffic::ForwardTraffic;
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
@@ -75,11 +76,11 @@ async fn receive_loop(
         let visitor = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
         let live = session.borrow().clone();
         let Some(live) = live else {
-            UdpCounters::add(&shared.udp.dropped, 1);
+            shared.udp.count_drop(DropReason::NoRoute);
             continue;
         };
         let Some(route) = live.routes.get(&(Proto::Udp, port)) else {
-            UdpCounters::add(&shared.udp.dropped, 1);
+            shared.udp.count_drop(DropReason::NoRoute);
             continue;
         };
         if !route.admission.allows(visitor.ip()) {
@@ -88,11 +89,11 @@ async fn receive_loop(
             shared.refused_visitors.record(reason, &visitor);
             continue;
         }
-        let Some(flow) = live
-            .flows
-            .flow_for(route.forward, port, visitor, &shared.udp)
+        let Some(flow) =
+            live.flows
+                .flow_for(route.forward, port, visitor, &shared.udp, &route.traffic)
         else {
-            UdpCounters::add(&shared.udp.dropped, 1);
+            shared.udp.count_drop(DropReason::NoFlow);
             continue;
         };
         let header = DatagramHeader {
@@ -101,6 +102,8 @@ async fn receive_loop(
             port,
         };
         buf[..HEADER_LEN].copy_from_slice(&header.encode());
+        route.traffic.datagram_in(len);
+        tracing::trace!(%visitor, flow, len, "datagram to the agent");
         live.datagrams
             .send(Bytes::copy_from_slice(&buf[..HEADER_LEN + len]));
     }
@@ -150,7 +153,7 @@ fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) -> Result<(), Vi
             )));
         }
         // Expired or evicted meanwhile: the visitor's next datagram opens a new flow.
-        UdpCounters::add(&counters.dropped, 1);
+        counters.count_drop(DropReason::UnknownFlow);
         return Ok(());
     };
     if (header.forward, header.port) != (forward, port) {
@@ -160,21 +163,24 @@ fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) -> Result<(), Vi
             header.flow, header.forward, header.port
         )));
     }
-    let Some(socket) = live
+    let Some((route, socket)) = live
         .routes
         .get(&(Proto::Udp, port))
-        .and_then(|r| r.udp.as_ref())
+        .and_then(|r| Some((r, r.udp.as_ref()?)))
     else {
-        UdpCounters::add(&counters.dropped, 1);
+        counters.count_drop(DropReason::NoRoute);
         return Ok(());
     };
+    tracing::trace!(%visitor, flow = header.flow, len = payload.len(), "datagram to the visitor");
     // A non-blocking send straight on the socket: a full socket buffer drops this datagram
     // rather than hold up the others, as a router would.
     if SockRef::from(socket.as_ref())
         .send_to(payload, &visitor.into())
         .is_err()
     {
-        UdpCounters::add(&counters.dropped, 1);
+        counters.count_drop(DropReason::SendFailed);
+    } else {
+        route.traffic.datagram_out(payload.len());
     }
     Ok(())
 }
@@ -255,6 +261,7 @@ impl SessionFlows {
         port: u16,
         visitor: SocketAddr,
         counters: &UdpCounters,
+        traffic: &ForwardTraffic,
     ) -> Option<FlowId> {
         let now = Instant::now();
         let mut flows = self.lock();
@@ -285,6 +292,7 @@ impl SessionFlows {
         }
         by_id.insert(id, (forward, source));
         UdpCounters::add(&counters.flows_opened, 1);
+        traffic.flow_opened();
         UdpCounters::add(&counters.flows_evicted, evicted.len() as u64);
         tracing::debug!(%visitor, port, flow = id, "flow opened");
         Some(id)
@@ -300,6 +308,14 @@ impl SessionFlows {
             .table
             .touch(&source, Instant::now())?;
         Some((forward, source.0, source.1))
+    }
+
+    /// The flows `forward` has open now.
+    pub fn open_flows(&self, forward: u16) -> usize {
+        self.lock()
+            .forwards
+            .get(&forward)
+            .map_or(0, |f| f.table.len())
     }
 
     /// Whether flow `id` was ever opened, even if it has been forgotten since.
@@ -353,11 +369,12 @@ mod tests {
     #[test]
     fn a_source_keeps_its_flow_and_a_new_source_gets_a_new_one() {
         let counters = UdpCounters::default();
+        let traffic = ForwardTraffic::default();
         let flows = SessionFlows::new([(1, Duration::from_secs(120))], &limits(8, 8));
-        let a = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters);
-        let again = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters);
-        let hopped = flows.flow_for(1, 60001, visitor("203.0.113.5:4001"), &counters);
-        let other_port = flows.flow_for(1, 60002, visitor("203.0.113.5:4000"), &counters);
+        let a = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters, &traffic);
+        let again = flows.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters, &traffic);
+        let hopped = flows.flow_for(1, 60001, visitor("203.0.113.5:4001"), &counters, &traffic);
+        let other_port = flows.flow_for(1, 60002, visitor("203.0.113.5:4000"), &counters, &traffic);
         assert!(a.is_some());
         assert_eq!(a, again);
         assert_ne!(a, hopped);
@@ -367,9 +384,11 @@ mod tests {
             Some((1, 60001, visitor("203.0.113.5:4001")))
         );
         assert_eq!(counters.count().flows_opened, 3);
+        assert_eq!(traffic.count().flows, 3);
+        assert_eq!(flows.open_flows(1), 3);
         // Not a UDP forward of this session.
         assert_eq!(
-            flows.flow_for(0, 60001, visitor("203.0.113.5:4000"), &counters),
+            flows.flow_for(0, 60001, visitor("203.0.113.5:4000"), &counters, &traffic),
             None
         );
     }
@@ -377,12 +396,13 @@ mod tests {
     #[test]
     fn evicted_and_expired_flows_are_forgotten_both_ways() {
         let counters = UdpCounters::default();
+        let traffic = ForwardTraffic::default();
         let flows = SessionFlows::new([(0, Duration::from_secs(120))], &limits(8, 1));
         let first = flows
-            .flow_for(0, 60001, visitor("198.51.100.7:1"), &counters)
+            .flow_for(0, 60001, visitor("198.51.100.7:1"), &counters, &traffic)
             .unwrap();
         let second = flows
-            .flow_for(0, 60001, visitor("198.51.100.7:2"), &counters)
+            .flow_for(0, 60001, visitor("198.51.100.7:2"), &counters, &traffic)
             .unwrap();
         assert_eq!(flows.visitor_of(first), None);
         assert_eq!(counters.count().flows_evicted, 1);

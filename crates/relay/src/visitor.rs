@@ -107,6 +107,7 @@ async fn serve(
         port,
         visitor,
     };
+    let _open = route.traffic.visitor();
     tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
     if let Err(error) = send.write_all(&header.encode()).await {
         tracing::debug!(%error, "cannot write the stream header");
@@ -114,7 +115,15 @@ async fn serve(
         return;
     }
     drop(live);
-    match splice(tcp, send, recv, &shared.shutdown).await {
+    match splice(
+        tcp,
+        send,
+        recv,
+        &shared.shutdown,
+        route.traffic.at_visitor(),
+    )
+    .await
+    {
         Ok(moved) => tracing::debug!(
             bytes_in = moved.to_stream,
             bytes_out = moved.to_tcp,

@@ -1,6 +1,7 @@
 //! `agent.toml`: where the relay is, which key it must show, and what to forward.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 use super::{
-    duration, fingerprint, name, optional_duration, path_in, port_range, read, split_host,
-    ConfigError, Problems,
+    duration, fingerprint, metrics_address, name, optional_duration, path_in, port_range, read,
+    split_host, ConfigError, Problems,
 };
 use crate::cidr::Cidr;
 use crate::identity::Fingerprint;
@@ -22,6 +23,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// reply, after which mosh hops to a new source port anyway.
 pub const DEFAULT_FLOW_IDLE: Duration = Duration::from_secs(120);
 
+/// Where `tether-agent status` asks the running agent unless `status_socket` says otherwise:
+/// in the runtime folder that the systemd unit makes for it.
+pub const AGENT_STATUS_SOCKET: &str = "/run/tether-agent/status.sock";
+
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
@@ -33,6 +38,10 @@ pub struct AgentConfig {
     pub keepalive: Option<Duration>,
     pub idle_timeout: Duration,
     pub forwards: Vec<Forward>,
+    /// The Unix socket `status` asks on.
+    pub status_socket: PathBuf,
+    /// Where Prometheus metrics are served; `None` (the default) serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// A host name or address and a port.
@@ -101,6 +110,8 @@ struct RawAgentConfig {
     key: Option<String>,
     keepalive: Option<String>,
     idle_timeout: Option<String>,
+    status_socket: Option<String>,
+    metrics: Option<toml::Value>,
     #[serde(default)]
     forward: Vec<RawForward>,
 }
@@ -184,6 +195,17 @@ impl AgentConfig {
             }
         }
         let forwards = forwards(&raw.forward, &mut p);
+        let status_socket = p.check(
+            "status_socket",
+            path_in(
+                dir,
+                raw.status_socket.as_deref().unwrap_or(AGENT_STATUS_SOCKET),
+            ),
+        );
+        let metrics = match &raw.metrics {
+            None => Some(None),
+            Some(value) => p.check("metrics", metrics_address(value).map(Some)),
+        };
         p.finish(file, || {
             Some(AgentConfig {
                 relay: relay?,
@@ -192,6 +214,8 @@ impl AgentConfig {
                 keepalive: keepalive?,
                 idle_timeout: idle_timeout?,
                 forwards,
+                status_socket: status_socket?,
+                metrics: metrics?,
             })
         })
     }

@@ -15,8 +15,10 @@ use serde::de::DeserializeOwned;
 use crate::identity::Fingerprint;
 use crate::ports::PortRange;
 
-pub use agent::{AgentConfig, Forward, HostPort, LocalTarget, DEFAULT_FLOW_IDLE};
-pub use relay::{AgentEntry, RelayConfig};
+pub use agent::{
+    AgentConfig, Forward, HostPort, LocalTarget, AGENT_STATUS_SOCKET, DEFAULT_FLOW_IDLE,
+};
+pub use relay::{AgentEntry, RelayConfig, RELAY_STATUS_SOCKET};
 
 /// Everything wrong with one config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,6 +144,24 @@ fn optional_duration(text: &str) -> Result<Option<Duration>, String> {
 
 fn fingerprint(text: &str) -> Result<Fingerprint, String> {
     text.parse().map_err(|e| format!("{e}, got \"{text}\""))
+}
+
+/// `metrics`: a port alone (`9560`) is on loopback; an address (`"0.0.0.0:9560"`) is taken as
+/// it is.
+fn metrics_address(value: &toml::Value) -> Result<std::net::SocketAddr, String> {
+    let expected = "expected PORT or \"IP:PORT\" like \"127.0.0.1:9560\"";
+    let text = match value {
+        toml::Value::Integer(port) => port.to_string(),
+        toml::Value::String(text) => text.clone(),
+        other => return Err(format!("{expected}, got {other}")),
+    };
+    match text.parse::<u16>() {
+        Ok(0) => Err(format!("{expected}, got {text}")),
+        Ok(port) => Ok((std::net::Ipv4Addr::LOCALHOST, port).into()),
+        Err(_) => text
+            .parse()
+            .map_err(|_| format!("{expected}, got \"{text}\"")),
+    }
 }
 
 fn path_in(dir: &Path, text: &str) -> Result<PathBuf, String> {

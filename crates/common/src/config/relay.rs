@@ -6,11 +6,17 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::{fingerprint, name, optional_duration, path_in, read, ConfigError, Problems};
+use super::{
+    fingerprint, metrics_address, name, optional_duration, path_in, read, ConfigError, Problems,
+};
 use crate::identity::Fingerprint;
 use crate::ports::PortSpec;
 
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
+/// Where `tether-relay status` asks the running relay unless `status_socket` says otherwise:
+/// in the runtime folder that the systemd unit makes for it.
+pub const RELAY_STATUS_SOCKET: &str = "/run/tether-relay/status.sock";
 
 /// A validated relay configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +29,10 @@ pub struct RelayConfig {
     /// Keepalive probes on visitor TCP connections; `None` turns them off.
     pub tcp_keepalive: Option<Duration>,
     pub agents: Vec<AgentEntry>,
+    /// The Unix socket `status` asks on.
+    pub status_socket: PathBuf,
+    /// Where Prometheus metrics are served; `None` (the default) serves none.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// An agent the relay serves, known by its key.
@@ -64,6 +74,8 @@ struct RawRelayConfig {
     key: Option<String>,
     public_bind: Option<String>,
     tcp_keepalive: Option<String>,
+    status_socket: Option<String>,
+    metrics: Option<toml::Value>,
     #[serde(default)]
     agent: Vec<RawAgent>,
 }
@@ -119,6 +131,17 @@ impl RelayConfig {
             Some(text) => p.check("tcp_keepalive", optional_duration(text)),
         };
         let agents = agents(&raw.agent, &mut p);
+        let status_socket = p.check(
+            "status_socket",
+            path_in(
+                dir,
+                raw.status_socket.as_deref().unwrap_or(RELAY_STATUS_SOCKET),
+            ),
+        );
+        let metrics = match &raw.metrics {
+            None => Some(None),
+            Some(value) => p.check("metrics", metrics_address(value).map(Some)),
+        };
         p.finish(file, || {
             Some(RelayConfig {
                 listen: listen?,
@@ -126,6 +149,8 @@ impl RelayConfig {
                 public_bind: public_bind?,
                 tcp_keepalive: tcp_keepalive?,
                 agents,
+                status_socket: status_socket?,
+                metrics: metrics?,
             })
         })
     }

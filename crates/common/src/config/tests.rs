@@ -162,6 +162,11 @@ fn agent_defaults() {
     assert_eq!(config.keepalive, Some(Duration::from_secs(5)));
     assert_eq!(config.idle_timeout, Duration::from_secs(30));
     assert!(config.forwards.is_empty());
+    assert_eq!(
+        config.status_socket,
+        Path::new("/run/tether-agent/status.sock")
+    );
+    assert_eq!(config.metrics, None);
 }
 
 #[test]
@@ -226,7 +231,7 @@ fn agent_type_and_shape_errors() {
     );
     assert_agent_error(
         &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nkeepalve = \"5s\"\n"),
-        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `key`, `keepalive`, `idle_timeout`, `forward`",
+        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `key`, `keepalive`, `idle_timeout`, `status_socket`, `metrics`, `forward`",
     );
     assert_agent_error(
         "relay = \"h:1\"\n",
@@ -320,6 +325,11 @@ fn relay_defaults() {
     assert_eq!(config.tcp_keepalive, Some(Duration::from_secs(30)));
     assert!(config.agents.is_empty());
     assert_eq!(
+        config.status_socket,
+        Path::new("/run/tether-relay/status.sock")
+    );
+    assert_eq!(config.metrics, None);
+    assert_eq!(
         relay("listen = \"[::]:1\"\ntcp_keepalive = \"off\"\n")
             .unwrap()
             .tcp_keepalive,
@@ -353,7 +363,7 @@ fn relay_errors_name_file_key_and_expectation() {
     );
     assert_relay_error(
         "listen = \"0.0.0.0:1\"\nlisten_addr = 1\n",
-        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `key`, `public_bind`, `tcp_keepalive`, `agent`",
+        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `key`, `public_bind`, `tcp_keepalive`, `status_socket`, `metrics`, `agent`",
     );
 }
 
@@ -405,5 +415,38 @@ fn deploy_examples_load_once_their_fingerprints_are_filled_in() {
     assert_eq!(
         config.forwards[1].local_for(60001),
         Some(("127.0.0.1", 60001))
+    );
+}
+
+#[test]
+fn metrics_listen_on_loopback_unless_an_address_is_given() {
+    let metrics = |value: &str| relay(&format!("listen = \"[::]:1\"\nmetrics = {value}\n"));
+    let loopback: std::net::SocketAddr = "127.0.0.1:9560".parse().unwrap();
+    assert_eq!(metrics("9560").unwrap().metrics, Some(loopback));
+    assert_eq!(metrics("\"9560\"").unwrap().metrics, Some(loopback));
+    assert_eq!(
+        metrics("\"[::]:9560\"").unwrap().metrics,
+        Some("[::]:9560".parse().unwrap())
+    );
+    let expected = "/etc/tether/relay.toml: metrics: expected PORT or \"IP:PORT\" like \"127.0.0.1:9560\", got";
+    for (value, got) in [
+        ("0", "0"),
+        ("70000", "\"70000\""),
+        ("\"localhost:9560\"", "\"localhost:9560\""),
+        ("true", "true"),
+    ] {
+        assert_eq!(metrics(value).unwrap_err(), format!("{expected} {got}"));
+    }
+}
+
+#[test]
+fn a_relative_status_socket_is_in_the_config_folder() {
+    let text =
+        format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nstatus_socket = \"agent.sock\"\n");
+    let config = agent(&text).unwrap();
+    assert_eq!(config.status_socket, Path::new("/etc/tether/agent.sock"));
+    assert_agent_error(
+        &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nstatus_socket = \"\"\n"),
+        "/etc/tether/agent.toml: status_socket: expected a file path, got \"\"",
     );
 }
