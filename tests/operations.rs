@@ -543,7 +543,9 @@ async fn a_relay_reload_applies_its_agents_and_leaves_other_sessions_alone() {
             ("new", new_fp, new_port),
         ]);
         relay.signal("HUP");
-        relay.wait_for_line("reload: agents removed and disconnected").await;
+        relay
+            .wait_for_line("reload: agents removed and disconnected")
+            .await;
         relay.wait_for_line("reload done").await;
         lab.wait_for_line("agent not authorized").await;
         assert_port_closed(lab_port).await;
@@ -554,16 +556,27 @@ async fn a_relay_reload_applies_its_agents_and_leaves_other_sessions_alone() {
         let names: Vec<_> = status.agents.iter().map(|a| a.name.as_str()).collect();
         assert_eq!(names, ["home", "new"]);
         assert!(status.agents.iter().all(|a| a.connected));
-        assert_eq!(status.agents[0].sessions, 1, "home's session was not touched");
+        assert_eq!(
+            status.agents[0].sessions, 1,
+            "home's session was not touched"
+        );
 
         // A config that does not load changes nothing.
         std::fs::write(&fleet.relay_config, "listen = \"nowhere\"\n").unwrap();
         relay.signal("HUP");
         let problem = relay.wait_for_line("relay.toml: listen:").await;
         assert!(problem.contains("expected IP:PORT"), "{problem}");
-        relay.wait_for_line("reload refused; the running config stays").await;
+        relay
+            .wait_for_line("reload refused; the running config stays")
+            .await;
         echo_on(&mut visitor, b"after a broken reload").await;
-        assert_eq!(relay_status(&fleet.keys.path().join("relay.sock")).await.agents.len(), 2);
+        assert_eq!(
+            relay_status(&fleet.keys.path().join("relay.sock"))
+                .await
+                .agents
+                .len(),
+            2
+        );
 
         // home's allowlist no longer has its port: home asks again, and is refused it.
         fleet.write_relay(&[("home", home_fp, new_port + 1)]);
@@ -574,4 +587,80 @@ async fn a_relay_reload_applies_its_agents_and_leaves_other_sessions_alone() {
         new.wait_for_line("agent not authorized").await;
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_agent_reload_changes_its_forwards_and_a_kept_one_keeps_its_visitor() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let fleet = Fleet::new();
+        let echo = echo_service().await;
+        let (kept, dropped, added) = (free_port(), free_port(), free_port());
+        let (udp_ports, held) = consecutive_udp_ports(2);
+        drop(held);
+        let (game, local_udp) = (udp_ports.start(), udp_ports.end());
+        udp_echo(std::net::UdpSocket::bind(("127.0.0.1", local_udp)).unwrap());
+        let (fingerprint, config) = fleet.agent("home", kept, echo);
+        let text = std::fs::read_to_string(&config).unwrap();
+        let forward = |name: &str, port: u16| {
+            format!("[[forward]]\nname = \"{name}\"\nproto = \"tcp\"\nremote = {port}\nlocal = \"{echo}\"\n")
+        };
+        std::fs::write(&config, format!("{text}{}", forward("dropped", dropped))).unwrap();
+        let relay_text = format!(
+            "listen = \"127.0.0.1:{}\"\npublic_bind = \"127.0.0.1\"\nstatus_socket = \"relay.sock\"\n\
+             [[agent]]\nname = \"home\"\nfingerprint = \"{fingerprint}\"\n\
+             ports = [\"{kept}/tcp\", \"{dropped}/tcp\", \"{added}/tcp\", \"{game}/udp\"]\n",
+            fleet.quic
+        );
+        std::fs::write(&fleet.relay_config, relay_text).unwrap();
+        let mut relay = Process::spawn(
+            &binary("tether-relay"),
+            &["run", "-c", path(&fleet.relay_config)],
+        );
+        relay.wait_for_line("relay listening").await;
+        let mut agent = Process::spawn(&binary("tether-agent"), &["run", "-c", path(&config)]);
+        agent.wait_for_line("connected to relay").await;
+        let mut visitor = TcpStream::connect(public(kept)).await.unwrap();
+        echo_on(&mut visitor, b"before").await;
+        assert_eq!(round_trip(public(dropped), b"x").await.unwrap(), b"x");
+
+        // "dropped" goes, "added" and the UDP "game" come, "echo" stays as it was.
+        let udp_forward = format!(
+            "[[forward]]\nname = \"game\"\nproto = \"udp\"\nremote = {game}\nlocal = \"127.0.0.1:{local_udp}\"\n"
+        );
+        std::fs::write(
+            &config,
+            format!("{text}{}{udp_forward}", forward("added", added)),
+        )
+        .unwrap();
+        agent.signal("HUP");
+        agent.wait_for_line("reload done").await;
+        agent.wait_for_line("forward removed").await;
+        agent.wait_for_line(&format!("relay port {game}/udp now reaches")).await;
+        echo_on(&mut visitor, b"after the reload").await;
+        assert_eq!(round_trip(public(added), b"new").await.unwrap(), b"new");
+        assert_port_closed(dropped).await;
+        let udp_visitor = visitor_socket().await;
+        let echoed = ask(&udp_visitor, public(game), b"ping").await;
+        assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+        let status = relay_status(&fleet.keys.path().join("relay.sock")).await;
+        let home = &status.agents[0];
+        assert_eq!(home.sessions, 1, "the session was kept");
+        let names: Vec<_> = home.forwards.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["echo", "added", "game"]);
+        assert!(home.forwards.iter().all(|f| f.state == "open"), "{home:?}");
+        let status = agent_status(&fleet.keys.path().join("home.sock")).await;
+        assert_eq!(status.forwards[0].traffic.visitors_open, 1);
+
+        // A broken agent.toml changes nothing.
+        std::fs::write(&config, format!("{text}[[forward]]\nname = \"bad\"\n")).unwrap();
+        agent.signal("HUP");
+        agent.wait_for_line("reload refused; the running config stays").await;
+        echo_on(&mut visitor, b"after a broken reload").await;
+        assert_eq!(round_trip(public(added), b"still").await.unwrap(), b"still");
+    })
+    .await;
+}
+
+async fn visitor_socket() -> tokio::net::UdpSocket {
+    visitor("127.0.0.1").await
 }

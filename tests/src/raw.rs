@@ -45,7 +45,9 @@ impl RawAgent {
         };
         self.write(&AgentMessage::Hello(hello).encode()).await;
         let (kind, body) = within("Welcome", read_frame(&mut self.recv)).await.unwrap();
-        let RelayMessage::Welcome(welcome) = RelayMessage::decode(kind, &body).unwrap();
+        let RelayMessage::Welcome(welcome) = RelayMessage::decode(kind, &body).unwrap() else {
+            panic!("the relay answered Hello with something other than Welcome");
+        };
         welcome.results
     }
 

@@ -54,7 +54,7 @@ enum Command {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
-    /// Keep the tunnel up until SIGINT or SIGTERM
+    /// Keep the tunnel up until SIGINT or SIGTERM; SIGHUP reloads the config's forwards
     Run {
         #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
@@ -138,12 +138,12 @@ pub fn main() -> ExitCode {
                 Err(code) => code,
             }
         }
-        Command::Run { config, key } => {
-            let Ok((config, identity)) = load(&config, key.as_deref()) else {
+        Command::Run { config: file, key } => {
+            let Ok((config, identity)) = load(&file, key.as_deref()) else {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
-            run(config, identity)
+            run(file, config, identity)
         }
     }
 }
@@ -152,23 +152,43 @@ fn load(file: &Path, key: Option<&Path>) -> Result<(AgentConfig, Identity), Exit
     common::load_config_and_key(file, AgentConfig::load, |c| &mut c.key, key)
 }
 
-fn run(config: AgentConfig, identity: Identity) -> ExitCode {
+fn run(file: PathBuf, config: AgentConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
         let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
+        let key = config.key.clone();
         match Agent::new(config, &identity) {
             Ok(agent) => {
-                let observer = agent.observer();
+                let control = agent.control();
                 if let Some(address) = metrics {
-                    let registry = crate::metrics::registry(observer.clone());
+                    let registry = crate::metrics::registry(control.clone());
                     if let Err(code) =
                         common::spawn_metrics(address, registry, shutdown.clone()).await
                     {
                         return code;
                     }
                 }
+                let reload = {
+                    let control = control.clone();
+                    move |mut config: AgentConfig| {
+                        // The key in use came from the command line, or from the config.
+                        config.key = key.clone();
+                        for key in control.reload(config) {
+                            tracing::warn!(
+                                "reload: {key} changed; it takes effect at the next restart"
+                            );
+                        }
+                        tracing::info!("reload done");
+                    }
+                };
+                tokio::spawn(common::reload_on_hangup(
+                    file,
+                    AgentConfig::load,
+                    reload,
+                    shutdown.clone(),
+                ));
                 common::spawn_status_socket(
                     &status_socket,
-                    move || observer.status(),
+                    move || control.status(),
                     shutdown.clone(),
                 );
                 tokio::spawn(notify::report(

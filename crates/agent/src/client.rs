@@ -108,8 +108,8 @@ pub struct Agent {
     fingerprint: Fingerprint,
     client: quinn::ClientConfig,
     pin: Arc<RelayPin>,
-    /// The forwards offered to the relay, in the order of the Hello.
-    forwards: Arc<[Offered]>,
+    /// The forwards to offer the relay, as the config (or its latest reload) says.
+    forwards: Arc<watch::Sender<Arc<[Offered]>>>,
     status: watch::Sender<AgentStatus>,
     tracker: Arc<Tracker>,
     udp: Arc<UdpCounters>,
@@ -125,7 +125,9 @@ impl Agent {
             fingerprint: identity.fingerprint(),
             client,
             pin,
-            forwards: config.forwards.iter().cloned().map(Offered::new).collect(),
+            forwards: Arc::new(watch::Sender::new(
+                config.forwards.iter().cloned().map(Offered::new).collect(),
+            )),
             status: watch::Sender::new(AgentStatus::Connecting { last_error: None }),
             tracker: Arc::default(),
             udp: Arc::default(),
@@ -138,9 +140,11 @@ impl Agent {
         self.status.subscribe()
     }
 
-    /// A handle that reads the agent's state, for the status socket and the metrics.
-    pub fn observer(&self) -> AgentObserver {
-        AgentObserver {
+    /// A handle that reads the agent's state (for the status socket and the metrics) and
+    /// reloads its forwards.
+    pub fn control(&self) -> AgentControl {
+        AgentControl {
+            config: self.config.clone(),
             relay: self.config.relay.to_string(),
             relay_fingerprint: self.config.relay_fingerprint,
             fingerprint: self.fingerprint,
@@ -242,7 +246,7 @@ impl Agent {
             udp: &self.udp,
             shutdown,
         };
-        let end = session::run(conn, self.forwards.clone(), *last_session, cx)
+        let end = session::run(conn, self.forwards.subscribe(), *last_session, cx)
             .instrument(span)
             .await;
         match end {
@@ -333,36 +337,79 @@ impl Agent {
     }
 }
 
-/// Reads the state of a running agent.
+/// Reads the state of a running agent, and reloads its forwards.
 #[derive(Clone)]
-pub struct AgentObserver {
+pub struct AgentControl {
+    /// The config the agent started with.
+    config: AgentConfig,
     relay: String,
     relay_fingerprint: Fingerprint,
     fingerprint: Fingerprint,
-    forwards: Arc<[Offered]>,
+    forwards: Arc<watch::Sender<Arc<[Offered]>>>,
     status: watch::Receiver<AgentStatus>,
     tracker: Arc<Tracker>,
     udp: Arc<UdpCounters>,
 }
 
-impl std::fmt::Debug for AgentObserver {
+impl std::fmt::Debug for AgentControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentObserver")
+        f.debug_struct("AgentControl")
             .field("relay", &self.relay)
             .finish_non_exhaustive()
     }
 }
 
-impl AgentObserver {
+impl AgentControl {
+    /// Applies a new config's forwards: the live session (and every later one) asks the relay
+    /// for the new set; forwards that stay as they were keep their visitors. Returns the
+    /// settings that changed and take effect only at the next start; they are kept.
+    pub fn reload(&self, config: AgentConfig) -> Vec<&'static str> {
+        let old = &self.config;
+        let restart_only = [
+            ("relay", old.relay != config.relay),
+            (
+                "relay_fingerprint",
+                old.relay_fingerprint != config.relay_fingerprint,
+            ),
+            ("key", old.key != config.key),
+            ("keepalive", old.keepalive != config.keepalive),
+            ("idle_timeout", old.idle_timeout != config.idle_timeout),
+            ("status_socket", old.status_socket != config.status_socket),
+            ("metrics", old.metrics != config.metrics),
+        ];
+        self.forwards.send_modify(|offered| {
+            // A forward's totals go on under its name.
+            let traffic = |name: &str| {
+                offered
+                    .iter()
+                    .find(|o| o.forward.name == name)
+                    .map(|o| o.traffic.clone())
+            };
+            let next: Arc<[Offered]> = config
+                .forwards
+                .iter()
+                .map(|forward| Offered {
+                    traffic: traffic(&forward.name).unwrap_or_default(),
+                    forward: forward.clone(),
+                })
+                .collect();
+            *offered = next;
+        });
+        restart_only
+            .iter()
+            .filter(|(_, changed)| *changed)
+            .map(|(key, _)| *key)
+            .collect()
+    }
+
     /// The session, the forwards and what they carried.
     pub fn status(&self) -> AgentReport {
         let status = self.status.borrow().clone();
         let live = self.tracker.live();
-        let forwards = self
-            .forwards
+        let offered = self.forwards.borrow().clone();
+        let forwards = offered
             .iter()
-            .enumerate()
-            .map(|(index, Offered { forward, traffic })| {
+            .map(|Offered { forward, traffic }| {
                 let state = match status.forward(&forward.name) {
                     None => "not connected".to_string(),
                     Some(ForwardResult::Opened) => "open".to_string(),
@@ -370,7 +417,7 @@ impl AgentObserver {
                 };
                 let flows = live
                     .as_ref()
-                    .map_or(0, |l| l.flows.open_flows(index as u16));
+                    .map_or(0, |l| l.flows.open_flows_of(&forward.name));
                 ForwardReport {
                     name: forward.name.clone(),
                     proto: forward.proto.to_string(),

@@ -10,5 +10,5 @@ pub mod session;
 pub mod status;
 pub mod udp;
 
-pub use client::{Agent, AgentError, AgentObserver};
+pub use client::{Agent, AgentControl, AgentError};
 pub use status::AgentStatus;

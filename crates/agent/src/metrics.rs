@@ -9,17 +9,17 @@ use prometheus_client::registry::{Registry, Unit};
 use tether_common::metrics::Families;
 use tether_common::traffic::TrafficCount;
 
-use crate::client::AgentObserver;
+use crate::client::AgentControl;
 use crate::status::ForwardReport;
 
 /// A registry with the agent's metrics, for [`tether_common::metrics::serve`].
-pub fn registry(observer: AgentObserver) -> Registry {
+pub fn registry(control: AgentControl) -> Registry {
     let mut registry = Registry::with_prefix("tether_agent");
-    registry.register_collector(Box::new(observer));
+    registry.register_collector(Box::new(control));
     registry
 }
 
-impl Collector for AgentObserver {
+impl Collector for AgentControl {
     fn encode(&self, encoder: DescriptorEncoder) -> fmt::Result {
         let status = self.status();
         let mut f = Families::new(encoder);

@@ -1,15 +1,16 @@
 //! One session on the agent's side: say Hello, learn which forwards the relay opened, and carry
 //! each data stream the relay opens to the local service it names.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tether_common::config::Forward;
 use tether_common::control::{read_frame, write_frame, FrameError};
 use tether_common::datagram::{DatagramSender, UdpCounters};
 use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, RelayMessage, SessionId,
-    StreamCode, StreamHeader, VERSION,
+    AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
+    SessionId, StreamCode, StreamHeader, Update, Updated, VERSION,
 };
 use tether_common::splice::splice;
 use tether_common::traffic::ForwardTraffic;
@@ -88,10 +89,11 @@ impl SessionEnd {
     }
 }
 
-/// Runs one session on an established connection until it ends.
+/// Runs one session on an established connection until it ends. `forwards` follows the
+/// config: when it changes, the relay is sent the new set and the session carries on with it.
 pub async fn run(
     conn: &quinn::Connection,
-    forwards: Arc<[Offered]>,
+    mut forwards: watch::Receiver<Arc<[Offered]>>,
     resume: Option<SessionId>,
     cx: Context<'_>,
 ) -> SessionEnd {
@@ -101,7 +103,8 @@ pub async fn run(
         udp,
         shutdown,
     } = cx;
-    let (session, opened, (_control_send, mut control)) = match open(conn, &forwards, resume).await
+    let first = forwards.borrow_and_update().clone();
+    let (session, results, (mut control_send, mut control)) = match open(conn, &first, resume).await
     {
         Ok(open) => open,
         Err(error) => {
@@ -118,27 +121,23 @@ pub async fn run(
         }
     };
     tracing::info!(session, "connected to relay");
-    report(&forwards, &opened);
-    status.send_replace(AgentStatus::Connected {
-        session,
-        forwards: forwards
-            .iter()
-            .map(|o| o.forward.name.clone())
-            .zip(opened.iter().copied())
-            .collect(),
-    });
-    let opened: Arc<[Option<Offered>]> = forwards
-        .iter()
-        .zip(opened.iter())
-        .map(|(f, r)| (*r == ForwardResult::Opened).then(|| f.clone()))
+    let mut current: Vec<Answered> = (0..)
+        .zip(first.iter().cloned())
+        .zip(results)
+        .map(|((id, offered), result)| (id, offered, result))
         .collect();
+    report(&[], &current);
+    publish(status, session, &current);
+    let opened = Arc::new(RwLock::new(opened_by_id(&current)));
     let datagrams = DatagramSender::new(conn.clone(), udp.clone());
-    let flows = udp::Flows::new(&opened, datagrams, udp.clone()).await;
+    let flows = udp::Flows::new(&opened_by_id(&current), datagrams, udp.clone()).await;
     let _live = tracker.connected(conn.clone(), flows.clone());
     let _udp = AbortOnDropHandle::new(tokio::spawn(
-        udp::carry(conn.clone(), flows).in_current_span(),
+        udp::carry(conn.clone(), flows.clone()).in_current_span(),
     ));
 
+    // Updates sent and not answered yet, oldest first; the relay answers them in order.
+    let mut pending: VecDeque<Vec<(ForwardId, Offered)>> = VecDeque::new();
     let mut streams = JoinSet::new();
     let end = loop {
         tokio::select! {
@@ -154,13 +153,55 @@ pub async fn run(
                     break SessionEnd::of_closed(Some(session), &error, error.to_string());
                 }
             },
-            frame = read_frame(&mut control) => {
-                if let Ok(_) | Err(FrameError::Decode(_)) = frame {
-                    // Version 1 has no message for the relay to send after Welcome.
-                    CloseCode::ProtocolError.close(conn);
+            Ok(()) = forwards.changed() => {
+                let wanted = forwards.borrow_and_update().clone();
+                let latest: Vec<(ForwardId, Offered)> = match pending.back() {
+                    Some(next) => next.clone(),
+                    None => current.iter().map(|(id, o, _)| (*id, o.clone())).collect(),
+                };
+                let next = assign_ids(&current, &latest, &wanted);
+                let update = Update {
+                    forwards: next.iter().map(|(id, o)| (*id, request(&o.forward))).collect(),
+                };
+                tracing::info!("sending the relay the reloaded forwards");
+                let frame = AgentMessage::Update(update).encode();
+                if let Err(error) = write_frame(&mut control_send, &frame).await {
+                    let closed = conn.closed().await;
+                    break SessionEnd::of_closed(Some(session), &closed, error.to_string());
                 }
-                let error = conn.closed().await;
-                break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                pending.push_back(next);
+            }
+            frame = read_frame(&mut control) => {
+                let answer = match frame {
+                    Ok((kind, body)) => RelayMessage::decode(kind, &body).ok(),
+                    Err(FrameError::Decode(_)) => None,
+                    Err(_) => {
+                        let error = conn.closed().await;
+                        break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                    }
+                };
+                let applied = match (answer, pending.pop_front()) {
+                    (Some(RelayMessage::Updated(Updated { results })), Some(next))
+                        if results.len() == next.len() =>
+                    {
+                        next.into_iter()
+                            .zip(results)
+                            .map(|((id, offered), result)| (id, offered, result))
+                            .collect::<Vec<Answered>>()
+                    }
+                    _ => {
+                        // Only an answer to an update may follow Welcome.
+                        CloseCode::ProtocolError.close(conn);
+                        let error = conn.closed().await;
+                        break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                    }
+                };
+                report(&current, &applied);
+                current = applied;
+                let by_id = opened_by_id(&current);
+                flows.set_forwards(&by_id).await;
+                *opened.write().unwrap_or_else(|e| e.into_inner()) = by_id;
+                publish(status, session, &current);
             }
             Some(_) = streams.join_next() => {}
         }
@@ -168,6 +209,75 @@ pub async fn run(
     // The streams cannot outlive the connection; dropping the set ends what is left.
     streams.abort_all();
     end
+}
+
+/// A forward of the session: its id, what the config says, and the relay's answer.
+type Answered = (ForwardId, Offered, ForwardResult);
+
+/// The forwards the relay opened, by id, as data streams and datagrams name them.
+type Opened = HashMap<ForwardId, Offered>;
+
+fn opened_by_id(forwards: &[Answered]) -> Opened {
+    forwards
+        .iter()
+        .filter(|(_, _, result)| *result == ForwardResult::Opened)
+        .map(|(id, offered, _)| (*id, offered.clone()))
+        .collect()
+}
+
+fn publish(status: &watch::Sender<AgentStatus>, session: SessionId, forwards: &[Answered]) {
+    status.send_replace(AgentStatus::Connected {
+        session,
+        forwards: forwards
+            .iter()
+            .map(|(_, o, result)| (o.forward.name.clone(), *result))
+            .collect(),
+    });
+}
+
+/// Ids for the `wanted` forwards: a forward that `latest` (the newest set sent) has as it is
+/// keeps its id, so that its listener and visitors go on; any other gets an id that neither
+/// `latest` nor the session's current set uses, so that no data stream still on its way for a
+/// closed forward reaches a new one.
+fn assign_ids(
+    current: &[Answered],
+    latest: &[(ForwardId, Offered)],
+    wanted: &[Offered],
+) -> Vec<(ForwardId, Offered)> {
+    let mut next: Vec<(ForwardId, Offered)> = Vec::with_capacity(wanted.len());
+    let mut fresh = Vec::new();
+    for offered in wanted {
+        let kept = latest.iter().find(|(id, o)| {
+            o.forward == offered.forward && !next.iter().any(|(taken, _)| taken == id)
+        });
+        match kept {
+            Some((id, _)) => next.push((*id, offered.clone())),
+            None => fresh.push(offered.clone()),
+        }
+    }
+    let used = |id: ForwardId, next: &[(ForwardId, Offered)]| {
+        current.iter().any(|(c, _, _)| *c == id)
+            || latest.iter().any(|(l, _)| *l == id)
+            || next.iter().any(|(n, _)| *n == id)
+    };
+    let mut candidate: ForwardId = 0;
+    for offered in fresh {
+        while used(candidate, &next) {
+            candidate += 1;
+        }
+        next.push((candidate, offered));
+    }
+    next
+}
+
+fn request(forward: &Forward) -> ForwardRequest {
+    ForwardRequest {
+        name: forward.name.clone(),
+        proto: forward.proto,
+        remote: forward.remote,
+        flow_idle: forward.flow_idle,
+        allow_from: forward.allow_from.clone(),
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +290,8 @@ enum OpenError {
     Timeout,
     #[error("the relay answered {got} forwards of {sent}")]
     ResultCount { got: usize, sent: usize },
+    #[error("the relay's first answer is not Welcome")]
+    NotWelcome,
 }
 
 /// The control stream, kept open for the session's life.
@@ -196,22 +308,15 @@ async fn open(
         let hello = Hello {
             version: VERSION,
             resume,
-            forwards: forwards
-                .iter()
-                .map(|o| &o.forward)
-                .map(|f| ForwardRequest {
-                    name: f.name.clone(),
-                    proto: f.proto,
-                    remote: f.remote,
-                    flow_idle: f.flow_idle,
-                    allow_from: f.allow_from.clone(),
-                })
-                .collect(),
+            forwards: forwards.iter().map(|o| request(&o.forward)).collect(),
         };
         write_frame(&mut send, &AgentMessage::Hello(hello).encode()).await?;
         let (kind, body) = read_frame(&mut recv).await?;
         let RelayMessage::Welcome(welcome) =
-            RelayMessage::decode(kind, &body).map_err(FrameError::Decode)?;
+            RelayMessage::decode(kind, &body).map_err(FrameError::Decode)?
+        else {
+            return Err(OpenError::NotWelcome);
+        };
         Ok::<_, OpenError>((welcome, send, recv))
     };
     let (welcome, send, recv) = tokio::time::timeout(WELCOME_TIMEOUT, exchange)
@@ -226,9 +331,20 @@ async fn open(
     Ok((welcome.session, welcome.results, (send, recv)))
 }
 
-/// Logs the relay's answer for each forward in plain words.
-fn report(forwards: &[Offered], results: &[ForwardResult]) {
-    for (Offered { forward, .. }, result) in forwards.iter().zip(results) {
+/// Logs in plain words the relay's answer for each forward of `after` that `before` did not
+/// have as it is, and each forward of `before` that is gone.
+fn report(before: &[Answered], after: &[Answered]) {
+    let same = |a: &Answered, b: &Answered| a.0 == b.0 && a.1.forward == b.1.forward;
+    for (_, Offered { forward, .. }, _) in
+        before.iter().filter(|b| !after.iter().any(|a| same(a, b)))
+    {
+        if !after.iter().any(|(_, o, _)| o.forward.name == forward.name) {
+            tracing::info!(forward = %forward.name, "forward removed; its relay port is closed");
+        }
+    }
+    for (_, Offered { forward, .. }, result) in
+        after.iter().filter(|a| !before.iter().any(|b| same(a, b)))
+    {
         let public = format!("{}/{}", forward.remote, forward.proto);
         match result {
             ForwardResult::Opened => tracing::info!(
@@ -248,7 +364,7 @@ fn report(forwards: &[Offered], results: &[ForwardResult]) {
 async fn serve_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    forwards: Arc<[Option<Offered>]>,
+    forwards: Arc<RwLock<Opened>>,
     shutdown: CancellationToken,
 ) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
@@ -261,7 +377,8 @@ async fn serve_stream(
         _ => None,
     };
     let target = header.and_then(|h| {
-        let Offered { forward, traffic } = forwards.get(usize::from(h.forward))?.as_ref()?;
+        let opened = forwards.read().unwrap_or_else(|e| e.into_inner());
+        let Offered { forward, traffic } = opened.get(&h.forward)?;
         let (host, port) = forward.local_for(h.port)?;
         Some((
             h,

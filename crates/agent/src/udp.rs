@@ -32,10 +32,16 @@ pub const MAX_FLOWS_PER_FORWARD: usize = 256;
 
 /// The UDP flows of one session.
 pub struct Flows {
-    forwards: HashMap<u16, UdpForward>,
-    tables: Mutex<HashMap<u16, FlowTable<FlowId, Flow, ()>>>,
+    state: Mutex<State>,
     datagrams: DatagramSender,
     counters: Arc<UdpCounters>,
+}
+
+/// The session's UDP forwards by id, and the flows of each.
+#[derive(Default)]
+struct State {
+    forwards: HashMap<u16, UdpForward>,
+    tables: HashMap<u16, FlowTable<FlowId, Flow, ()>>,
 }
 
 /// A UDP forward the relay opened, with its local host resolved.
@@ -48,26 +54,45 @@ struct UdpForward {
     traffic: Arc<ForwardTraffic>,
 }
 
+impl UdpForward {
+    /// Whether `other` carries the same traffic the same way, so that flows may go on.
+    fn same_as(&self, other: &UdpForward) -> bool {
+        (self.remote, self.local_ip, self.local_ports, self.idle)
+            == (other.remote, other.local_ip, other.local_ports, other.idle)
+    }
+}
+
 struct Flow {
     socket: Arc<UdpSocket>,
     _answers: AbortOnDropHandle<()>,
 }
 
 impl Flows {
-    /// Flows for the UDP forwards among `opened` (the forwards of the Hello, `None` where the
-    /// relay refused one). Local host names are resolved here, once per session.
+    /// Flows for the UDP forwards among `opened` (the forwards the relay opened, by id).
     pub async fn new(
-        opened: &[Option<Offered>],
+        opened: &HashMap<u16, Offered>,
         datagrams: DatagramSender,
         counters: Arc<UdpCounters>,
     ) -> Arc<Self> {
+        let flows = Arc::new(Self {
+            state: Mutex::default(),
+            datagrams,
+            counters,
+        });
+        flows.set_forwards(opened).await;
+        flows
+    }
+
+    /// Makes the UDP forwards among `opened` the session's: a forward kept as it was keeps its
+    /// flows, the flows of the others are closed. Local host names are resolved here, once per
+    /// session and update.
+    pub async fn set_forwards(&self, opened: &HashMap<u16, Offered>) {
         let mut forwards = HashMap::new();
-        for (index, forward) in opened.iter().enumerate() {
-            let Some(Offered { forward, traffic }) =
-                forward.as_ref().filter(|o| o.forward.proto == Proto::Udp)
-            else {
+        for (&index, offered) in opened {
+            let Offered { forward, traffic } = offered;
+            if forward.proto != Proto::Udp {
                 continue;
-            };
+            }
             let host = forward.local.host.as_str();
             let port = forward.local.ports.start();
             let local = match tokio::net::lookup_host((host, port)).await {
@@ -82,7 +107,7 @@ impl Flows {
                 continue;
             };
             forwards.insert(
-                index as u16,
+                index,
                 UdpForward {
                     name: forward.name.clone(),
                     remote: forward.remote,
@@ -93,23 +118,31 @@ impl Flows {
                 },
             );
         }
-        let tables = forwards
-            .keys()
-            .map(|&index| {
-                let table = FlowTable::new(MAX_FLOWS_PER_FORWARD, MAX_FLOWS_PER_FORWARD, |_| ());
-                (index, table)
-            })
-            .collect();
-        Arc::new(Self {
-            forwards,
-            tables: Mutex::new(tables),
-            datagrams,
-            counters,
-        })
+        let closed = {
+            let mut state = self.lock();
+            let mut tables = std::mem::take(&mut state.tables);
+            let mut kept = HashMap::new();
+            for (index, forward) in &forwards {
+                let same = state
+                    .forwards
+                    .get(index)
+                    .is_some_and(|f| f.same_as(forward));
+                let table = match tables.remove(index) {
+                    Some(table) if same => table,
+                    _ => FlowTable::new(MAX_FLOWS_PER_FORWARD, MAX_FLOWS_PER_FORWARD, |_| ()),
+                };
+                kept.insert(*index, table);
+            }
+            state.tables = kept;
+            state.forwards = forwards;
+            tables
+        };
+        // Dropped outside the lock: each closed flow stops its task and closes its socket.
+        drop(closed);
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<u16, FlowTable<FlowId, Flow, ()>>> {
-        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends one datagram from the relay to the local service of its flow, opening the flow if
@@ -123,11 +156,12 @@ impl Flows {
             return dropped(DropReason::UnknownFlow);
         };
         let now = Instant::now();
-        let mut tables = self.lock();
-        let Some(table) = tables.get_mut(&header.forward) else {
-            return dropped(DropReason::NoRoute);
-        };
-        let Some(forward) = self.forwards.get(&header.forward) else {
+        let mut state = self.lock();
+        let State { forwards, tables } = &mut *state;
+        let (Some(table), Some(forward)) = (
+            tables.get_mut(&header.forward),
+            forwards.get(&header.forward),
+        ) else {
             return dropped(DropReason::NoRoute);
         };
         tracing::trace!(
@@ -141,7 +175,7 @@ impl Flows {
             }
             return;
         }
-        let Some(flow) = self.open(header) else {
+        let Some(flow) = self.open(forward, header) else {
             return dropped(DropReason::NoFlow);
         };
         forward.traffic.flow_opened();
@@ -156,8 +190,7 @@ impl Flows {
 
     /// Opens flow `header.flow`: a socket connected to the local port that the public port maps
     /// to, and a task that carries the service's answers back.
-    fn open(self: &Arc<Self>, header: DatagramHeader) -> Option<Flow> {
-        let forward = self.forwards.get(&header.forward)?;
+    fn open(self: &Arc<Self>, forward: &UdpForward, header: DatagramHeader) -> Option<Flow> {
         let port = forward.local_ports.map_from(forward.remote, header.port)?;
         let local = SocketAddr::new(forward.local_ip, port);
         let span = tracing::debug_span!("flow", forward = %forward.name, flow = header.flow);
@@ -179,13 +212,32 @@ impl Flows {
 
     /// The flows of forward `index` open now.
     pub fn open_flows(&self, index: u16) -> usize {
-        self.lock().get(&index).map_or(0, |table| table.len())
+        self.lock()
+            .tables
+            .get(&index)
+            .map_or(0, |table| table.len())
+    }
+
+    /// The flows open now of the forward called `name`.
+    pub fn open_flows_of(&self, name: &str) -> usize {
+        let state = self.lock();
+        let ids = state.forwards.iter().filter(|(_, f)| f.name == name);
+        ids.filter_map(|(id, _)| state.tables.get(id))
+            .map(|table| table.len())
+            .sum()
+    }
+
+    /// Counts an answer of the local service on forward `index`.
+    fn answered(&self, index: u16, len: usize) {
+        if let Some(forward) = self.lock().forwards.get(&index) {
+            forward.traffic.datagram_out(len);
+        }
     }
 
     /// Marks flow `id` of `forward` seen; false if it is gone.
     fn touch(&self, forward: u16, id: FlowId) -> bool {
-        let mut tables = self.lock();
-        let table = tables.get_mut(&forward);
+        let mut state = self.lock();
+        let table = state.tables.get_mut(&forward);
         table.is_some_and(|t| t.touch(&id, Instant::now()).is_some())
     }
 
@@ -193,9 +245,10 @@ impl Flows {
     fn expire(&self, now: Instant) {
         let mut expired = Vec::new();
         {
-            let mut tables = self.lock();
+            let mut state = self.lock();
+            let State { forwards, tables } = &mut *state;
             for (index, table) in tables.iter_mut() {
-                if let Some(forward) = self.forwards.get(index) {
+                if let Some(forward) = forwards.get(index) {
                     expired.extend(table.expire(now, forward.idle));
                 }
             }
@@ -209,7 +262,7 @@ impl Flows {
     }
 
     fn sweep_interval(&self) -> Duration {
-        flows::sweep_interval(self.forwards.values().map(|f| f.idle).min())
+        flows::sweep_interval(self.lock().forwards.values().map(|f| f.idle).min())
     }
 }
 
@@ -222,10 +275,9 @@ pub async fn carry(conn: quinn::Connection, flows: Arc<Flows>) {
         Ok(())
     });
     let expire = async {
-        let mut tick = tokio::time::interval(flows.sweep_interval());
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
+            // Asked each time: an update of the forwards may change it.
+            tokio::time::sleep(flows.sweep_interval()).await;
             flows.expire(Instant::now());
         }
     };
@@ -249,9 +301,7 @@ async fn carry_answers(flows: Weak<Flows>, header: DatagramHeader, socket: Arc<U
                     tracing::trace!(len, "datagram to the relay");
                     let answer = Bytes::copy_from_slice(&buf[..HEADER_LEN + len]);
                     flows.datagrams.send(answer);
-                    if let Some(forward) = flows.forwards.get(&header.forward) {
-                        forward.traffic.datagram_out(len);
-                    }
+                    flows.answered(header.forward, len);
                 }
             }
             // The service is not listening (yet): an ICMP message said so, once per datagram.

@@ -13,6 +13,12 @@
 //!    |   Welcome { session, results }                   | agent's allowlist and the port
 //!    |<-------------------------------------------------| registry; listeners opened
 //!    |                                                  |
+//!    | later, on the same control stream:               |
+//!    |   Update { (id, forward)... }: the whole new set |
+//!    |------------------------------------------------->| kept, opened and closed as
+//!    |   Updated { results }                            | the set differs
+//!    |<-------------------------------------------------|
+//!    |                                                  |
 //!    | data stream: one bidirectional stream per        | a visitor connects to a
 //!    | visitor TCP connection, opened by the relay      | public port
 //!    |   StreamHeader, then the visitor's bytes at once |
@@ -74,6 +80,10 @@ pub type SessionId = u64;
 
 /// An id the relay gives each data stream of an agent; unique across that agent's sessions.
 pub type StreamId = u64;
+
+/// A forward's number within a session: its index in [`Hello`], or the id the agent gave it in
+/// an [`Update`]. Data streams and datagrams name their forward by it.
+pub type ForwardId = u16;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -144,31 +154,52 @@ pub enum Refusal {
     Unavailable,
 }
 
+/// The agent's forwards after its config was reloaded: the whole set, each with its id. A
+/// forward the session has under the same id and with the same request stays as it is (its
+/// listener and its visitors go on); any other is opened; the session's forwards missing from
+/// the set are closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Update {
+    pub forwards: Vec<(ForwardId, ForwardRequest)>,
+}
+
+/// The relay's answer to [`Update`]: one result per forward, in the same order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Updated {
+    pub results: Vec<ForwardResult>,
+}
+
 /// Control messages from the agent to the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentMessage {
     Hello(Hello),
+    Update(Update),
 }
 
 /// Control messages from the relay to the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RelayMessage {
     Welcome(Welcome),
+    Updated(Updated),
 }
 
 const TYPE_HELLO: u8 = 0x01;
+const TYPE_UPDATE: u8 = 0x02;
 const TYPE_WELCOME: u8 = 0x81;
+const TYPE_UPDATED: u8 = 0x82;
 
 impl AgentMessage {
     pub fn encode(&self) -> Bytes {
         match self {
             AgentMessage::Hello(hello) => frame(TYPE_HELLO, |body| hello.encode(body)),
+            AgentMessage::Update(update) => frame(TYPE_UPDATE, |body| update.encode(body)),
         }
     }
 
     pub fn decode(kind: u8, mut body: &[u8]) -> Result<Self, DecodeError> {
         let message = match kind {
             TYPE_HELLO => AgentMessage::Hello(Hello::decode(&mut body)?),
+            TYPE_UPDATE => AgentMessage::Update(Update::decode(&mut body)?),
             other => return Err(DecodeError::UnknownType(other)),
         };
         ensure_consumed(body)?;
@@ -180,12 +211,18 @@ impl RelayMessage {
     pub fn encode(&self) -> Bytes {
         match self {
             RelayMessage::Welcome(welcome) => frame(TYPE_WELCOME, |body| welcome.encode(body)),
+            RelayMessage::Updated(updated) => {
+                frame(TYPE_UPDATED, |body| encode_results(&updated.results, body))
+            }
         }
     }
 
     pub fn decode(kind: u8, mut body: &[u8]) -> Result<Self, DecodeError> {
         let message = match kind {
             TYPE_WELCOME => RelayMessage::Welcome(Welcome::decode(&mut body)?),
+            TYPE_UPDATED => RelayMessage::Updated(Updated {
+                results: decode_results(&mut body)?,
+            }),
             other => return Err(DecodeError::UnknownType(other)),
         };
         ensure_consumed(body)?;
@@ -235,28 +272,7 @@ impl Hello {
         }
         buf.put_u16(self.forwards.len() as u16);
         for forward in &self.forwards {
-            let name = forward.name.as_bytes();
-            buf.put_u8(name.len() as u8);
-            buf.put_slice(name);
-            buf.put_u8(forward.proto.wire());
-            buf.put_u16(forward.remote.start());
-            buf.put_u16(forward.remote.end());
-            let millis = u32::try_from(forward.flow_idle.as_millis()).unwrap_or(u32::MAX);
-            buf.put_u32(millis);
-            buf.put_u8(forward.allow_from.len() as u8);
-            for block in &forward.allow_from {
-                match block.addr() {
-                    IpAddr::V4(v4) => {
-                        buf.put_u8(4);
-                        buf.put_slice(&v4.octets());
-                    }
-                    IpAddr::V6(v6) => {
-                        buf.put_u8(6);
-                        buf.put_slice(&v6.octets());
-                    }
-                }
-                buf.put_u8(block.prefix());
-            }
+            forward.encode(buf);
         }
     }
 
@@ -273,29 +289,7 @@ impl Hello {
         }
         let mut forwards = Vec::with_capacity(count);
         for _ in 0..count {
-            let name_len = usize::from(buf.try_get_u8()?);
-            if name_len > MAX_NAME_LEN {
-                return Err(DecodeError::Invalid("forward name length"));
-            }
-            if buf.remaining() < name_len {
-                return Err(DecodeError::Truncated);
-            }
-            let name = std::str::from_utf8(&buf[..name_len])
-                .map_err(|_| DecodeError::Invalid("forward name"))?
-                .to_owned();
-            buf.advance(name_len);
-            let proto = Proto::from_wire(buf.try_get_u8()?).ok_or(DecodeError::Invalid("proto"))?;
-            let (start, end) = (buf.try_get_u16()?, buf.try_get_u16()?);
-            let remote = PortRange::new(start, end).ok_or(DecodeError::Invalid("port range"))?;
-            let flow_idle = Duration::from_millis(u64::from(buf.try_get_u32()?));
-            let allow_from = decode_allow_from(buf)?;
-            forwards.push(ForwardRequest {
-                name,
-                proto,
-                remote,
-                flow_idle,
-                allow_from,
-            });
+            forwards.push(ForwardRequest::decode(buf)?);
         }
         Ok(Hello {
             version,
@@ -303,6 +297,106 @@ impl Hello {
             forwards,
         })
     }
+}
+
+impl ForwardRequest {
+    fn encode(&self, buf: &mut BytesMut) {
+        let name = self.name.as_bytes();
+        buf.put_u8(name.len() as u8);
+        buf.put_slice(name);
+        buf.put_u8(self.proto.wire());
+        buf.put_u16(self.remote.start());
+        buf.put_u16(self.remote.end());
+        let millis = u32::try_from(self.flow_idle.as_millis()).unwrap_or(u32::MAX);
+        buf.put_u32(millis);
+        buf.put_u8(self.allow_from.len() as u8);
+        for block in &self.allow_from {
+            match block.addr() {
+                IpAddr::V4(v4) => {
+                    buf.put_u8(4);
+                    buf.put_slice(&v4.octets());
+                }
+                IpAddr::V6(v6) => {
+                    buf.put_u8(6);
+                    buf.put_slice(&v6.octets());
+                }
+            }
+            buf.put_u8(block.prefix());
+        }
+    }
+
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let name_len = usize::from(buf.try_get_u8()?);
+        if name_len > MAX_NAME_LEN {
+            return Err(DecodeError::Invalid("forward name length"));
+        }
+        if buf.remaining() < name_len {
+            return Err(DecodeError::Truncated);
+        }
+        let name = std::str::from_utf8(&buf[..name_len])
+            .map_err(|_| DecodeError::Invalid("forward name"))?
+            .to_owned();
+        buf.advance(name_len);
+        let proto = Proto::from_wire(buf.try_get_u8()?).ok_or(DecodeError::Invalid("proto"))?;
+        let (start, end) = (buf.try_get_u16()?, buf.try_get_u16()?);
+        let remote = PortRange::new(start, end).ok_or(DecodeError::Invalid("port range"))?;
+        let flow_idle = Duration::from_millis(u64::from(buf.try_get_u32()?));
+        let allow_from = decode_allow_from(buf)?;
+        Ok(ForwardRequest {
+            name,
+            proto,
+            remote,
+            flow_idle,
+            allow_from,
+        })
+    }
+}
+
+impl Update {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u16(self.forwards.len() as u16);
+        for (id, forward) in &self.forwards {
+            buf.put_u16(*id);
+            forward.encode(buf);
+        }
+    }
+
+    /// Refuses more than [`MAX_FORWARDS`] forwards, and an id given twice.
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let count = usize::from(buf.try_get_u16()?);
+        if count > MAX_FORWARDS {
+            return Err(DecodeError::Invalid("forward count"));
+        }
+        let mut forwards: Vec<(ForwardId, ForwardRequest)> = Vec::with_capacity(count);
+        for _ in 0..count {
+            let id = buf.try_get_u16()?;
+            if forwards.iter().any(|(other, _)| *other == id) {
+                return Err(DecodeError::Invalid("forward id given twice"));
+            }
+            forwards.push((id, ForwardRequest::decode(buf)?));
+        }
+        Ok(Update { forwards })
+    }
+}
+
+fn encode_results(results: &[ForwardResult], buf: &mut BytesMut) {
+    buf.put_u16(results.len() as u16);
+    for result in results {
+        buf.put_u8(result.wire());
+    }
+}
+
+fn decode_results(buf: &mut &[u8]) -> Result<Vec<ForwardResult>, DecodeError> {
+    let count = usize::from(buf.try_get_u16()?);
+    if count > MAX_FORWARDS {
+        return Err(DecodeError::Invalid("result count"));
+    }
+    let mut results = Vec::with_capacity(count);
+    for _ in 0..count {
+        let byte = buf.try_get_u8()?;
+        results.push(ForwardResult::from_wire(byte).ok_or(DecodeError::Invalid("result"))?);
+    }
+    Ok(results)
 }
 
 /// A count, then each block as family (4 or 6), address and prefix length.
@@ -350,23 +444,12 @@ impl ForwardResult {
 impl Welcome {
     fn encode(&self, buf: &mut BytesMut) {
         buf.put_u64(self.session);
-        buf.put_u16(self.results.len() as u16);
-        for result in &self.results {
-            buf.put_u8(result.wire());
-        }
+        encode_results(&self.results, buf);
     }
 
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
         let session = buf.try_get_u64()?;
-        let count = usize::from(buf.try_get_u16()?);
-        if count > MAX_FORWARDS {
-            return Err(DecodeError::Invalid("result count"));
-        }
-        let mut results = Vec::with_capacity(count);
-        for _ in 0..count {
-            let byte = buf.try_get_u8()?;
-            results.push(ForwardResult::from_wire(byte).ok_or(DecodeError::Invalid("result"))?);
-        }
+        let results = decode_results(buf)?;
         Ok(Welcome { session, results })
     }
 }
@@ -375,8 +458,7 @@ impl Welcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamHeader {
     pub id: StreamId,
-    /// The index of the forward in the agent's [`Hello`].
-    pub forward: u16,
+    pub forward: ForwardId,
     /// The public port the visitor connected to; with a range, it selects the local port.
     pub port: u16,
     pub visitor: SocketAddr,
@@ -591,6 +673,45 @@ mod tests {
             let (kind, body) = split(&frame);
             assert_eq!(AgentMessage::decode(kind, body), Ok(message));
         }
+    }
+
+    #[test]
+    fn update_round_trips_and_refuses_an_id_given_twice() {
+        let forwards = hello().forwards;
+        let update = Update {
+            forwards: vec![(3, forwards[0].clone()), (0, forwards[1].clone())],
+        };
+        let message = AgentMessage::Update(update);
+        let frame = message.encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(AgentMessage::decode(kind, body), Ok(message));
+
+        let twice = AgentMessage::Update(Update {
+            forwards: vec![(1, forwards[0].clone()), (1, forwards[1].clone())],
+        });
+        let frame = twice.encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(
+            AgentMessage::decode(kind, body),
+            Err(DecodeError::Invalid("forward id given twice"))
+        );
+
+        let updated = RelayMessage::Updated(Updated {
+            results: welcome().results,
+        });
+        let frame = updated.encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(RelayMessage::decode(kind, body), Ok(updated));
+    }
+
+    #[test]
+    fn an_update_over_the_forward_limit_is_refused_before_it_is_read() {
+        let mut body = Vec::new();
+        body.extend_from_slice(&(MAX_FORWARDS as u16 + 1).to_be_bytes());
+        assert_eq!(
+            AgentMessage::decode(TYPE_UPDATE, &body),
+            Err(DecodeError::Invalid("forward count"))
+        );
     }
 
     #[test]

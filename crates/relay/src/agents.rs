@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use tether_common::cli::count;
@@ -17,7 +17,7 @@ use tether_common::config::AgentEntry;
 use tether_common::datagram::DatagramSender;
 use tether_common::ports::{PortSpec, Proto};
 use tether_common::protocol::{
-    CloseCode, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
+    CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
 };
 use tether_common::report;
 use tether_common::traffic::ForwardTraffic;
@@ -32,12 +32,15 @@ use crate::status::{AgentState, ForwardState};
 use crate::udp::{self, SessionFlows};
 use crate::visitor;
 
+/// Which forward serves each public port.
+pub type Routes = HashMap<(Proto, u16), Route>;
+
 /// One authenticated session, as visitors need it.
 pub struct LiveSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
-    /// Which forward of the agent's Hello serves each public port.
-    pub routes: HashMap<(Proto, u16), Route>,
+    /// Replaced as a whole when the agent updates its forwards.
+    routes: RwLock<Arc<Routes>>,
     /// The flows of the session's UDP forwards.
     pub flows: SessionFlows,
     pub datagrams: DatagramSender,
@@ -48,11 +51,23 @@ impl LiveSession {
     pub fn next_stream_id(&self) -> StreamId {
         self.next_stream.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Which forward serves each public port now.
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_routes(&self, routes: Routes) {
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+    }
 }
 
 #[derive(Clone)]
 pub struct Route {
-    pub forward: u16,
+    pub forward: ForwardId,
     pub name: Arc<str>,
     /// What the forward carried, since the relay started.
     pub traffic: Arc<ForwardTraffic>,
@@ -72,7 +87,7 @@ struct Held {
 pub struct NewSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
-    pub routes: HashMap<(Proto, u16), Route>,
+    pub routes: Routes,
     pub flows: SessionFlows,
     pub datagrams: DatagramSender,
 }
@@ -109,10 +124,14 @@ impl fmt::Display for Summary {
 
 /// A forward the agent asked for in its latest session, and the relay's answer.
 pub struct Asked {
+    pub id: ForwardId,
+    pub request: ForwardRequest,
     pub name: Arc<str>,
     pub spec: PortSpec,
     pub result: ForwardResult,
     pub traffic: Arc<ForwardTraffic>,
+    /// Who may reach it, and how many are in: kept while the forward stays as it is.
+    admission: Option<Arc<Admission>>,
 }
 
 struct Slot {
@@ -152,31 +171,34 @@ impl Slot {
 }
 
 impl Table {
-    /// Opens what a new session of `agent` asks for and returns a result per request and the
-    /// routes of the opened ports. Ports the agent held but no longer asks for are released.
+    /// Opens what `agent` asks for, in a new session's Hello or in an update of a live one,
+    /// and returns a result per request and the routes of the opened ports. A forward the
+    /// agent had under the same id and with the same request keeps its listeners and its
+    /// visitors; ports the agent held but no longer asks for are released.
     pub fn open_forwards(
         &mut self,
         shared: &Arc<Shared>,
         agent: &AgentEntry,
-        requests: &[ForwardRequest],
-    ) -> (Vec<ForwardResult>, HashMap<(Proto, u16), Route>) {
+        requests: &[(ForwardId, ForwardRequest)],
+    ) -> (Vec<ForwardResult>, Routes) {
         let slot = self
             .agents
             .entry(agent.name.clone())
             .or_insert_with(Slot::new);
+        let before = std::mem::take(&mut slot.forwards);
         let mut held = std::mem::take(&mut slot.ports);
         let mut ports = HashMap::new();
         let mut routes = HashMap::new();
         let mut results = Vec::with_capacity(requests.len());
         let mut asked = Vec::with_capacity(requests.len());
-        for (index, request) in requests.iter().enumerate() {
+        for (index, (id, request)) in requests.iter().enumerate() {
             let spec = PortSpec {
                 proto: request.proto,
                 range: request.remote,
             };
             let overlaps = requests[..index]
                 .iter()
-                .any(|r| r.proto == request.proto && r.remote.overlaps(request.remote));
+                .any(|(_, r)| r.proto == request.proto && r.remote.overlaps(request.remote));
             let no_idle_time = request.proto == Proto::Udp && request.flow_idle.is_zero();
             let result = if overlaps || no_idle_time {
                 Err(Refusal::Invalid)
@@ -187,22 +209,31 @@ impl Table {
             };
             let name: Arc<str> = request.name.as_str().into();
             let traffic = slot.traffic.entry(name.clone()).or_default().clone();
+            let unchanged = before
+                .iter()
+                .find(|b| b.id == *id && b.request == *request)
+                .and_then(|b| b.admission.clone());
+            let admission = unchanged.unwrap_or_else(|| {
+                Arc::new(Admission::new(
+                    request.allow_from.clone(),
+                    shared.limits.max_visitors_per_forward,
+                    shared.limits.max_visitors_per_address,
+                ))
+            });
             asked.push(Asked {
+                id: *id,
+                request: request.clone(),
                 name: name.clone(),
                 spec,
                 result: ForwardResult::Opened,
                 traffic: traffic.clone(),
+                admission: result.is_ok().then(|| admission.clone()),
             });
             results.push(match result {
                 Ok(()) => {
-                    let admission = Arc::new(Admission::new(
-                        request.allow_from.clone(),
-                        shared.limits.max_visitors_per_forward,
-                        shared.limits.max_visitors_per_address,
-                    ));
                     for port in spec.range.ports() {
                         let route = Route {
-                            forward: index as u16,
+                            forward: *id,
                             name: name.clone(),
                             traffic: traffic.clone(),
                             admission: admission.clone(),
@@ -246,7 +277,7 @@ impl Table {
         let live = Arc::new(LiveSession {
             id: session.id,
             conn: session.conn,
-            routes: session.routes,
+            routes: RwLock::new(Arc::new(session.routes)),
             flows: session.flows,
             datagrams: session.datagrams,
             next_stream: slot.next_stream.clone(),
@@ -261,6 +292,32 @@ impl Table {
         }
         self.update_summary();
         Some(live)
+    }
+
+    /// Applies an agent's [`Update`](tether_common::protocol::Update) to its live session
+    /// `id`: the routes and the UDP flow tables become those of the new set, and visitors
+    /// waiting for a port that just opened are let through. `None` if `id` is no longer the
+    /// agent's live session.
+    pub fn update_forwards(
+        &mut self,
+        shared: &Arc<Shared>,
+        agent: &AgentEntry,
+        id: SessionId,
+        requests: &[(ForwardId, ForwardRequest)],
+    ) -> Option<Vec<ForwardResult>> {
+        let live = self.agents.get(&agent.name)?.live.borrow().clone()?;
+        if live.id != id {
+            return None;
+        }
+        let (results, routes) = self.open_forwards(shared, agent, requests);
+        live.set_routes(routes);
+        live.flows.set_forwards(udp_forwards(requests, &results));
+        if let Some(slot) = self.agents.get(&agent.name) {
+            // Wakes the visitors that wait for a port of this agent.
+            slot.live.send_modify(|_| {});
+        }
+        self.update_summary();
+        Some(results)
     }
 
     /// Marks the agent away if `id` is still its live session. Returns the generation to pass
@@ -292,7 +349,7 @@ impl Table {
         for slot in self.agents.values() {
             if let Some(live) = &*slot.live.borrow() {
                 summary.agents += 1;
-                let forwards: HashSet<u16> = live.routes.values().map(|r| r.forward).collect();
+                let forwards: HashSet<u16> = live.routes().values().map(|r| r.forward).collect();
                 summary.forwards += forwards.len();
             }
         }
@@ -373,14 +430,13 @@ impl Table {
                 let forwards = slot.map_or(&[][..], |s| &s.forwards);
                 let forwards = forwards
                     .iter()
-                    .enumerate()
-                    .map(|(index, asked)| {
+                    .map(|asked| {
                         let state = match (&live, asked.result) {
                             (None, _) => "agent away".to_string(),
                             (Some(_), ForwardResult::Opened) => "open".to_string(),
                             (Some(_), ForwardResult::Refused(why)) => format!("refused: {why}"),
                         };
-                        let flows = live.as_ref().map(|l| l.flows.open_flows(index as u16));
+                        let flows = live.as_ref().map(|l| l.flows.open_flows(asked.id));
                         ForwardState {
                             name: asked.name.to_string(),
                             proto: asked.spec.proto.to_string(),
@@ -420,6 +476,20 @@ impl Table {
         }
         tracing::info!(agent, "agent did not come back; its ports are closed");
     }
+}
+
+/// The UDP forwards that opened, as (id, flow idle time), for the session's flow tables.
+pub fn udp_forwards<'a>(
+    requests: &'a [(ForwardId, ForwardRequest)],
+    results: &'a [ForwardResult],
+) -> impl Iterator<Item = (ForwardId, std::time::Duration)> + 'a {
+    requests
+        .iter()
+        .zip(results)
+        .filter(|((_, request), result)| {
+            request.proto == Proto::Udp && **result == ForwardResult::Opened
+        })
+        .map(|((id, request), _)| (*id, request.flow_idle))
 }
 
 /// Moves the listeners of `spec` that the agent already holds into `ports`, and opens the ones

@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use tether_common::control::{read_frame, write_frame, FrameError};
 use tether_common::datagram::DatagramSender;
-use tether_common::ports::Proto;
 use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardResult, Hello, RelayMessage, SessionId, Welcome, VERSION,
+    AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
+    SessionId, Update, Updated, Welcome, VERSION,
 };
 use tether_common::tls;
 use tracing::Instrument;
 
-use crate::agents::NewSession;
+use crate::agents::{self, NewSession};
 use crate::places::Place;
 use crate::server::Shared;
 use crate::udp::{self, SessionFlows};
@@ -29,6 +29,8 @@ enum SetupError {
     HelloTimeout,
     #[error("reading Hello: {0}")]
     Hello(#[from] FrameError),
+    #[error("the first control message is not Hello")]
+    NotHello,
     #[error("the agent speaks protocol version {0}, this relay {VERSION}")]
     Version(u16),
 }
@@ -137,13 +139,10 @@ async fn run_session(
             CloseCode::Unauthorized.close(&conn);
             return;
         };
-        let (results, routes) = table.open_forwards(&shared, &agent, &hello.forwards);
-        let udp_forwards = hello.forwards.iter().zip(&results).enumerate().filter_map(
-            |(index, (request, result))| {
-                let udp = request.proto == Proto::Udp && *result == ForwardResult::Opened;
-                udp.then_some((index as u16, request.flow_idle))
-            },
-        );
+        let requests: Vec<(ForwardId, ForwardRequest)> =
+            (0..).zip(hello.forwards.iter().cloned()).collect();
+        let (results, routes) = table.open_forwards(&shared, &agent, &requests);
+        let udp_forwards = agents::udp_forwards(&requests, &results);
         let session = NewSession {
             id,
             conn: conn.clone(),
@@ -155,7 +154,32 @@ async fn run_session(
         (agent, results, live)
     };
     let _udp = live.map(|live| udp::carry(&shared, live));
-    for (request, result) in hello.forwards.iter().zip(&results) {
+    log_results(&hello.forwards, &results);
+    let welcome = RelayMessage::Welcome(Welcome {
+        session: id,
+        results,
+    })
+    .encode();
+    let reason = match write_frame(&mut send, &welcome).await {
+        Ok(()) => {
+            tracing::info!(%remote, resumed_from = ?hello.resume, "agent connected");
+            let session = Session {
+                shared: &shared,
+                conn: &conn,
+                agent: &agent.name,
+                id,
+            };
+            session.wait_for_end(&mut send, &mut recv).await
+        }
+        Err(error) => format!("cannot send Welcome: {error}"),
+    };
+    tracing::info!(%reason, "agent disconnected");
+    end_session(&shared, &agent.name, id);
+}
+
+/// Logs the relay's answer for each forward.
+fn log_results(forwards: &[ForwardRequest], results: &[ForwardResult]) {
+    for (request, result) in forwards.iter().zip(results) {
         let ports = format!("{}/{}", request.remote, request.proto);
         match result {
             ForwardResult::Opened => {
@@ -166,42 +190,50 @@ async fn run_session(
             }
         }
     }
-    let welcome = RelayMessage::Welcome(Welcome {
-        session: id,
-        results,
-    })
-    .encode();
-    let reason = match write_frame(&mut send, &welcome).await {
-        Ok(()) => {
-            tracing::info!(%remote, resumed_from = ?hello.resume, "agent connected");
-            wait_for_end(&shared, &conn, &mut recv).await
-        }
-        Err(error) => format!("cannot send Welcome: {error}"),
-    };
-    tracing::info!(%reason, "agent disconnected");
-    end_session(&shared, &agent.name, id);
 }
 
-/// Waits until the session ends, and says why.
-async fn wait_for_end(
-    shared: &Shared,
-    conn: &quinn::Connection,
-    recv: &mut quinn::RecvStream,
-) -> String {
-    tokio::select! {
-        biased;
-        () = shared.shutdown.cancelled() => {
-            // Said here, not left to the endpoint's close: once this task ends, nothing may
-            // hold the connection, and quinn would close it with code 0 first.
-            CloseCode::RelayShutdown.close(conn);
-            CloseCode::RelayShutdown.reason().to_owned()
-        }
-        error = conn.closed() => error.to_string(),
-        frame = read_frame(recv) => {
+/// A session once Welcome is sent.
+struct Session<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a quinn::Connection,
+    agent: &'a str,
+    id: SessionId,
+}
+
+impl Session<'_> {
+    /// Answers the agent's updates until the session ends, and says why it ended.
+    async fn wait_for_end(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> String {
+        let conn = self.conn;
+        loop {
+            let frame = tokio::select! {
+                biased;
+                () = self.shared.shutdown.cancelled() => {
+                    // Said here, not left to the endpoint's close: once this task ends, nothing
+                    // may hold the connection, and quinn would close it with code 0 first.
+                    CloseCode::RelayShutdown.close(conn);
+                    return CloseCode::RelayShutdown.reason().to_owned();
+                }
+                error = conn.closed() => return error.to_string(),
+                frame = read_frame(recv) => frame,
+            };
             use quinn::{ReadError, ReadExactError};
             let why = match frame {
-                // Version 1 has no message for the agent to send after Hello.
-                Ok(_) | Err(FrameError::Decode(_)) => "unexpected control message",
+                Ok((kind, body)) => match AgentMessage::decode(kind, &body) {
+                    Ok(AgentMessage::Update(update)) => match self.update(update) {
+                        Some(answer) => match write_frame(send, &answer).await {
+                            Ok(()) => continue,
+                            Err(error) => return format!("cannot answer an update: {error}"),
+                        },
+                        None => return "replaced or removed during an update".to_owned(),
+                    },
+                    Ok(AgentMessage::Hello(_)) => "a second Hello",
+                    Err(_) => "a control message that does not decode",
+                },
+                Err(FrameError::Decode(_)) => "a control frame that does not decode",
                 // The control stream lasts as long as the session.
                 Err(FrameError::Closed | FrameError::Read(ReadExactError::FinishedEarly(_))) => {
                     "the agent ended its control stream"
@@ -213,8 +245,26 @@ async fn wait_for_end(
                 Err(_) => return conn.closed().await.to_string(),
             };
             CloseCode::ProtocolError.close(conn);
-            format!("protocol error: {why}")
+            return format!("protocol error: {why}");
         }
+    }
+
+    /// Applies an update of the agent's forwards and returns the frame that answers it.
+    fn update(&self, update: Update) -> Option<bytes::Bytes> {
+        let agent = self
+            .shared
+            .agents()
+            .iter()
+            .find(|a| a.name == self.agent)
+            .cloned()?;
+        let results =
+            self.shared
+                .table()
+                .update_forwards(self.shared, &agent, self.id, &update.forwards)?;
+        let requests: Vec<ForwardRequest> = update.forwards.into_iter().map(|(_, r)| r).collect();
+        tracing::info!("the agent updated its forwards");
+        log_results(&requests, &results);
+        Some(RelayMessage::Updated(Updated { results }).encode())
     }
 }
 
@@ -242,9 +292,11 @@ async fn read_hello(
     let setup = async {
         let (send, mut recv) = conn.accept_bi().await?;
         let (kind, body) = read_frame(&mut recv).await?;
-        let AgentMessage::Hello(hello) = AgentMessage::decode(kind, &body)
-            .map_err(|e| SetupError::Hello(FrameError::Decode(e)))?;
-        Ok::<_, SetupError>((send, recv, hello))
+        match AgentMessage::decode(kind, &body) {
+            Ok(AgentMessage::Hello(hello)) => Ok((send, recv, hello)),
+            Ok(_) => Err(SetupError::NotHello),
+            Err(error) => Err(SetupError::Hello(FrameError::Decode(error))),
+        }
     };
     let (send, recv, hello) = tokio::time::timeout(deadline, setup)
         .await

@@ -79,7 +79,8 @@ async fn receive_loop(
             shared.udp.count_drop(DropReason::NoRoute);
             continue;
         };
-        let Some(route) = live.routes.get(&(Proto::Udp, port)) else {
+        let routes = live.routes();
+        let Some(route) = routes.get(&(Proto::Udp, port)) else {
             shared.udp.count_drop(DropReason::NoRoute);
             continue;
         };
@@ -163,8 +164,8 @@ fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) -> Result<(), Vi
             header.flow, header.forward, header.port
         )));
     }
-    let Some((route, socket)) = live
-        .routes
+    let routes = live.routes();
+    let Some((route, socket)) = routes
         .get(&(Proto::Udp, port))
         .and_then(|r| Some((r, r.udp.as_ref()?)))
     else {
@@ -186,10 +187,9 @@ fn answer(shared: &Shared, live: &LiveSession, datagram: &[u8]) -> Result<(), Vi
 }
 
 async fn expire_loop(shared: &Shared, live: &LiveSession) {
-    let mut tick = tokio::time::interval(live.flows.sweep_interval());
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        // Asked each time: an update of the agent's forwards may change it.
+        tokio::time::sleep(live.flows.sweep_interval()).await;
         let expired = live.flows.expire(Instant::now());
         if expired > 0 {
             tracing::debug!(expired, "idle flows forgotten");
@@ -205,7 +205,10 @@ type Source = (u16, SocketAddr);
 /// address.
 pub struct SessionFlows {
     inner: Mutex<Flows>,
-    sweep: Duration,
+    /// The caps of each forward's table.
+    max_flows: usize,
+    max_per_visitor: usize,
+    protect_active: Duration,
 }
 
 struct Flows {
@@ -222,30 +225,51 @@ struct ForwardFlows {
 }
 
 impl SessionFlows {
-    /// Tables for the session's UDP forwards, given as (index in Hello, flow idle time).
+    /// Tables for the session's UDP forwards, given as (forward id, flow idle time).
     pub fn new(forwards: impl IntoIterator<Item = (u16, Duration)>, limits: &Limits) -> Self {
-        let forwards: HashMap<u16, ForwardFlows> = forwards
-            .into_iter()
-            .map(|(index, idle)| {
-                let table = FlowTable::new(
-                    limits.max_flows_per_forward,
-                    limits.max_flows_per_visitor,
-                    |(_, visitor): &Source| visitor.ip(),
-                )
-                .protect_active(limits.protect_active_flows);
-                (index, ForwardFlows { table, idle })
-            })
-            .collect();
-        let sweep = flows::sweep_interval(forwards.values().map(|f| f.idle).min());
-        Self {
+        let flows = Self {
             inner: Mutex::new(Flows {
-                forwards,
+                forwards: HashMap::new(),
                 by_id: HashMap::new(),
                 next_id: 1,
                 wrapped: false,
             }),
-            sweep,
+            max_flows: limits.max_flows_per_forward,
+            max_per_visitor: limits.max_flows_per_visitor,
+            protect_active: limits.protect_active_flows,
+        };
+        flows.set_forwards(forwards);
+        flows
+    }
+
+    /// Makes the session's UDP forwards these: a forward kept with the same idle time keeps its
+    /// flows, the flows of the others are forgotten, and new ones start empty.
+    pub fn set_forwards(&self, forwards: impl IntoIterator<Item = (u16, Duration)>) {
+        let mut flows = self.lock();
+        let Flows {
+            forwards: tables,
+            by_id,
+            ..
+        } = &mut *flows;
+        let mut kept = HashMap::new();
+        for (id, idle) in forwards {
+            let table = match tables.remove(&id) {
+                Some(forward) if forward.idle == idle => forward,
+                _ => ForwardFlows {
+                    table: FlowTable::new(
+                        self.max_flows,
+                        self.max_per_visitor,
+                        |(_, v): &Source| v.ip(),
+                    )
+                    .protect_active(self.protect_active),
+                    idle,
+                },
+            };
+            kept.insert(id, table);
         }
+        // What is left in `tables` is closed: its flows are forgotten both ways.
+        by_id.retain(|_, (forward, _)| kept.contains_key(forward));
+        *tables = kept;
     }
 
     fn lock(&self) -> MutexGuard<'_, Flows> {
@@ -340,8 +364,9 @@ impl SessionFlows {
         count
     }
 
+    /// How often idle flows are looked for: often enough for the shortest idle time.
     pub fn sweep_interval(&self) -> Duration {
-        self.sweep
+        flows::sweep_interval(self.lock().forwards.values().map(|f| f.idle).min())
     }
 }
 

@@ -73,7 +73,7 @@ async fn serve(
     configure(&tcp, shared.config.tcp_keepalive);
     let ready = |s: &Option<Arc<LiveSession>>| {
         s.as_ref()
-            .is_some_and(|s| s.routes.contains_key(&(Proto::Tcp, port)))
+            .is_some_and(|s| s.routes().contains_key(&(Proto::Tcp, port)))
     };
     let wait = shared.limits.visitor_wait;
     let live = match tokio::time::timeout(wait, session.wait_for(ready)).await {
@@ -81,7 +81,7 @@ async fn serve(
         _ => None,
     };
     let Some((live, route)) =
-        live.and_then(|l| Some((l.clone(), l.routes.get(&(Proto::Tcp, port))?.clone())))
+        live.and_then(|l| Some((l.clone(), l.routes().get(&(Proto::Tcp, port))?.clone())))
     else {
         tracing::debug!("agent away; visitor closed");
         return;
