@@ -41,15 +41,24 @@ fn units_start_the_binaries_as_they_expect() {
     ] {
         let text = std::fs::read_to_string(unit(&format!("tether-{side}"))).unwrap();
         assert_eq!(setting(&text, "Type"), "notify");
+        // The config is read in place, so that a reload reads the edited file; the key comes
+        // as a credential, the one copy the service's user may read.
         assert_eq!(
             setting(&text, "ExecStart"),
-            format!("/usr/bin/tether-{side} run -c %d/{side}.toml")
+            format!("/usr/bin/tether-{side} run -c /etc/tether/{side}.toml --key %d/{side}.key")
         );
-        // The config's default key path is relative to its folder: the credentials folder.
-        for file in [format!("{side}.toml"), format!("{side}.key")] {
-            let credential = format!("LoadCredential={file}:/etc/tether/{file}");
-            assert!(text.lines().any(|l| l == credential), "no {credential}");
-        }
+        assert_eq!(
+            setting(&text, "LoadCredential"),
+            format!("{side}.key:/etc/tether/{side}.key")
+        );
+        assert_eq!(setting(&text, "ExecReload"), "/bin/kill -HUP $MAINPID");
+        // The default status socket is in the folder systemd makes for the service.
+        let socket = match side {
+            "relay" => tether_common::config::RELAY_STATUS_SOCKET,
+            _ => tether_common::config::AGENT_STATUS_SOCKET,
+        };
+        let folder = format!("/run/{}", setting(&text, "RuntimeDirectory"));
+        assert_eq!(Path::new(socket).parent(), Some(Path::new(&folder)));
         // A usage or config error (exit 64) is not worth restarting for.
         assert_eq!(setting(&text, "RestartPreventExitStatus"), "64");
         assert_eq!(setting(&text, "Restart"), "on-failure");

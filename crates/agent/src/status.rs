@@ -216,7 +216,7 @@ impl AgentReport {
                 parts.push(format!("up {age}"));
             }
             if let Some(rtt) = self.rtt_ms {
-                parts.push(format!("RTT {rtt} ms"));
+                parts.push(format!("RTT {rtt:.1} ms"));
             }
             parts.push(count(self.reconnects as usize, "reconnect"));
             let _ = writeln!(out, "{}", parts.join(", "));

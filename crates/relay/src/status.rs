@@ -85,7 +85,7 @@ impl RelayStatus {
                     a.name.clone(),
                     state,
                     a.address.clone().unwrap_or_else(dash),
-                    a.rtt_ms.map_or_else(dash, |ms| format!("{ms} ms")),
+                    a.rtt_ms.map_or_else(dash, |ms| format!("{ms:.1} ms")),
                     a.reconnects.to_string(),
                     a.fingerprint.clone(),
                 ]
