@@ -159,14 +159,7 @@ fn run(file: PathBuf, config: AgentConfig, identity: Identity) -> ExitCode {
         match Agent::new(config, &identity) {
             Ok(agent) => {
                 let control = agent.control();
-                if let Some(address) = metrics {
-                    let registry = crate::metrics::registry(control.clone());
-                    if let Err(code) =
-                        common::spawn_metrics(address, registry, shutdown.clone()).await
-                    {
-                        return code;
-                    }
-                }
+                let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));
                 let reload = {
                     let control = control.clone();
                     move |mut config: AgentConfig| {
@@ -180,17 +173,19 @@ fn run(file: PathBuf, config: AgentConfig, identity: Identity) -> ExitCode {
                         tracing::info!("reload done");
                     }
                 };
-                tokio::spawn(common::reload_on_hangup(
+                let status = move || control.status();
+                let operations = common::start_operations(
                     file,
                     AgentConfig::load,
                     reload,
-                    shutdown.clone(),
-                ));
-                common::spawn_status_socket(
                     &status_socket,
-                    move || control.status(),
-                    shutdown.clone(),
+                    status,
+                    metrics,
+                    &shutdown,
                 );
+                if let Err(code) = operations.await {
+                    return code;
+                }
                 tokio::spawn(notify::report(
                     agent.status(),
                     AgentStatus::to_string,

@@ -97,7 +97,7 @@ pub fn load_config_and_key<C>(
 
 /// On each SIGHUP until `shutdown`, loads `file` again and hands the config to `apply`. A
 /// config that fails to load is logged, problem by problem, and the running one stays.
-pub async fn reload_on_hangup<C>(
+async fn reload_on_hangup<C>(
     file: std::path::PathBuf,
     load: impl Fn(&Path) -> Result<C, ConfigError>,
     mut apply: impl FnMut(C),
@@ -187,7 +187,7 @@ where
 
 /// Answers `status` on the socket at `path` with what `status` returns, until `shutdown`. A
 /// socket that cannot be opened is logged, and the service goes on without it.
-pub fn spawn_status_socket<S: Serialize>(
+fn spawn_status_socket<S: Serialize>(
     path: &Path,
     status: impl Fn() -> S + Send + 'static,
     shutdown: CancellationToken,
@@ -204,7 +204,7 @@ pub fn spawn_status_socket<S: Serialize>(
 
 /// Serves `registry` on `address` until `shutdown`. The address was asked for in the config, so
 /// failing to bind it is an error, as failing to bind `listen` is.
-pub async fn spawn_metrics(
+async fn spawn_metrics(
     address: SocketAddr,
     registry: Registry,
     shutdown: CancellationToken,
@@ -282,4 +282,24 @@ pub fn status_socket_path<C>(
         eprintln!("{e}");
         usage_error()
     })
+}
+
+/// What `run` starts beside the service, on both ends: the metrics endpoint if the config asks
+/// for one, reloads of `file` on SIGHUP (handed to `reload`), and the status socket answering
+/// with `status`. Fails only if the metrics address cannot be bound.
+pub async fn start_operations<C: Send + 'static, S: Serialize>(
+    file: std::path::PathBuf,
+    load: fn(&Path) -> Result<C, ConfigError>,
+    reload: impl FnMut(C) + Send + 'static,
+    status_socket: &Path,
+    status: impl Fn() -> S + Send + 'static,
+    metrics: Option<(SocketAddr, Registry)>,
+    shutdown: &CancellationToken,
+) -> Result<(), ExitCode> {
+    if let Some((address, registry)) = metrics {
+        spawn_metrics(address, registry, shutdown.clone()).await?;
+    }
+    tokio::spawn(reload_on_hangup(file, load, reload, shutdown.clone()));
+    spawn_status_socket(status_socket, status, shutdown.clone());
+    Ok(())
 }

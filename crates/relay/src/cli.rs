@@ -141,14 +141,7 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
         match Relay::bind(config, &identity) {
             Ok(relay) => {
                 let control = relay.control();
-                if let Some(address) = metrics {
-                    let registry = crate::metrics::registry(control.clone());
-                    if let Err(code) =
-                        common::spawn_metrics(address, registry, shutdown.clone()).await
-                    {
-                        return code;
-                    }
-                }
+                let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));
                 let reload = {
                     let control = control.clone();
                     move |mut config: RelayConfig| {
@@ -157,17 +150,19 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
                         control.reload(config).log();
                     }
                 };
-                tokio::spawn(common::reload_on_hangup(
+                let status = move || control.status();
+                let operations = common::start_operations(
                     file,
                     RelayConfig::load,
                     reload,
-                    shutdown.clone(),
-                ));
-                common::spawn_status_socket(
                     &status_socket,
-                    move || control.status(),
-                    shutdown.clone(),
+                    status,
+                    metrics,
+                    &shutdown,
                 );
+                if let Err(code) = operations.await {
+                    return code;
+                }
                 // Ready once bound: agents' handshakes queue from then on.
                 let summary = relay.summary();
                 tokio::spawn(notify::report(summary, |s| s.to_string(), shutdown.clone()));
