@@ -126,17 +126,8 @@ pub fn main() -> ExitCode {
             socket,
             json,
         } => {
-            let socket = common::status_socket_path(
-                socket,
-                &config,
-                AgentConfig::load,
-                |c| c.status_socket,
-                AGENT_STATUS_SOCKET,
-            );
-            match socket {
-                Ok(socket) => common::print_status(&socket, json, AgentReport::render),
-                Err(code) => code,
-            }
+            let socket = common::status_socket_path(socket, &config, AGENT_STATUS_SOCKET);
+            common::print_status(&socket, json, AgentReport::render)
         }
         Command::Run { config: file, key } => {
             let Ok((config, identity)) = load(&file, key.as_deref()) else {

@@ -263,25 +263,28 @@ pub fn print_status<S: DeserializeOwned>(
     }
 }
 
-/// Where `status` asks: `--socket` if given, else the config's `status_socket`, else (no config
-/// file at all) the default.
-pub fn status_socket_path<C>(
+/// Where `status` asks: `--socket` if given, else the `status_socket` of the config `file`,
+/// else `default`. Only that one key is read, so that `status` still answers while the file
+/// holds an edit that a reload refused.
+pub fn status_socket_path(
     socket: Option<std::path::PathBuf>,
     file: &Path,
-    load: fn(&Path) -> Result<C, ConfigError>,
-    status_socket: fn(C) -> std::path::PathBuf,
     default: &str,
-) -> Result<std::path::PathBuf, ExitCode> {
+) -> std::path::PathBuf {
     if let Some(socket) = socket {
-        return Ok(socket);
+        return socket;
     }
-    if !file.exists() {
-        return Ok(default.into());
+    let configured = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|table| match table.get("status_socket") {
+            Some(toml::Value::String(path)) if !path.is_empty() => Some(path.clone()),
+            _ => None,
+        });
+    match configured {
+        Some(path) => file.parent().unwrap_or(Path::new("")).join(path),
+        None => default.into(),
     }
-    load(file).map(status_socket).map_err(|e| {
-        eprintln!("{e}");
-        usage_error()
-    })
 }
 
 /// What `run` starts beside the service, on both ends: the metrics endpoint if the config asks

@@ -108,17 +108,8 @@ pub fn main() -> ExitCode {
             socket,
             json,
         } => {
-            let socket = common::status_socket_path(
-                socket,
-                &config,
-                RelayConfig::load,
-                |c| c.status_socket,
-                RELAY_STATUS_SOCKET,
-            );
-            match socket {
-                Ok(socket) => common::print_status(&socket, json, RelayStatus::render),
-                Err(code) => code,
-            }
+            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
+            common::print_status(&socket, json, RelayStatus::render)
         }
         Command::Run { config: file, key } => {
             let Ok((config, identity)) = load(&file, key.as_deref()) else {

@@ -77,8 +77,14 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
             return;
         }
     };
-    let Some(agent) = tls::peer_fingerprint(&conn).and_then(|fp| shared.agent_with(fp)) else {
-        // The verifier admits only listed keys; this is the list having changed meanwhile.
+    let fingerprint = tls::peer_fingerprint(&conn);
+    let Some(agent) = fingerprint.and_then(|fp| shared.agent_with(fp)) else {
+        // The verifier admits only listed keys, but a reload may have removed the key since,
+        // and a resumed TLS session does not go through the verifier again.
+        let from = fingerprint.map_or_else(|| remote.to_string(), |fp| fp.to_string());
+        shared
+            .refused_handshakes
+            .record("agent key not listed", &from);
         CloseCode::Unauthorized.close(&conn);
         return;
     };
