@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use tether_common::cli::count;
 use tether_common::protocol::{ForwardResult, SessionId};
-use tether_common::report::{self, age, bytes};
+use tether_common::report::{self, age};
 use tether_common::traffic::TrafficCount;
 
 use crate::udp::Flows;
@@ -232,26 +232,18 @@ impl AgentReport {
                 }
             }
         }
-        let dash = || "-".to_string();
         let rows: Vec<Vec<String>> = self
             .forwards
             .iter()
             .map(|f| {
-                let t = &f.traffic;
-                let (visitors, flows) = match f.proto.as_str() {
-                    "udp" => (dash(), f.flows_open.to_string()),
-                    _ => (t.visitors_open.to_string(), dash()),
-                };
-                vec![
+                let mut row = vec![
                     f.name.clone(),
                     format!("{}/{}", f.remote, f.proto),
                     f.local.clone(),
                     f.state.clone(),
-                    visitors,
-                    flows,
-                    bytes(t.bytes_in + t.datagram_bytes_in),
-                    bytes(t.bytes_out + t.datagram_bytes_out),
-                ]
+                ];
+                row.extend(report::traffic_cells(&f.proto, f.flows_open, &f.traffic));
+                row
             })
             .collect();
         if !rows.is_empty() {
@@ -270,14 +262,8 @@ impl AgentReport {
                 &rows,
             ));
         }
-        let dropped: Vec<String> = self
-            .dropped_datagrams
-            .iter()
-            .filter(|(_, &n)| n > 0)
-            .map(|(reason, n)| format!("{n} {reason}"))
-            .collect();
-        if !dropped.is_empty() {
-            let _ = writeln!(out, "\ndropped datagrams: {}", dropped.join(", "));
+        if let Some(line) = report::by_reason("dropped datagrams", &self.dropped_datagrams) {
+            let _ = writeln!(out, "\n{line}");
         }
         out
     }

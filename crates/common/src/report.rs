@@ -1,6 +1,9 @@
 //! What both `status` commands print for people: aligned columns, byte counts and ages.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
+
+use crate::traffic::TrafficCount;
 
 /// `rows` under `header`, each column as wide as its widest cell, two spaces apart.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
@@ -36,6 +39,31 @@ pub fn bytes(n: u64) -> String {
         unit += 1;
     }
     format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A forward's VISITORS, FLOWS, IN and OUT cells: open visitors for TCP, open flows for UDP,
+/// and the payload each way.
+pub fn traffic_cells(proto: &str, flows_open: u64, traffic: &TrafficCount) -> [String; 4] {
+    let (visitors, flows) = match proto {
+        "udp" => ("-".to_string(), flows_open.to_string()),
+        _ => (traffic.visitors_open.to_string(), "-".to_string()),
+    };
+    [
+        visitors,
+        flows,
+        bytes(traffic.bytes_in + traffic.datagram_bytes_in),
+        bytes(traffic.bytes_out + traffic.datagram_bytes_out),
+    ]
+}
+
+/// "`what`: 2 this, 1 that" for the reasons counted at least once; `None` if there are none.
+pub fn by_reason(what: &str, counts: &BTreeMap<String, u64>) -> Option<String> {
+    let counted: Vec<String> = counts
+        .iter()
+        .filter(|(_, &n)| n > 0)
+        .map(|(reason, n)| format!("{n} {reason}"))
+        .collect();
+    (!counted.is_empty()).then(|| format!("{what}: {}", counted.join(", ")))
 }
 
 /// A moment as the status shows it: RFC 3339 in UTC, to the second.

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 use tether_common::cli::count;
-use tether_common::report::{self, age, bytes};
+use tether_common::report::{self, age};
 use tether_common::traffic::TrafficCount;
 
 /// The relay's state at one moment, as `status --json` prints it.
@@ -107,21 +107,14 @@ impl RelayStatus {
             .iter()
             .flat_map(|a| a.forwards.iter().map(move |f| (a, f)))
             .map(|(a, f)| {
-                let t = &f.traffic;
-                let (visitors, flows) = match f.proto.as_str() {
-                    "udp" => (dash(), f.flows_open.to_string()),
-                    _ => (t.visitors_open.to_string(), dash()),
-                };
-                vec![
+                let mut row = vec![
                     a.name.clone(),
                     f.name.clone(),
                     format!("{}/{}", f.ports, f.proto),
                     f.state.clone(),
-                    visitors,
-                    flows,
-                    bytes(t.bytes_in + t.datagram_bytes_in),
-                    bytes(t.bytes_out + t.datagram_bytes_out),
-                ]
+                ];
+                row.extend(report::traffic_cells(&f.proto, f.flows_open, &f.traffic));
+                row
             })
             .collect();
         if !forwards.is_empty() {
@@ -139,13 +132,8 @@ impl RelayStatus {
             ("dropped datagrams", &self.dropped_datagrams),
         ];
         for (what, reasons) in refusals {
-            let reasons: Vec<String> = reasons
-                .iter()
-                .filter(|(_, &n)| n > 0)
-                .map(|(reason, n)| format!("{n} {reason}"))
-                .collect();
-            if !reasons.is_empty() {
-                let _ = write!(out, "\n{what}: {}", reasons.join(", "));
+            if let Some(line) = report::by_reason(what, reasons) {
+                let _ = write!(out, "\n{line}");
             }
         }
         if !out.ends_with('\n') {
