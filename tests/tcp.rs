@@ -196,7 +196,8 @@ async fn time_to_first_byte_of_a_new_visitor_connection() {
 #[tokio::test]
 async fn the_copy_loop_counts_the_bytes_each_way() {
     use std::sync::Arc;
-    use tether_common::splice::{splice, Transferred};
+    use tether_common::resume::{AckQueue, HeldStreams, Link};
+    use tether_common::splice::{splice, Held, Transferred};
     use tether_common::tls::{self, AgentPins};
     use tether_common::traffic::ForwardTraffic;
 
@@ -232,10 +233,31 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
         let stop = CancellationToken::new();
         let traffic = Arc::new(ForwardTraffic::default());
         let meter = traffic.clone();
-        let spliced =
-            tokio::spawn(
-                async move { splice(inside, send, recv, &stop, meter.at_visitor()).await },
-            );
+        let streams = Arc::new(HeldStreams::default());
+        let header = tether_common::protocol::StreamHeader {
+            id: 1,
+            forward: 0,
+            port: 1,
+            visitor: "127.0.0.1:1".parse().unwrap(),
+        };
+        let (stream, _registration) = streams.add(header, 1).unwrap();
+        let acks = Arc::new(AckQueue::default());
+        let link = Link {
+            conn: conn.clone(),
+            send,
+            recv,
+            peer_received: 0,
+            acks: acks.clone(),
+        };
+        let spliced = tokio::spawn(async move {
+            let held = Held {
+                stream: &stream,
+                window: Duration::ZERO,
+                stop: &stop,
+                meter: meter.at_visitor(),
+            };
+            splice(inside, link, held).await
+        });
 
         let (up, down) = (pattern(300_001), pattern(700_003));
         outside.write_all(&up).await.unwrap();
@@ -247,6 +269,11 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
         let mut got = Vec::new();
         outside.read_to_end(&mut got).await.unwrap();
         assert!(got == down);
+        // This side confirms what it received, its end counted as one more byte.
+        assert_eq!(acks.next_batch().await, [(1, 700_004)]);
+        // The splice ends once the peer confirms this side's bytes and end.
+        assert!(!spliced.is_finished());
+        assert_eq!(streams.confirm(&[(1, 300_002)]), 0);
         let moved = spliced.await.unwrap().expect("clean end both ways");
         assert_eq!(
             moved,

@@ -2,6 +2,7 @@
 //! running in-process on loopback, and local services to forward to. Everything binds port 0
 //! or asks the kernel for a free port, and every wait has a deadline.
 
+pub mod cut;
 pub mod gate;
 pub mod lab;
 pub mod mosh;
@@ -108,6 +109,7 @@ pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
         key: key.clone(),
         public_bind: Some("127.0.0.1".parse().unwrap()),
         tcp_keepalive: Some(Duration::from_secs(30)),
+        resume_window: tether_common::resume::DEFAULT_RESUME_WINDOW,
         agents,
         status_socket: key.with_file_name("relay.sock"),
         metrics: None,
@@ -145,6 +147,7 @@ pub fn agent_config(
         key,
         keepalive: Some(Duration::from_secs(10)),
         idle_timeout: Duration::from_secs(30),
+        resume_window: tether_common::resume::DEFAULT_RESUME_WINDOW,
         forwards,
         metrics: None,
     }

@@ -255,6 +255,7 @@ relay_fingerprint = "{relay_fingerprint}"   # printed by `tether-relay fingerpri
 key = "agent.key"
 # keepalive = "5s"
 # idle_timeout = "30s"
+# resume_window = "5m"          # how long local connections of a lost session are held; "off" for none
 # status_socket = "/run/tether-agent/status.sock"   # where `tether-agent status` asks
 # metrics = 9561                 # Prometheus metrics on 127.0.0.1:9561
 

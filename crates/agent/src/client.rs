@@ -16,11 +16,12 @@ use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::{CloseCode, ForwardResult, SessionId};
 use tether_common::report;
+use tether_common::resume::HeldStreams;
 use tether_common::tls::{self, RelayPin, TlsError};
 use tether_common::transport;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
@@ -113,6 +114,10 @@ pub struct Agent {
     status: watch::Sender<AgentStatus>,
     tracker: Arc<Tracker>,
     udp: Arc<UdpCounters>,
+    /// Local connections, held across sessions.
+    streams: Arc<HeldStreams>,
+    /// The tasks that carry them.
+    tasks: TaskTracker,
 }
 
 impl Agent {
@@ -131,6 +136,8 @@ impl Agent {
             status: watch::Sender::new(AgentStatus::Connecting { last_error: None }),
             tracker: Arc::default(),
             udp: Arc::default(),
+            streams: Arc::default(),
+            tasks: TaskTracker::new(),
             config,
         })
     }
@@ -164,6 +171,7 @@ impl Agent {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::default();
         let mut last_session: Option<SessionId> = None;
+        let mut latest_flows = None;
         let mut probe = None;
         let mut unanswered = Unanswered::default();
         // Why the last attempt or session failed, shown while the next attempt runs.
@@ -181,7 +189,9 @@ impl Agent {
                 Ok((endpoint, conn)) => {
                     unanswered.answered();
                     let started = Instant::now();
-                    let next = self.session(&conn, &mut last_session, &shutdown).await;
+                    let next = self
+                        .session(&conn, &mut last_session, &mut latest_flows, &shutdown)
+                        .await;
                     if started.elapsed() >= STABLE_AFTER {
                         backoff.reset();
                     }
@@ -224,16 +234,21 @@ impl Agent {
                 () = tokio::time::sleep(retry_in) => {}
             }
         }
+        // The held connections see the shutdown and close at once.
+        self.tasks.close();
+        self.tasks.wait().await;
         self.status.send_replace(AgentStatus::Stopped);
         tracing::info!("agent stopped");
     }
 
     /// Runs one session on `conn` and says what to do once it ends. `last_session` is the id
-    /// to present for resuming, kept across sessions that end before they are set up.
+    /// to present for resuming, kept across sessions that end before they are set up, and
+    /// `latest_flows` the UDP flows a resumed session goes on with.
     async fn session(
         &self,
         conn: &quinn::Connection,
         last_session: &mut Option<SessionId>,
+        latest_flows: &mut Option<Arc<crate::udp::Flows>>,
         shutdown: &CancellationToken,
     ) -> Next {
         let span = tracing::info_span!("session", relay = %conn.remote_address());
@@ -245,6 +260,10 @@ impl Agent {
             tracker: &self.tracker,
             udp: &self.udp,
             shutdown,
+            streams: &self.streams,
+            tasks: &self.tasks,
+            resume_window: self.config.resume_window,
+            flows: latest_flows,
         };
         let end = session::run(conn, self.forwards.subscribe(), *last_session, cx)
             .instrument(span)
@@ -374,6 +393,7 @@ impl AgentControl {
             ("key", old.key != config.key),
             ("keepalive", old.keepalive != config.keepalive),
             ("idle_timeout", old.idle_timeout != config.idle_timeout),
+            ("resume_window", old.resume_window != config.resume_window),
             ("status_socket", old.status_socket != config.status_socket),
             ("metrics", old.metrics != config.metrics),
         ];

@@ -6,19 +6,20 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tether_common::config::Forward;
-use tether_common::control::{read_frame, write_frame, FrameError};
+use tether_common::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::datagram::{DatagramSender, UdpCounters};
 use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
-    SessionId, StreamCode, StreamHeader, Update, Updated, VERSION,
+    Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
+    ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated, Welcome,
+    VERSION,
 };
-use tether_common::splice::splice;
+use tether_common::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
+use tether_common::splice::{splice, Held};
 use tether_common::traffic::ForwardTraffic;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::AbortOnDropHandle;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::client::relay_restarting;
@@ -54,6 +55,13 @@ pub struct Context<'a> {
     pub tracker: &'a Tracker,
     pub udp: &'a Arc<UdpCounters>,
     pub shutdown: &'a CancellationToken,
+    /// The agent's local connections, held across its sessions.
+    pub streams: &'a Arc<HeldStreams>,
+    /// Where the tasks that carry them run: they outlive the session.
+    pub tasks: &'a TaskTracker,
+    pub resume_window: Duration,
+    /// The UDP flows of the agent's latest session, for a session that resumes it.
+    pub flows: &'a mut Option<Arc<udp::Flows>>,
 }
 
 /// How a session ended.
@@ -102,10 +110,13 @@ pub async fn run(
         tracker,
         udp,
         shutdown,
+        streams,
+        tasks,
+        resume_window,
+        flows: latest_flows,
     } = cx;
     let first = forwards.borrow_and_update().clone();
-    let (session, results, (mut control_send, mut control)) = match open(conn, &first, resume).await
-    {
+    let (welcome, (mut control_send, control)) = match open(conn, &first, resume).await {
         Ok(open) => open,
         Err(error) => {
             return match conn.close_reason() {
@@ -120,39 +131,81 @@ pub async fn run(
             };
         }
     };
-    tracing::info!(session, "connected to relay");
+    let session = welcome.session;
+    // The relay resumes what it still holds; whatever else this side holds is closed.
+    let resumed = welcome.resumed.as_deref();
+    streams.keep_only(resumed.unwrap_or_default(), session);
+    match (resume, resumed) {
+        (Some(lost), Some(ids)) => tracing::info!(
+            session,
+            resumed = lost,
+            streams = ids.len(),
+            "connected to relay; the lost session resumed"
+        ),
+        (Some(lost), None) => tracing::info!(
+            session,
+            lost,
+            "connected to relay; the relay no longer holds the lost session"
+        ),
+        (None, _) => tracing::info!(session, "connected to relay"),
+    }
     let mut current: Vec<Answered> = (0..)
         .zip(first.iter().cloned())
-        .zip(results)
+        .zip(welcome.results)
         .map(|((id, offered), result)| (id, offered, result))
         .collect();
     report(&[], &current);
     publish(status, session, &current);
     let opened = Arc::new(RwLock::new(opened_by_id(&current)));
     let datagrams = DatagramSender::new(conn.clone(), udp.clone());
-    let flows = udp::Flows::new(&opened_by_id(&current), datagrams, udp.clone()).await;
+    let flows = match latest_flows.take() {
+        Some(flows) if resumed.is_some() => {
+            flows.attach(datagrams);
+            flows.set_forwards(&opened_by_id(&current)).await;
+            flows
+        }
+        _ => udp::Flows::new(&opened_by_id(&current), datagrams, udp.clone()).await,
+    };
+    *latest_flows = Some(flows.clone());
     let _live = tracker.connected(conn.clone(), flows.clone());
     let _udp = AbortOnDropHandle::new(tokio::spawn(
         udp::carry(conn.clone(), flows.clone()).in_current_span(),
     ));
+    let acks = Arc::new(AckQueue::default());
+    let streams_cx = Streams {
+        conn: conn.clone(),
+        opened: opened.clone(),
+        held: streams.clone(),
+        acks: acks.clone(),
+        session,
+        window: resume_window,
+        shutdown: shutdown.clone(),
+    };
+    let (mut frames, _reader) = frames(control);
 
     // Updates sent and not answered yet, oldest first; the relay answers them in order.
     let mut pending: VecDeque<Vec<(ForwardId, Offered)>> = VecDeque::new();
-    let mut streams = JoinSet::new();
-    let end = loop {
+    loop {
         tokio::select! {
             () = shutdown.cancelled() => {
                 CloseCode::AgentShutdown.close(conn);
-                break SessionEnd::Stopped;
+                return SessionEnd::Stopped;
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
-                    streams.spawn(serve_stream(send, recv, opened.clone(), shutdown.clone()));
+                    tasks.spawn(serve_stream(send, recv, streams_cx.clone()).in_current_span());
                 }
                 Err(error) => {
-                    break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                    return SessionEnd::of_closed(Some(session), &error, error.to_string());
                 }
             },
+            batch = acks.next_batch() => {
+                let frame = AgentMessage::Acks(Acks { streams: batch }).encode();
+                if let Err(error) = write_frame(&mut control_send, &frame).await {
+                    let closed = conn.closed().await;
+                    return SessionEnd::of_closed(Some(session), &closed, error.to_string());
+                }
+            }
             Ok(()) = forwards.changed() => {
                 let wanted = forwards.borrow_and_update().clone();
                 let latest: Vec<(ForwardId, Offered)> = match pending.back() {
@@ -167,19 +220,24 @@ pub async fn run(
                 let frame = AgentMessage::Update(update).encode();
                 if let Err(error) = write_frame(&mut control_send, &frame).await {
                     let closed = conn.closed().await;
-                    break SessionEnd::of_closed(Some(session), &closed, error.to_string());
+                    return SessionEnd::of_closed(Some(session), &closed, error.to_string());
                 }
                 pending.push_back(next);
             }
-            frame = read_frame(&mut control) => {
-                let answer = match frame {
+            frame = frames.recv() => {
+                let answer = match frame.unwrap_or(Err(FrameError::Closed)) {
                     Ok((kind, body)) => RelayMessage::decode(kind, &body).ok(),
                     Err(FrameError::Decode(_)) => None,
                     Err(_) => {
                         let error = conn.closed().await;
-                        break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                        return SessionEnd::of_closed(Some(session), &error, error.to_string());
                     }
                 };
+                if let Some(RelayMessage::Acks(acks)) = &answer {
+                    if streams.confirm(&acks.streams) == 0 {
+                        continue;
+                    }
+                }
                 let applied = match (answer, pending.pop_front()) {
                     (Some(RelayMessage::Updated(Updated { results })), Some(next))
                         if results.len() == next.len() =>
@@ -190,10 +248,10 @@ pub async fn run(
                             .collect::<Vec<Answered>>()
                     }
                     _ => {
-                        // Only an answer to an update may follow Welcome.
+                        // Only confirmations and answers to updates may follow Welcome.
                         CloseCode::ProtocolError.close(conn);
                         let error = conn.closed().await;
-                        break SessionEnd::of_closed(Some(session), &error, error.to_string());
+                        return SessionEnd::of_closed(Some(session), &error, error.to_string());
                     }
                 };
                 report(&current, &applied);
@@ -203,12 +261,8 @@ pub async fn run(
                 *opened.write().unwrap_or_else(|e| e.into_inner()) = by_id;
                 publish(status, session, &current);
             }
-            Some(_) = streams.join_next() => {}
         }
-    };
-    // The streams cannot outlive the connection; dropping the set ends what is left.
-    streams.abort_all();
-    end
+    }
 }
 
 /// A forward of the session: its id, what the config says, and the relay's answer.
@@ -302,7 +356,7 @@ async fn open(
     conn: &quinn::Connection,
     forwards: &[Offered],
     resume: Option<SessionId>,
-) -> Result<(SessionId, Vec<ForwardResult>, Control), OpenError> {
+) -> Result<(Welcome, Control), OpenError> {
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
         let hello = Hello {
@@ -328,7 +382,7 @@ async fn open(
             sent: forwards.len(),
         });
     }
-    Ok((welcome.session, welcome.results, (send, recv)))
+    Ok((welcome, (send, recv)))
 }
 
 /// Logs in plain words the relay's answer for each forward of `after` that `before` did not
@@ -360,38 +414,60 @@ fn report(before: &[Answered], after: &[Answered]) {
     }
 }
 
-/// Carries one data stream to the local service its header names.
-async fn serve_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-    forwards: Arc<RwLock<Opened>>,
+/// What the data streams of a session need.
+#[derive(Clone)]
+struct Streams {
+    conn: quinn::Connection,
+    opened: Arc<RwLock<Opened>>,
+    held: Arc<HeldStreams>,
+    acks: Arc<AckQueue>,
+    session: SessionId,
+    window: Duration,
     shutdown: CancellationToken,
-) {
+}
+
+/// Carries one data stream: a new one to the local service its header names, or a resumed one
+/// to the held connection it names.
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, cx: Streams) {
     let refuse = |send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode| {
         let _ = send.reset(code.code());
         let _ = recv.stop(code.code());
     };
-    let mut bytes = [0u8; StreamHeader::LEN];
-    let header = match tokio::time::timeout(HEADER_TIMEOUT, recv.read_exact(&mut bytes)).await {
-        Ok(Ok(())) => StreamHeader::decode(&bytes).ok(),
-        _ => None,
+    let start = tokio::time::timeout(HEADER_TIMEOUT, read_start(&mut recv)).await;
+    // A resumed stream this side never saw (its header was lost with the session) opens anew;
+    // the relay then waits for this side's received offset, which is zero.
+    let (header, resumed_unseen) = match start {
+        Ok(Some(Start::Open(header))) => (header, false),
+        Ok(Some(Start::Resume(resume))) => match cx.held.get(resume.stream.id) {
+            Some(stream) => {
+                let link = resume_link(cx.conn, send, recv, resume.received, cx.acks);
+                stream.resume(link);
+                return;
+            }
+            None if !resume.seen && resume.received == 0 => (resume.stream, true),
+            None => {
+                let stream = resume.stream.id;
+                tracing::debug!(stream, "the relay resumed a stream no longer held here");
+                return refuse(&mut send, &mut recv, StreamCode::NotResumable);
+            }
+        },
+        _ => {
+            tracing::warn!("the relay opened a data stream with a bad header");
+            return refuse(&mut send, &mut recv, StreamCode::BadHeader);
+        }
     };
-    let target = header.and_then(|h| {
-        let opened = forwards.read().unwrap_or_else(|e| e.into_inner());
-        let Offered { forward, traffic } = opened.get(&h.forward)?;
-        let (host, port) = forward.local_for(h.port)?;
-        Some((
-            h,
-            forward.name.clone(),
-            traffic.clone(),
-            host.to_owned(),
-            port,
-        ))
-    });
-    let Some((header, name, traffic, host, port)) = target else {
-        tracing::warn!("the relay opened a data stream with a bad header");
-        refuse(&mut send, &mut recv, StreamCode::BadHeader);
-        return;
+    let target = {
+        let opened = cx.opened.read().unwrap_or_else(|e| e.into_inner());
+        opened
+            .get(&header.forward)
+            .and_then(|Offered { forward, traffic }| {
+                let (host, port) = forward.local_for(header.port)?;
+                Some((forward.name.clone(), traffic.clone(), host.to_owned(), port))
+            })
+    };
+    let Some((name, traffic, host, port)) = target else {
+        tracing::warn!("the relay opened a data stream for a forward it did not open");
+        return refuse(&mut send, &mut recv, StreamCode::BadHeader);
     };
     let span = tracing::debug_span!("visitor", forward = %name, visitor = %header.visitor, stream = header.id);
     async move {
@@ -408,9 +484,29 @@ async fn serve_stream(
             }
         };
         let _ = tcp.set_nodelay(true);
+        let Some((stream, _registration)) = cx.held.add(header, cx.session) else {
+            tracing::warn!("the relay opened a data stream under an id in use");
+            return refuse(&mut send, &mut recv, StreamCode::BadHeader);
+        };
+        if resumed_unseen && send.write_all(&0u64.to_be_bytes()).await.is_err() {
+            return;
+        }
         let _open = traffic.visitor();
         tracing::debug!("visitor connected");
-        match splice(tcp, send, recv, &shutdown, traffic.at_service()).await {
+        let link = Link {
+            conn: cx.conn,
+            send,
+            recv,
+            peer_received: 0,
+            acks: cx.acks,
+        };
+        let held = Held {
+            stream: &stream,
+            window: cx.window,
+            stop: &cx.shutdown,
+            meter: traffic.at_service(),
+        };
+        match splice(tcp, link, held).await {
             Ok(moved) => tracing::debug!(
                 bytes_in = moved.to_tcp,
                 bytes_out = moved.to_stream,
@@ -422,4 +518,60 @@ async fn serve_stream(
     }
     .instrument(span)
     .await
+}
+
+/// What a data stream starts with.
+enum Start {
+    Open(StreamHeader),
+    Resume(ResumeHeader),
+}
+
+/// Reads a data stream's header, whichever kind it is; `None` if it is malformed or cut short.
+async fn read_start(recv: &mut quinn::RecvStream) -> Option<Start> {
+    let mut kind = [0u8; 1];
+    recv.read_exact(&mut kind).await.ok()?;
+    match StreamKind::from_wire(kind[0]).ok()? {
+        StreamKind::Open => {
+            let mut bytes = [0u8; StreamHeader::LEN];
+            bytes[0] = kind[0];
+            recv.read_exact(&mut bytes[1..]).await.ok()?;
+            StreamHeader::decode(&bytes).ok().map(Start::Open)
+        }
+        StreamKind::Resume => {
+            let mut bytes = [0u8; ResumeHeader::LEN];
+            bytes[0] = kind[0];
+            recv.read_exact(&mut bytes[1..]).await.ok()?;
+            ResumeHeader::decode(&bytes).ok().map(Start::Resume)
+        }
+    }
+}
+
+/// How a held connection goes on, on the resumed data stream the relay opened: the agent
+/// answers with what it received, then each side sends what the other lacks.
+fn resume_link(
+    conn: quinn::Connection,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    relay_received: u64,
+    acks: Arc<AckQueue>,
+) -> Resume {
+    Resume::Link(Box::new(move |received| {
+        Box::pin(async move {
+            match send.write_all(&received.to_be_bytes()).await {
+                Ok(()) => {}
+                Err(quinn::WriteError::ConnectionLost(error)) => {
+                    tracing::debug!(%error, "the new session was lost too");
+                    return Ok(None);
+                }
+                Err(_) => return Err(ResumeError::Refused),
+            }
+            Ok(Some(Link {
+                conn,
+                send,
+                recv,
+                peer_received: relay_received,
+                acks,
+            }))
+        })
+    }))
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -30,10 +30,11 @@ use crate::session::Offered;
 /// and a 64 KiB receive buffer.
 pub const MAX_FLOWS_PER_FORWARD: usize = 256;
 
-/// The UDP flows of one session.
+/// The UDP flows of one session, and of the sessions that resume it.
 pub struct Flows {
     state: Mutex<State>,
-    datagrams: DatagramSender,
+    /// The live session's: replaced when a new session resumes the flows.
+    datagrams: RwLock<DatagramSender>,
     counters: Arc<UdpCounters>,
 }
 
@@ -76,7 +77,7 @@ impl Flows {
     ) -> Arc<Self> {
         let flows = Arc::new(Self {
             state: Mutex::default(),
-            datagrams,
+            datagrams: RwLock::new(datagrams),
             counters,
         });
         flows.set_forwards(opened).await;
@@ -139,6 +140,15 @@ impl Flows {
         };
         // Dropped outside the lock: each closed flow stops its task and closes its socket.
         drop(closed);
+    }
+
+    /// Carries the flows on in a new session that resumes the one they were opened in.
+    pub fn attach(&self, datagrams: DatagramSender) {
+        *self.datagrams.write().unwrap_or_else(|e| e.into_inner()) = datagrams;
+    }
+
+    fn datagrams(&self) -> std::sync::RwLockReadGuard<'_, DatagramSender> {
+        self.datagrams.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -300,7 +310,7 @@ async fn carry_answers(flows: Weak<Flows>, header: DatagramHeader, socket: Arc<U
                 if flows.touch(header.forward, header.flow) {
                     tracing::trace!(len, "datagram to the relay");
                     let answer = Bytes::copy_from_slice(&buf[..HEADER_LEN + len]);
-                    flows.datagrams.send(answer);
+                    flows.datagrams().send(answer);
                     flows.answered(header.forward, len);
                 }
             }

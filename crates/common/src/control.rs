@@ -1,6 +1,8 @@
 //! Control frames on a QUIC stream: [`crate::protocol`]'s pure codec, read and written.
 
 use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::protocol::{decode_frame_header, DecodeError, FRAME_HEADER_LEN};
 
@@ -27,6 +29,27 @@ pub async fn read_frame(recv: &mut RecvStream) -> Result<(u8, Vec<u8>), FrameErr
     let mut body = vec![0u8; len];
     recv.read_exact(&mut body).await?;
     Ok((kind, body))
+}
+
+/// Control frames as [`frames`] reads them: (type, body), or the error that ended the reading.
+pub type Frames = mpsc::Receiver<Result<(u8, Vec<u8>), FrameError>>;
+
+/// Frames read from `recv` by a task of its own, until the first error (which is passed on
+/// too). A `select!` loop that waits on the receiver loses nothing when another branch wins,
+/// where one that awaited [`read_frame`] could drop half a frame. The task ends with the
+/// returned handle.
+pub fn frames(mut recv: RecvStream) -> (Frames, AbortOnDropHandle<()>) {
+    let (tx, rx) = mpsc::channel(8);
+    let task = tokio::spawn(async move {
+        loop {
+            let frame = read_frame(&mut recv).await;
+            let failed = frame.is_err();
+            if tx.send(frame).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    (rx, AbortOnDropHandle::new(task))
 }
 
 pub async fn write_frame(send: &mut SendStream, frame: &[u8]) -> Result<(), FrameError> {

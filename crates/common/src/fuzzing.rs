@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::config::{AgentConfig, RelayConfig};
 use crate::datagram::DatagramHeader;
 use crate::protocol::{
-    decode_frame_header, AgentMessage, RelayMessage, StreamHeader, FRAME_HEADER_LEN,
+    decode_frame_header, AgentMessage, RelayMessage, ResumeHeader, StreamHeader, FRAME_HEADER_LEN,
 };
 
 /// A control frame as the relay or the agent reads it from a stream, and the header of a data
@@ -16,6 +16,11 @@ pub fn control_frame(data: &[u8]) {
     if let Some(header) = data.first_chunk::<{ StreamHeader::LEN }>() {
         if let Ok(decoded) = StreamHeader::decode(header) {
             assert_eq!(&decoded.encode(), header, "stream header re-encodes");
+        }
+    }
+    if let Some(header) = data.first_chunk::<{ ResumeHeader::LEN }>() {
+        if let Ok(decoded) = ResumeHeader::decode(header) {
+            assert_eq!(&decoded.encode(), header, "resume header re-encodes");
         }
     }
     let Some((header, body)) = data.split_first_chunk::<FRAME_HEADER_LEN>() else {

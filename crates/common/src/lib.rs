@@ -14,6 +14,7 @@ pub mod notify;
 pub mod ports;
 pub mod protocol;
 pub mod report;
+pub mod resume;
 pub mod splice;
 pub mod status_socket;
 pub mod tls;

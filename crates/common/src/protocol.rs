@@ -10,8 +10,12 @@
 //!    | opened by the agent                              |
 //!    |   Hello { version, resume, forwards }            |
 //!    |------------------------------------------------->| each forward checked against the
-//!    |   Welcome { session, results }                   | agent's allowlist and the port
+//!    |   Welcome { session, results, resumed }          | agent's allowlist and the port
 //!    |<-------------------------------------------------| registry; listeners opened
+//!    |                                                  |
+//!    | later, on the same control stream, both ways:    |
+//!    |   Acks { (stream, received)... }                 |
+//!    |<------------------------------------------------>|
 //!    |                                                  |
 //!    | later, on the same control stream:               |
 //!    |   Update { (id, forward)... }: the whole new set |
@@ -25,6 +29,16 @@
 //!    |<-------------------------------------------------|
 //!    |   the local service's bytes                      |
 //!    |------------------------------------------------->|
+//!    |                                                  |
+//!    | resumed data stream: one per stream that Welcome | after a session was lost
+//!    | lists, opened by the relay                       |
+//!    |   ResumeHeader { stream, received, seen }        |
+//!    |<-------------------------------------------------|
+//!    |   received (u64), then the agent's bytes from    |
+//!    |   the relay's `received` on                      |
+//!    |------------------------------------------------->|
+//!    |   the relay's bytes from the agent's `received`  |
+//!    |<-------------------------------------------------|
 //!    |                                                  |
 //!    | QUIC datagram: one per visitor UDP datagram,     | a visitor's datagram reaches
 //!    | either way (see crate::datagram)                 | a public UDP port
@@ -45,8 +59,16 @@
 //!
 //! Control messages are framed as `type: u8, length: u32 (big-endian), body`. The length is
 //! checked against [`MAX_FRAME_LEN`] before anything is allocated. Integers are big-endian.
-//! Sessions and data streams carry ids from version 1 so that a later version can resume a lost
-//! session's streams.
+//!
+//! # Resuming
+//!
+//! Each side counts, per data stream, the bytes it has written to its TCP connection (the
+//! stream's *received* offset; the peer's end of stream counts as one more byte), and tells the
+//! peer in [`Acks`] now and then. Each side keeps the bytes it sent until the peer's `Acks`
+//! covers them. When a session is lost, both ends keep their TCP connections; the agent's next
+//! Hello names the lost session, and if the relay still holds it, Welcome lists the data streams
+//! it resumes. For each, the relay opens a new data stream with a [`ResumeHeader`]; the two
+//! sides swap their received offsets on it and each sends again what the other did not receive.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -80,6 +102,10 @@ pub type SessionId = u64;
 
 /// An id the relay gives each data stream of an agent; unique across that agent's sessions.
 pub type StreamId = u64;
+
+/// Streams one [`Welcome`] resumes at most, and offsets one [`Acks`] carries at most: as many
+/// data streams as a session has open at once.
+pub const MAX_STREAMS_PER_FRAME: usize = crate::transport::MAX_DATA_STREAMS as usize;
 
 /// A forward's number within a session: its index in [`Hello`], or the id the agent gave it in
 /// an [`Update`]. Data streams and datagrams name their forward by it.
@@ -132,6 +158,17 @@ pub struct ForwardRequest {
 pub struct Welcome {
     pub session: SessionId,
     pub results: Vec<ForwardResult>,
+    /// `Some` if the relay still held the session that Hello's `resume` names: the data streams
+    /// of it that the relay resumes (their UDP flows go on too). The agent closes its other
+    /// held streams.
+    pub resumed: Option<Vec<StreamId>>,
+}
+
+/// How far each data stream's received offset has come (see the module's "Resuming"): the
+/// sender may forget its bytes below it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acks {
+    pub streams: Vec<(StreamId, u64)>,
 }
 
 /// Whether the relay opened a forward's public ports.
@@ -174,6 +211,7 @@ pub struct Updated {
 pub enum AgentMessage {
     Hello(Hello),
     Update(Update),
+    Acks(Acks),
 }
 
 /// Control messages from the relay to the agent.
@@ -181,18 +219,22 @@ pub enum AgentMessage {
 pub enum RelayMessage {
     Welcome(Welcome),
     Updated(Updated),
+    Acks(Acks),
 }
 
 const TYPE_HELLO: u8 = 0x01;
 const TYPE_UPDATE: u8 = 0x02;
+const TYPE_AGENT_ACKS: u8 = 0x03;
 const TYPE_WELCOME: u8 = 0x81;
 const TYPE_UPDATED: u8 = 0x82;
+const TYPE_RELAY_ACKS: u8 = 0x83;
 
 impl AgentMessage {
     pub fn encode(&self) -> Bytes {
         match self {
             AgentMessage::Hello(hello) => frame(TYPE_HELLO, |body| hello.encode(body)),
             AgentMessage::Update(update) => frame(TYPE_UPDATE, |body| update.encode(body)),
+            AgentMessage::Acks(acks) => frame(TYPE_AGENT_ACKS, |body| acks.encode(body)),
         }
     }
 
@@ -200,6 +242,7 @@ impl AgentMessage {
         let message = match kind {
             TYPE_HELLO => AgentMessage::Hello(Hello::decode(&mut body)?),
             TYPE_UPDATE => AgentMessage::Update(Update::decode(&mut body)?),
+            TYPE_AGENT_ACKS => AgentMessage::Acks(Acks::decode(&mut body)?),
             other => return Err(DecodeError::UnknownType(other)),
         };
         ensure_consumed(body)?;
@@ -214,6 +257,7 @@ impl RelayMessage {
             RelayMessage::Updated(updated) => {
                 frame(TYPE_UPDATED, |body| encode_results(&updated.results, body))
             }
+            RelayMessage::Acks(acks) => frame(TYPE_RELAY_ACKS, |body| acks.encode(body)),
         }
     }
 
@@ -223,6 +267,7 @@ impl RelayMessage {
             TYPE_UPDATED => RelayMessage::Updated(Updated {
                 results: decode_results(&mut body)?,
             }),
+            TYPE_RELAY_ACKS => RelayMessage::Acks(Acks::decode(&mut body)?),
             other => return Err(DecodeError::UnknownType(other)),
         };
         ensure_consumed(body)?;
@@ -445,12 +490,63 @@ impl Welcome {
     fn encode(&self, buf: &mut BytesMut) {
         buf.put_u64(self.session);
         encode_results(&self.results, buf);
+        match &self.resumed {
+            None => buf.put_u8(0),
+            Some(streams) => {
+                buf.put_u8(1);
+                buf.put_u16(streams.len() as u16);
+                for id in streams {
+                    buf.put_u64(*id);
+                }
+            }
+        }
     }
 
     fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
         let session = buf.try_get_u64()?;
         let results = decode_results(buf)?;
-        Ok(Welcome { session, results })
+        let resumed = match buf.try_get_u8()? {
+            0 => None,
+            1 => {
+                let count = usize::from(buf.try_get_u16()?);
+                if count > MAX_STREAMS_PER_FRAME {
+                    return Err(DecodeError::Invalid("resumed stream count"));
+                }
+                let mut streams = Vec::with_capacity(count);
+                for _ in 0..count {
+                    streams.push(buf.try_get_u64()?);
+                }
+                Some(streams)
+            }
+            _ => return Err(DecodeError::Invalid("resumed flag")),
+        };
+        Ok(Welcome {
+            session,
+            results,
+            resumed,
+        })
+    }
+}
+
+impl Acks {
+    fn encode(&self, buf: &mut BytesMut) {
+        buf.put_u16(self.streams.len() as u16);
+        for (id, received) in &self.streams {
+            buf.put_u64(*id);
+            buf.put_u64(*received);
+        }
+    }
+
+    fn decode(buf: &mut &[u8]) -> Result<Self, DecodeError> {
+        let count = usize::from(buf.try_get_u16()?);
+        if count > MAX_STREAMS_PER_FRAME {
+            return Err(DecodeError::Invalid("ack count"));
+        }
+        let mut streams = Vec::with_capacity(count);
+        for _ in 0..count {
+            streams.push((buf.try_get_u64()?, buf.try_get_u64()?));
+        }
+        Ok(Acks { streams })
     }
 }
 
@@ -462,6 +558,79 @@ pub struct StreamHeader {
     /// The public port the visitor connected to; with a range, it selects the local port.
     pub port: u16,
     pub visitor: SocketAddr,
+}
+
+/// What kind of data stream its first byte says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    /// A new visitor connection: a [`StreamHeader`] follows.
+    Open,
+    /// A data stream of a lost session, resumed: a [`ResumeHeader`] follows.
+    Resume,
+}
+
+impl StreamKind {
+    pub fn from_wire(byte: u8) -> Result<Self, DecodeError> {
+        match byte {
+            StreamHeader::KIND_OPEN => Ok(StreamKind::Open),
+            ResumeHeader::KIND_RESUME => Ok(StreamKind::Resume),
+            _ => Err(DecodeError::Invalid("stream kind")),
+        }
+    }
+}
+
+/// What the relay writes first on a data stream that resumes a lost session's stream; the
+/// agent answers with its own received offset (a u64) before its bytes.
+///
+/// The stream's [`StreamHeader`] may have been lost with the session, before the agent saw it.
+/// So the relay sends it again, with the forward's id in the new session, and says whether the
+/// agent is known to have seen the stream (it confirmed or sent a byte): an agent that does not
+/// hold a stream it never saw opens it anew; one it saw and no longer holds is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeHeader {
+    pub stream: StreamHeader,
+    /// The bytes of the agent's the relay has written to the visitor's connection (and one more
+    /// if it saw the agent's end of stream): the agent sends again from there.
+    pub received: u64,
+    pub seen: bool,
+}
+
+impl ResumeHeader {
+    /// kind (1), the stream header's fields (30), received (8), seen (1).
+    pub const LEN: usize = StreamHeader::LEN + 9;
+    const KIND_RESUME: u8 = 0x02;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        out[..StreamHeader::LEN].copy_from_slice(&self.stream.encode());
+        out[0] = Self::KIND_RESUME;
+        let mut buf = &mut out[StreamHeader::LEN..];
+        buf.put_u64(self.received);
+        buf.put_u8(u8::from(self.seen));
+        out
+    }
+
+    pub fn decode(bytes: &[u8; Self::LEN]) -> Result<Self, DecodeError> {
+        if bytes[0] != Self::KIND_RESUME {
+            return Err(DecodeError::Invalid("stream kind"));
+        }
+        let mut open = [0u8; StreamHeader::LEN];
+        open.copy_from_slice(&bytes[..StreamHeader::LEN]);
+        open[0] = StreamHeader::KIND_OPEN;
+        let stream = StreamHeader::decode(&open)?;
+        let mut buf = &bytes[StreamHeader::LEN..];
+        let received = buf.get_u64();
+        let seen = match buf.get_u8() {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::Invalid("seen flag")),
+        };
+        Ok(ResumeHeader {
+            stream,
+            received,
+            seen,
+        })
+    }
 }
 
 impl StreamHeader {
@@ -592,6 +761,9 @@ pub enum StreamCode {
     Aborted,
     /// The stream header was malformed or named an unknown forward.
     BadHeader,
+    /// A resumed data stream named a stream this side no longer holds, or offsets that do not
+    /// fit what it holds.
+    NotResumable,
 }
 
 impl StreamCode {
@@ -600,6 +772,7 @@ impl StreamCode {
             StreamCode::LocalUnreachable => 1,
             StreamCode::Aborted => 2,
             StreamCode::BadHeader => 3,
+            StreamCode::NotResumable => 4,
         })
     }
 }
@@ -649,6 +822,7 @@ mod tests {
                 ForwardResult::Refused(Refusal::Invalid),
                 ForwardResult::Refused(Refusal::Unavailable),
             ],
+            resumed: Some(vec![1, u64::MAX]),
         }
     }
 
@@ -890,6 +1064,87 @@ mod tests {
         bytes[0] = 0x7f;
         assert_eq!(
             StreamHeader::decode(&bytes),
+            Err(DecodeError::Invalid("stream kind"))
+        );
+    }
+
+    #[test]
+    fn acks_round_trip_both_ways_and_their_count_is_capped() {
+        let acks = Acks {
+            streams: vec![(1, 0), (u64::MAX, u64::MAX)],
+        };
+        let frame = AgentMessage::Acks(acks.clone()).encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(
+            AgentMessage::decode(kind, body),
+            Ok(AgentMessage::Acks(acks.clone()))
+        );
+        let frame = RelayMessage::Acks(acks.clone()).encode();
+        let (kind, body) = split(&frame);
+        assert_eq!(
+            RelayMessage::decode(kind, body),
+            Ok(RelayMessage::Acks(acks))
+        );
+
+        let over = (MAX_STREAMS_PER_FRAME + 1) as u16;
+        assert_eq!(
+            AgentMessage::decode(TYPE_AGENT_ACKS, &over.to_be_bytes()),
+            Err(DecodeError::Invalid("ack count"))
+        );
+        let mut welcome = RelayMessage::Welcome(Welcome {
+            session: 1,
+            results: vec![],
+            resumed: None,
+        })
+        .encode()
+        .to_vec();
+        welcome.pop(); // the "not resumed" flag
+        welcome.push(1);
+        welcome.extend_from_slice(&over.to_be_bytes());
+        let (kind, body) = split_unchecked(&welcome);
+        assert_eq!(
+            RelayMessage::decode(kind, body),
+            Err(DecodeError::Invalid("resumed stream count"))
+        );
+    }
+
+    fn split_unchecked(frame: &[u8]) -> (u8, &[u8]) {
+        (frame[0], &frame[FRAME_HEADER_LEN..])
+    }
+
+    #[test]
+    fn resume_header_round_trips_and_kinds_are_told_apart() {
+        let visitor = "127.0.0.1:1".parse().unwrap();
+        for seen in [false, true] {
+            let header = ResumeHeader {
+                stream: StreamHeader {
+                    id: 7,
+                    forward: 2,
+                    port: 2222,
+                    visitor,
+                },
+                received: 1 << 40,
+                seen,
+            };
+            let mut bytes = header.encode();
+            assert_eq!(ResumeHeader::decode(&bytes), Ok(header));
+            assert_eq!(StreamKind::from_wire(bytes[0]), Ok(StreamKind::Resume));
+            bytes[ResumeHeader::LEN - 1] = 2;
+            assert_eq!(
+                ResumeHeader::decode(&bytes),
+                Err(DecodeError::Invalid("seen flag"))
+            );
+        }
+        let open = StreamHeader {
+            id: 1,
+            forward: 0,
+            port: 22,
+            visitor,
+        }
+        .encode();
+        assert_eq!(StreamKind::from_wire(open[0]), Ok(StreamKind::Open));
+        assert_eq!(
+            StreamKind::from_wire(0x7f),
             Err(DecodeError::Invalid("stream kind"))
         );
     }

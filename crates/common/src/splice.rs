@@ -1,18 +1,22 @@
 //! The one TCP copy loop, used by the relay for visitors and by the agent for local services:
-//! a TCP connection spliced to a QUIC stream, both directions at once.
+//! a TCP connection spliced to a QUIC data stream, both directions at once, held across a lost
+//! session until a new one resumes it (see [`crate::resume`]).
 //!
 //! - Half-close: EOF from TCP finishes the stream, the end of the stream shuts down TCP's
 //!   write side; the other direction goes on until it ends too.
 //! - A failure on one side is passed on as a failure, not a clean end: a TCP error resets the
 //!   stream, a reset stream resets the TCP connection (RST), so neither end mistakes a broken
-//!   connection for a complete one.
-//! - A shutdown is no failure: when this process stops, or the peer closes the session because
-//!   it stops, the TCP connection ends with a FIN, as any server that is stopped closes its
-//!   connections.
+//!   connection for a complete one. A connection held past the resume window is reset too.
+//! - A lost session is no failure: the TCP connection is held, nothing more is read from it,
+//!   and when the stream is resumed each side sends what the other did not receive.
+//! - A shutdown is no failure either: when this process stops, or the peer closes the session
+//!   because it stops, the TCP connection ends with a FIN, as any server that is stopped closes
+//!   its connections.
 //! - The bytes are counted as they go, into the forward's [`Meter`], so that status and metrics
-//!   see a long transfer move.
-//! - Memory is bounded: one chunk in flight per direction, and QUIC flow control pushes back on
-//!   the sender when the TCP reader is slow. No buffer is held while a connection is idle.
+//!   see a long transfer move; bytes sent again on a resumed stream are not counted twice.
+//! - Memory is bounded: a stream keeps at most its cap of bytes the peer has not confirmed, one
+//!   chunk is read at a time, and QUIC flow control pushes back on the sender when the TCP
+//!   reader is slow. No buffer is held while a connection is idle and confirmed.
 
 use std::io;
 use std::net::Shutdown;
@@ -23,9 +27,11 @@ use bytes::Bytes;
 use quinn::{RecvStream, SendStream};
 use socket2::SockRef;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{CloseCode, StreamCode};
+use crate::resume::{HeldStream, Link, Resume, ResumeError, ACK_EVERY};
 
 /// The most bytes read from either side at once.
 pub const CHUNK: usize = 16 * 1024;
@@ -58,50 +64,154 @@ pub enum SpliceError {
     StreamRead(#[from] quinn::ReadError),
     #[error("writing to the tunnel: {0}")]
     StreamWrite(#[from] quinn::WriteError),
+    #[error("the session was lost: {0}")]
+    SessionLost(quinn::ConnectionError),
+    #[error("the session did not come back within the resume window ({0:?})")]
+    NotResumed(Duration),
+    #[error("cannot resume: {0}")]
+    Resume(#[from] ResumeError),
     #[error("closed because this end is stopping")]
     Stopping,
 }
 
-/// Carries bytes both ways between `tcp` and the stream until both directions have ended, or
-/// until `stop` is cancelled (this process is stopping).
+/// What a splice needs besides its TCP connection and first data stream.
+pub struct Held<'a> {
+    pub stream: &'a HeldStream,
+    /// How long a lost session is waited for; zero closes the connection at once.
+    pub window: Duration,
+    /// Cancelled when this process stops.
+    pub stop: &'a CancellationToken,
+    pub meter: Meter<'a>,
+}
+
+/// Carries bytes both ways between `tcp` and the data stream of `link` until both directions
+/// have ended and the peer confirmed this side's bytes, across as many lost and resumed
+/// sessions as it takes.
 pub async fn splice(
     tcp: TcpStream,
-    mut send: SendStream,
-    mut recv: RecvStream,
-    stop: &CancellationToken,
-    meter: Meter<'_>,
+    mut link: Link,
+    held: Held<'_>,
 ) -> Result<Transferred, SpliceError> {
     let mut moved = Transferred::default();
-    let result = tokio::select! {
-        // Checked first: once stopping, the errors of the closing session are no failures.
-        biased;
-        () = stop.cancelled() => Err(SpliceError::Stopping),
-        result = async {
-            tokio::try_join!(
-                tcp_to_stream(&tcp, &mut send, (&mut moved.to_stream, meter.from_tcp)),
-                stream_to_tcp(&mut recv, &tcp, (&mut moved.to_tcp, meter.to_tcp)),
-            )
-        } => result.map(|_| ()),
-    };
-    match result {
-        Ok(()) => Ok(moved),
-        Err(error) if error.is_shutdown() => {
-            let _ = send.finish();
+    loop {
+        let result = tokio::select! {
+            // Checked first: once stopping, the errors of the closing session are no failures.
+            biased;
+            () = held.stop.cancelled() => Err(SpliceError::Stopping),
+            result = carry(&tcp, &mut link, &held, &mut moved) => result,
+        };
+        let error = match result {
+            Ok(()) => return Ok(moved),
+            Err(error) => error,
+        };
+        if error.is_shutdown() {
+            let _ = link.send.finish();
             let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
-            Err(error)
+            return Err(error);
         }
-        Err(error) => {
-            // Whichever side failed, tell the other one that this is no clean end.
-            let _ = send.reset(StreamCode::Aborted.code());
-            let _ = recv.stop(StreamCode::Aborted.code());
-            if matches!(
-                error,
-                SpliceError::StreamRead(_) | SpliceError::StreamWrite(_)
-            ) {
-                reset_tcp(&tcp);
+        if error.is_lost() && !held.window.is_zero() {
+            tracing::debug!(%error, "holding the connection until the session is back");
+            match wait_for_link(&held).await {
+                Ok(next) => {
+                    tracing::debug!(
+                        received = held.stream.received(),
+                        peer_received = next.peer_received,
+                        "resumed"
+                    );
+                    link = next;
+                    continue;
+                }
+                Err(error) => {
+                    reset_tcp(&tcp);
+                    return Err(error);
+                }
             }
-            Err(error)
         }
+        // Whichever side failed, tell the other one that this is no clean end.
+        let code = match error {
+            SpliceError::Resume(_) => StreamCode::NotResumable,
+            _ => StreamCode::Aborted,
+        };
+        let _ = link.send.reset(code.code());
+        let _ = link.recv.stop(code.code());
+        if !matches!(error, SpliceError::TcpRead(_) | SpliceError::TcpWrite(_)) {
+            reset_tcp(&tcp);
+        }
+        return Err(error);
+    }
+}
+
+/// Waits, within the resume window, for the data stream of a session that resumes this one.
+async fn wait_for_link(held: &Held<'_>) -> Result<Link, SpliceError> {
+    let deadline = Instant::now() + held.window;
+    let give_up = async {
+        tokio::select! {
+            () = held.stop.cancelled() => SpliceError::Stopping,
+            () = tokio::time::sleep_until(deadline) => SpliceError::NotResumed(held.window),
+        }
+    };
+    let wait = async {
+        loop {
+            let Resume::Link(link) = held.stream.next().await else {
+                return Err(SpliceError::Resume(ResumeError::Refused));
+            };
+            // A new session lost before the stream was set up: wait for the next one.
+            if let Some(link) = link(held.stream.received()).await? {
+                return Ok(link);
+            }
+        }
+    };
+    tokio::select! {
+        error = give_up => Err(error),
+        link = wait => link,
+    }
+}
+
+/// Carries both directions on one data stream, until both are done or something fails.
+async fn carry(
+    tcp: &TcpStream,
+    link: &mut Link,
+    held: &Held<'_>,
+    moved: &mut Transferred,
+) -> Result<(), SpliceError> {
+    let Link {
+        conn,
+        send,
+        recv,
+        peer_received,
+        acks,
+    } = link;
+    let stream = held.stream;
+    let outgoing = async {
+        // First what the peer did not receive before, if this stream resumes another.
+        for chunk in stream.missed_from(*peer_received)? {
+            send.write_chunk(chunk).await?;
+        }
+        if !stream.ended_sending() {
+            tcp_to_stream(
+                tcp,
+                send,
+                stream,
+                (&mut moved.to_stream, held.meter.from_tcp),
+            )
+            .await?;
+        }
+        let _ = send.finish();
+        stream.until_all_confirmed().await;
+        Ok(())
+    };
+    let incoming = async {
+        if stream.has_peer_ended() {
+            return Ok(());
+        }
+        let counts = (&mut moved.to_tcp, held.meter.to_tcp);
+        stream_to_tcp(recv, tcp, stream, acks, counts).await
+    };
+    tokio::select! {
+        // The directions may both be waiting on something other than the session: the
+        // session's end must end them.
+        error = conn.closed() => Err(SpliceError::SessionLost(error)),
+        result = async { tokio::try_join!(outgoing, incoming) } => result.map(|_| ()),
     }
 }
 
@@ -109,19 +219,31 @@ impl SpliceError {
     /// Whether the splice ended because this process or its peer is stopping, rather than
     /// because something broke.
     pub fn is_shutdown(&self) -> bool {
-        let lost = match self {
-            SpliceError::Stopping => return true,
-            SpliceError::StreamRead(quinn::ReadError::ConnectionLost(lost)) => lost,
-            SpliceError::StreamWrite(quinn::WriteError::ConnectionLost(lost)) => lost,
-            _ => return false,
-        };
-        let quinn::ConnectionError::ApplicationClosed(close) = lost else {
+        if matches!(self, SpliceError::Stopping) {
+            return true;
+        }
+        let Some(quinn::ConnectionError::ApplicationClosed(close)) = self.lost_session() else {
             return false;
         };
         matches!(
             CloseCode::from_code(close.error_code),
             Some(CloseCode::AgentShutdown | CloseCode::RelayShutdown)
         )
+    }
+
+    /// Whether the splice ended because its session was lost, for another reason than a
+    /// shutdown: a new session may resume it.
+    pub fn is_lost(&self) -> bool {
+        self.lost_session().is_some() && !self.is_shutdown()
+    }
+
+    fn lost_session(&self) -> Option<&quinn::ConnectionError> {
+        match self {
+            SpliceError::SessionLost(lost)
+            | SpliceError::StreamRead(quinn::ReadError::ConnectionLost(lost))
+            | SpliceError::StreamWrite(quinn::WriteError::ConnectionLost(lost)) => Some(lost),
+            _ => None,
+        }
     }
 }
 
@@ -138,20 +260,25 @@ fn count((total, meter): &mut Counts<'_>, n: usize) {
     meter.fetch_add(n as u64, Ordering::Relaxed);
 }
 
+/// Reads TCP into the stream until TCP's end, each chunk kept until the peer confirms it.
 async fn tcp_to_stream(
     tcp: &TcpStream,
     send: &mut SendStream,
+    stream: &HeldStream,
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     loop {
         tcp.readable().await.map_err(SpliceError::TcpRead)?;
+        // Nothing is read while the stream is at its cap: the TCP writer waits. Taken once
+        // there is something to read, so that an idle connection holds no room.
+        let room = stream.reserve(CHUNK).await;
         // The buffer lives only until the chunk is copied out, never across an await, so an
         // idle connection holds none.
         let chunk = {
             let mut buf = [0u8; CHUNK];
             match tcp.try_read(&mut buf) {
                 Ok(0) => {
-                    let _ = send.finish();
+                    stream.sent_end();
                     return Ok(());
                 }
                 Ok(n) => Bytes::copy_from_slice(&buf[..n]),
@@ -160,21 +287,40 @@ async fn tcp_to_stream(
             }
         };
         let len = chunk.len();
-        send.write_chunk(chunk).await?;
+        room.keep(len);
+        // Held first: if the session is lost during the write, the chunk is sent again.
+        stream.sent(chunk.clone());
         count(&mut counts, len);
+        send.write_chunk(chunk).await?;
     }
 }
 
+/// Writes the stream's bytes to TCP until the stream's end, counting each as written and
+/// queueing the received offset for confirmation.
 async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &TcpStream,
+    stream: &HeldStream,
+    acks: &crate::resume::AckQueue,
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
+    let mut unconfirmed = 0u64;
     while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
-        write_all(tcp, &chunk.bytes)
-            .await
-            .map_err(SpliceError::TcpWrite)?;
-        count(&mut counts, chunk.bytes.len());
+        write_all(tcp, &chunk.bytes, |n| {
+            stream.add_received(n);
+            count(&mut counts, n);
+        })
+        .await
+        .map_err(SpliceError::TcpWrite)?;
+        unconfirmed += chunk.bytes.len() as u64;
+        let urgent = unconfirmed >= ACK_EVERY;
+        if urgent {
+            unconfirmed = 0;
+        }
+        acks.received(stream.id, stream.received(), urgent);
+    }
+    if stream.peer_ended() {
+        acks.received(stream.id, stream.received(), true);
     }
     match SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The peer may have closed already; there is nothing left to tell it.
@@ -183,11 +329,20 @@ async fn stream_to_tcp(
     }
 }
 
-async fn write_all(tcp: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+/// Writes all of `buf`, calling `written` with each part the kernel took: if the write is
+/// abandoned half way (the session was lost), the count says exactly what went out.
+async fn write_all(
+    tcp: &TcpStream,
+    mut buf: &[u8],
+    mut written: impl FnMut(usize),
+) -> io::Result<()> {
     while !buf.is_empty() {
         tcp.writable().await?;
         match tcp.try_write(buf) {
-            Ok(n) => buf = &buf[n..],
+            Ok(n) => {
+                written(n);
+                buf = &buf[n..];
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }

@@ -13,8 +13,8 @@ use crate::identity::Identity;
 pub const MAX_DATA_STREAMS: u32 = 1024;
 
 /// Bytes one data stream may have in flight, and a whole session: the memory bound per session.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Bytes of QUIC datagrams each side buffers, either way; past it the oldest are dropped.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;

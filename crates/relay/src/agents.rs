@@ -20,6 +20,7 @@ use tether_common::protocol::{
     CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
 };
 use tether_common::report;
+use tether_common::resume::{AckQueue, HeldStreams};
 use tether_common::traffic::ForwardTraffic;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -41,10 +42,14 @@ pub struct LiveSession {
     pub conn: quinn::Connection,
     /// Replaced as a whole when the agent updates its forwards.
     routes: RwLock<Arc<Routes>>,
-    /// The flows of the session's UDP forwards.
-    pub flows: SessionFlows,
+    /// The flows of the session's UDP forwards; a resumed session goes on with the lost one's.
+    pub flows: Arc<SessionFlows>,
     pub datagrams: DatagramSender,
     next_stream: Arc<AtomicU64>,
+    /// The agent's visitor connections, held across its sessions.
+    pub streams: Arc<HeldStreams>,
+    /// The received offsets of the session's data streams, to confirm to the agent.
+    pub acks: Arc<AckQueue>,
 }
 
 impl LiveSession {
@@ -88,8 +93,18 @@ pub struct NewSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
     pub routes: Routes,
-    pub flows: SessionFlows,
+    /// The UDP forwards that opened, as (id, flow idle time).
+    pub udp_forwards: Vec<(ForwardId, std::time::Duration)>,
     pub datagrams: DatagramSender,
+    /// The session the agent's Hello names as its last, if any.
+    pub resume: Option<SessionId>,
+}
+
+/// A published session, and what it resumed of the one it follows.
+pub struct Published {
+    pub live: Arc<LiveSession>,
+    /// `Some` if the relay still held the session Hello named: the streams that go on.
+    pub resumed: Option<Vec<StreamId>>,
 }
 
 /// What listeners watch: the agent's live session, `None` while it is away.
@@ -152,6 +167,10 @@ struct Slot {
     next_stream: Arc<AtomicU64>,
     /// Counts sessions, so that a hold timer knows whether the agent came back meanwhile.
     generation: u64,
+    /// The agent's visitor connections, held across its sessions.
+    streams: Arc<HeldStreams>,
+    /// The latest session's id and UDP flows, for the next session to resume.
+    latest: Option<(SessionId, Arc<SessionFlows>)>,
 }
 
 impl Slot {
@@ -166,6 +185,8 @@ impl Slot {
             ports: HashMap::new(),
             next_stream: Arc::new(AtomicU64::new(1)),
             generation: 0,
+            streams: Arc::default(),
+            latest: None,
         }
     }
 }
@@ -267,20 +288,39 @@ impl Table {
         (results, routes)
     }
 
-    /// Makes a new session the agent's live one, closing the one it replaces.
-    pub fn publish(&mut self, agent: &str, session: NewSession) -> Option<Arc<LiveSession>> {
+    /// Makes a new session the agent's live one, closing the one it replaces. If the agent's
+    /// Hello named the relay's latest session of it, the new one resumes that session's
+    /// visitor connections and UDP flows; the connections of any other session are closed.
+    pub fn publish(
+        &mut self,
+        shared: &Shared,
+        agent: &str,
+        session: NewSession,
+    ) -> Option<Published> {
         let slot = self.agents.get_mut(agent)?;
         slot.generation += 1;
         slot.sessions += 1;
         slot.since = Some(SystemTime::now());
         slot.address = Some(session.conn.remote_address());
+        let resumes =
+            session.resume.is_some() && slot.latest.as_ref().map(|(id, _)| *id) == session.resume;
+        let flows = match slot.latest.take() {
+            Some((_, flows)) if resumes => {
+                flows.set_forwards(session.udp_forwards);
+                flows
+            }
+            _ => Arc::new(SessionFlows::new(session.udp_forwards, &shared.limits)),
+        };
+        slot.latest = Some((session.id, flows.clone()));
         let live = Arc::new(LiveSession {
             id: session.id,
             conn: session.conn,
             routes: RwLock::new(Arc::new(session.routes)),
-            flows: session.flows,
+            flows,
             datagrams: session.datagrams,
             next_stream: slot.next_stream.clone(),
+            streams: slot.streams.clone(),
+            acks: Arc::default(),
         });
         if let Some(old) = slot.live.send_replace(Some(live.clone())) {
             tracing::info!(
@@ -290,8 +330,15 @@ impl Table {
             );
             CloseCode::Replaced.close(&old.conn);
         }
+        let lost = session.resume.filter(|_| resumes);
+        let streams = slot
+            .streams
+            .resume(lost, live.id, |stream| visitor::resume_link(&live, stream));
         self.update_summary();
-        Some(live)
+        Some(Published {
+            live,
+            resumed: resumes.then_some(streams),
+        })
     }
 
     /// Applies an agent's [`Update`](tether_common::protocol::Update) to its live session
@@ -320,9 +367,10 @@ impl Table {
         Some(results)
     }
 
-    /// Marks the agent away if `id` is still its live session. Returns the generation to pass
-    /// to [`Table::release_if_still_away`] once the hold time has passed.
-    pub fn session_ended(&mut self, agent: &str, id: SessionId) -> Option<u64> {
+    /// Marks the agent away if `id` is still its live session; unless `resumable`, the next
+    /// session starts afresh. Returns the generation to pass to
+    /// [`Table::release_if_still_away`] once the hold time has passed.
+    pub fn session_ended(&mut self, agent: &str, id: SessionId, resumable: bool) -> Option<u64> {
         let slot = self.agents.get_mut(agent)?;
         let ours = slot
             .live
@@ -334,6 +382,9 @@ impl Table {
         }
         slot.live.send_replace(None);
         slot.since = Some(SystemTime::now());
+        if !resumable {
+            slot.latest = None;
+        }
         let generation = slot.generation;
         self.update_summary();
         Some(generation)
@@ -365,6 +416,7 @@ impl Table {
         let Some(slot) = self.agents.remove(agent) else {
             return;
         };
+        slot.streams.close_all();
         if let Some(live) = slot.live.send_replace(None) {
             tracing::info!(
                 agent,
@@ -474,6 +526,7 @@ impl Table {
         for (proto, port) in std::mem::take(&mut slot.ports).into_keys() {
             self.registry.release(agent, proto, port);
         }
+        slot.latest = None;
         tracing::info!(agent, "agent did not come back; its ports are closed");
     }
 }

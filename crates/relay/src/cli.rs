@@ -219,6 +219,7 @@ listen = "{listen}"        # UDP, where agents connect
 key = "relay.key"
 # public_bind = "0.0.0.0"      # where public ports are opened; default: every address, IPv4 and IPv6
 # tcp_keepalive = "30s"        # probes on visitor TCP connections, keeps their NATs open; "off" for none
+# resume_window = "5m"         # how long visitors of a lost session are held for the agent; "off" for none
 # status_socket = "/run/tether-relay/status.sock"   # where `tether-relay status` asks
 # metrics = 9560               # Prometheus metrics on 127.0.0.1:9560; "IP:PORT" for another address
 

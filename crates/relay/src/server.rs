@@ -354,6 +354,7 @@ impl Control {
             ("key", old.key != config.key),
             ("public_bind", old.public_bind != config.public_bind),
             ("tcp_keepalive", old.tcp_keepalive != config.tcp_keepalive),
+            ("resume_window", old.resume_window != config.resume_window),
             ("status_socket", old.status_socket != config.status_socket),
             ("metrics", old.metrics != config.metrics),
         ];

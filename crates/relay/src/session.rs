@@ -5,19 +5,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_common::control::{read_frame, write_frame, FrameError};
+use tether_common::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::datagram::DatagramSender;
 use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
+    Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
     SessionId, Update, Updated, Welcome, VERSION,
 };
 use tether_common::tls;
 use tracing::Instrument;
 
-use crate::agents::{self, NewSession};
+use crate::agents::{self, LiveSession, NewSession, Published};
 use crate::places::Place;
 use crate::server::Shared;
-use crate::udp::{self, SessionFlows};
+use crate::udp;
 
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
@@ -98,7 +98,7 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
         let _span = span.enter();
         tracing::error!("the session's task panicked; closing the session");
         CloseCode::InternalError.close(&conn);
-        end_session(&shared, &agent.name, id);
+        end_session(&shared, &agent.name, id, true);
     }
 }
 
@@ -126,7 +126,7 @@ async fn run_session(
     id: SessionId,
     agent: tether_common::identity::Fingerprint,
 ) {
-    let (mut send, mut recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
+    let (mut send, recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,
         Err(error) => {
             tracing::warn!(%remote, %error, "session set-up failed");
@@ -136,7 +136,7 @@ async fn run_session(
     };
     // Opened and published under one lock, so that another session of the same agent cannot
     // come between; published before Welcome is sent, so that every way out ends alike.
-    let (agent, results, live) = {
+    let (agent, results, published) = {
         let mut table = shared.table();
         // A reload may have removed the agent, or changed its allowlist, since the handshake.
         let Some(agent) = shared.agent_with(agent) else {
@@ -148,39 +148,69 @@ async fn run_session(
         let requests: Vec<(ForwardId, ForwardRequest)> =
             (0..).zip(hello.forwards.iter().cloned()).collect();
         let (results, routes) = table.open_forwards(&shared, &agent, &requests);
-        let udp_forwards = agents::udp_forwards(&requests, &results);
         let session = NewSession {
             id,
             conn: conn.clone(),
             routes,
-            flows: SessionFlows::new(udp_forwards, &shared.limits),
+            udp_forwards: agents::udp_forwards(&requests, &results).collect(),
             datagrams: DatagramSender::new(conn.clone(), shared.udp.clone()),
+            resume: hello.resume,
         };
-        let live = table.publish(&agent.name, session);
-        (agent, results, live)
+        let published = table.publish(&shared, &agent.name, session);
+        (agent, results, published)
     };
-    let _udp = live.map(|live| udp::carry(&shared, live));
+    let Some(Published { live, resumed }) = published else {
+        // Removed by a reload between the two steps above; nothing was published.
+        CloseCode::Unauthorized.close(&conn);
+        return;
+    };
+    let _udp = udp::carry(&shared, live.clone());
     log_results(&hello.forwards, &results);
     let welcome = RelayMessage::Welcome(Welcome {
         session: id,
         results,
+        resumed: resumed.clone(),
     })
     .encode();
     let reason = match write_frame(&mut send, &welcome).await {
         Ok(()) => {
-            tracing::info!(%remote, resumed_from = ?hello.resume, "agent connected");
+            match (&hello.resume, &resumed) {
+                (Some(lost), Some(streams)) => tracing::info!(
+                    %remote,
+                    resumed = lost,
+                    streams = streams.len(),
+                    "agent connected; its lost session resumed"
+                ),
+                (Some(lost), None) => tracing::info!(
+                    %remote,
+                    lost,
+                    "agent connected; its lost session is not held here, not resumed"
+                ),
+                (None, _) => tracing::info!(%remote, "agent connected"),
+            }
             let session = Session {
                 shared: &shared,
                 conn: &conn,
                 agent: &agent.name,
-                id,
+                live: &live,
             };
-            session.wait_for_end(&mut send, &mut recv).await
+            session.wait_for_end(&mut send, recv).await
         }
         Err(error) => format!("cannot send Welcome: {error}"),
     };
+    drop(live);
     tracing::info!(%reason, "agent disconnected");
-    end_session(&shared, &agent.name, id);
+    end_session(&shared, &agent.name, id, resumable(&conn));
+}
+
+/// Whether a session that ended may be resumed: it was lost, rather than ended by an agent that
+/// said it stops.
+fn resumable(conn: &quinn::Connection) -> bool {
+    !matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if CloseCode::from_code(close.error_code) == Some(CloseCode::AgentShutdown)
+    )
 }
 
 /// Logs the relay's answer for each forward.
@@ -203,17 +233,15 @@ struct Session<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a quinn::Connection,
     agent: &'a str,
-    id: SessionId,
+    live: &'a LiveSession,
 }
 
 impl Session<'_> {
-    /// Answers the agent's updates until the session ends, and says why it ended.
-    async fn wait_for_end(
-        &self,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
-    ) -> String {
+    /// Answers the agent's updates and passes confirmations both ways until the session ends,
+    /// and says why it ended.
+    async fn wait_for_end(&self, send: &mut quinn::SendStream, recv: quinn::RecvStream) -> String {
         let conn = self.conn;
+        let (mut frames, _reader) = frames(recv);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -224,11 +252,25 @@ impl Session<'_> {
                     return CloseCode::RelayShutdown.reason().to_owned();
                 }
                 error = conn.closed() => return error.to_string(),
-                frame = read_frame(recv) => frame,
+                batch = self.live.acks.next_batch() => {
+                    let frame = RelayMessage::Acks(Acks { streams: batch }).encode();
+                    match write_frame(send, &frame).await {
+                        Ok(()) => continue,
+                        Err(_) => return conn.closed().await.to_string(),
+                    }
+                }
+                frame = frames.recv() => frame.unwrap_or(Err(FrameError::Closed)),
             };
             use quinn::{ReadError, ReadExactError};
             let why = match frame {
                 Ok((kind, body)) => match AgentMessage::decode(kind, &body) {
+                    Ok(AgentMessage::Acks(acks)) => {
+                        let bad = self.live.streams.confirm(&acks.streams);
+                        if bad == 0 {
+                            continue;
+                        }
+                        "a confirmation past what the relay sent"
+                    }
                     Ok(AgentMessage::Update(update)) => match self.update(update) {
                         Some(answer) => match write_frame(send, &answer).await {
                             Ok(()) => continue,
@@ -263,10 +305,12 @@ impl Session<'_> {
             .iter()
             .find(|a| a.name == self.agent)
             .cloned()?;
-        let results =
-            self.shared
-                .table()
-                .update_forwards(self.shared, &agent, self.id, &update.forwards)?;
+        let results = self.shared.table().update_forwards(
+            self.shared,
+            &agent,
+            self.live.id,
+            &update.forwards,
+        )?;
         let requests: Vec<ForwardRequest> = update.forwards.into_iter().map(|(_, r)| r).collect();
         tracing::info!("the agent updated its forwards");
         log_results(&requests, &results);
@@ -274,16 +318,22 @@ impl Session<'_> {
     }
 }
 
-/// Marks the agent away and closes its ports if it does not come back within the hold time.
-fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId) {
-    let Some(generation) = shared.table().session_ended(agent, id) else {
+/// Marks the agent away and closes its ports if it does not come back within the hold time: a
+/// session that may be resumed holds them as long as its visitor connections, so that its UDP
+/// flows find their ports again too.
+fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId, resumable: bool) {
+    let Some(generation) = shared.table().session_ended(agent, id, resumable) else {
         return; // A newer session of the agent has taken over.
     };
     let shared2 = shared.clone();
     let agent = agent.to_owned();
     let hold = async move {
+        let hold = match resumable {
+            true => shared2.limits.port_hold.max(shared2.config.resume_window),
+            false => shared2.limits.port_hold,
+        };
         tokio::select! {
-            () = tokio::time::sleep(shared2.limits.port_hold) => {}
+            () = tokio::time::sleep(hold) => {}
             () = shared2.shutdown.cancelled() => return,
         }
         shared2.table().release_if_still_away(&agent, generation);

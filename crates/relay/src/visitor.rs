@@ -1,5 +1,7 @@
 //! Public TCP ports and the visitors who connect to them: each visitor connection becomes one
-//! data stream to the agent, its first bytes sent right behind the stream header.
+//! data stream to the agent, its first bytes sent right behind the stream header. A visitor
+//! connection is held when the agent's session is lost, and resumed on a new data stream when
+//! the agent's next session asks for it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -8,8 +10,9 @@ use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
 use tether_common::ports::Proto;
-use tether_common::protocol::StreamHeader;
-use tether_common::splice::{self, splice};
+use tether_common::protocol::{ResumeHeader, StreamHeader};
+use tether_common::resume::{HeldStream, Link, Resume, ResumeError};
+use tether_common::splice::{self, splice, Held};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
@@ -107,6 +110,9 @@ async fn serve(
         port,
         visitor,
     };
+    let Some((stream, _held)) = live.streams.add(header, live.id) else {
+        return; // Ids are never given twice; nothing to carry if one were.
+    };
     let _open = route.traffic.visitor();
     tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
     if let Err(error) = send.write_all(&header.encode()).await {
@@ -114,16 +120,21 @@ async fn serve(
         splice::reset_tcp(&tcp);
         return;
     }
-    drop(live);
-    match splice(
-        tcp,
+    let link = Link {
+        conn: live.conn.clone(),
         send,
         recv,
-        &shared.shutdown,
-        route.traffic.at_visitor(),
-    )
-    .await
-    {
+        peer_received: 0,
+        acks: live.acks.clone(),
+    };
+    drop(live);
+    let held = Held {
+        stream: &stream,
+        window: shared.config.resume_window,
+        stop: &shared.shutdown,
+        meter: route.traffic.at_visitor(),
+    };
+    match splice(tcp, link, held).await {
         Ok(moved) => tracing::debug!(
             bytes_in = moved.to_stream,
             bytes_out = moved.to_tcp,
@@ -133,6 +144,62 @@ async fn serve(
         Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
     }
 }
+
+/// How a held stream goes on in the new session `live`: the relay opens a data stream, says
+/// which stream it resumes and what it received, and reads what the agent received.
+pub fn resume_link(live: &LiveSession, stream: &HeldStream) -> Resume {
+    let conn = live.conn.clone();
+    let acks = live.acks.clone();
+    let mut header = stream.header;
+    // The forward's id in the new session, in case the agent never saw the stream.
+    if let Some(route) = live.routes().get(&(Proto::Tcp, header.port)) {
+        header.forward = route.forward;
+    }
+    let seen = stream.seen_by_peer();
+    Resume::Link(Box::new(move |received| {
+        Box::pin(async move {
+            let lost = |error: &quinn::ConnectionError| {
+                tracing::debug!(%error, "the new session was lost too");
+                Ok(None)
+            };
+            let (mut send, mut recv) = match conn.open_bi().await {
+                Ok(stream) => stream,
+                Err(error) => return lost(&error),
+            };
+            let header = ResumeHeader {
+                stream: header,
+                received,
+                seen,
+            };
+            if let Err(error) = send.write_all(&header.encode()).await {
+                return match error {
+                    quinn::WriteError::ConnectionLost(error) => lost(&error),
+                    _ => Err(ResumeError::Refused),
+                };
+            }
+            let mut peer = [0u8; 8];
+            let answer = tokio::time::timeout(RESUME_ANSWER_TIMEOUT, recv.read_exact(&mut peer));
+            match answer.await {
+                Ok(Ok(())) => {}
+                Ok(Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(
+                    error,
+                )))) => return lost(&error),
+                // Reset: the agent no longer holds the stream.
+                _ => return Err(ResumeError::Refused),
+            }
+            Ok(Some(Link {
+                conn,
+                send,
+                recv,
+                peer_received: u64::from_be_bytes(peer),
+                acks,
+            }))
+        })
+    }))
+}
+
+/// How long the agent may take to answer a resumed data stream.
+const RESUME_ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn bind_tcp(address: Option<IpAddr>, port: u16) -> io::Result<TcpListener> {
     TcpListener::from_std(public::bind(address, port, Proto::Tcp)?.into())

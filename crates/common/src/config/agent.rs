@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::{
     duration, fingerprint, metrics_address, name, optional_duration, path_in, port_range, read,
-    split_host, ConfigError, Problems,
+    resume_window, split_host, ConfigError, Problems,
 };
 use crate::cidr::Cidr;
 use crate::identity::Fingerprint;
@@ -37,6 +37,9 @@ pub struct AgentConfig {
     /// `None`: no keepalives (only useful to prove that they matter).
     pub keepalive: Option<Duration>,
     pub idle_timeout: Duration,
+    /// How long the local connections of a lost session are held for the next session to
+    /// resume them; zero holds none.
+    pub resume_window: Duration,
     pub forwards: Vec<Forward>,
     /// The Unix socket `status` asks on.
     pub status_socket: PathBuf,
@@ -110,6 +113,7 @@ struct RawAgentConfig {
     key: Option<String>,
     keepalive: Option<String>,
     idle_timeout: Option<String>,
+    resume_window: Option<String>,
     status_socket: Option<String>,
     metrics: Option<toml::Value>,
     #[serde(default)]
@@ -194,6 +198,7 @@ impl AgentConfig {
                 );
             }
         }
+        let resume_window = resume_window(raw.resume_window.as_deref(), &mut p);
         let forwards = forwards(&raw.forward, &mut p);
         let status_socket = p.check(
             "status_socket",
@@ -213,6 +218,7 @@ impl AgentConfig {
                 key: key?,
                 keepalive: keepalive?,
                 idle_timeout: idle_timeout?,
+                resume_window: resume_window?,
                 forwards,
                 status_socket: status_socket?,
                 metrics: metrics?,

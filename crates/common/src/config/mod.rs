@@ -142,6 +142,17 @@ fn optional_duration(text: &str) -> Result<Option<Duration>, String> {
     }
 }
 
+/// `resume_window`: a duration, `"off"` or zero for none; five minutes if absent.
+fn resume_window(text: Option<&str>, p: &mut Problems) -> Option<Duration> {
+    match text {
+        None => Some(crate::resume::DEFAULT_RESUME_WINDOW),
+        Some(text) => p.check(
+            "resume_window",
+            optional_duration(text).map(Option::unwrap_or_default),
+        ),
+    }
+}
+
 fn fingerprint(text: &str) -> Result<Fingerprint, String> {
     text.parse().map_err(|e| format!("{e}, got \"{text}\""))
 }

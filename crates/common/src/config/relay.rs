@@ -7,7 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{
-    fingerprint, metrics_address, name, optional_duration, path_in, read, ConfigError, Problems,
+    fingerprint, metrics_address, name, optional_duration, path_in, read, resume_window,
+    ConfigError, Problems,
 };
 use crate::identity::Fingerprint;
 use crate::ports::PortSpec;
@@ -28,6 +29,9 @@ pub struct RelayConfig {
     pub public_bind: Option<IpAddr>,
     /// Keepalive probes on visitor TCP connections; `None` turns them off.
     pub tcp_keepalive: Option<Duration>,
+    /// How long the visitor connections of a lost session are held for the agent's return;
+    /// zero holds none.
+    pub resume_window: Duration,
     pub agents: Vec<AgentEntry>,
     /// The Unix socket `status` asks on.
     pub status_socket: PathBuf,
@@ -74,6 +78,7 @@ struct RawRelayConfig {
     key: Option<String>,
     public_bind: Option<String>,
     tcp_keepalive: Option<String>,
+    resume_window: Option<String>,
     status_socket: Option<String>,
     metrics: Option<toml::Value>,
     #[serde(default)]
@@ -130,6 +135,7 @@ impl RelayConfig {
             None => Some(Some(DEFAULT_TCP_KEEPALIVE)),
             Some(text) => p.check("tcp_keepalive", optional_duration(text)),
         };
+        let resume_window = resume_window(raw.resume_window.as_deref(), &mut p);
         let agents = agents(&raw.agent, &mut p);
         let status_socket = p.check(
             "status_socket",
@@ -148,6 +154,7 @@ impl RelayConfig {
                 key: key?,
                 public_bind: public_bind?,
                 tcp_keepalive: tcp_keepalive?,
+                resume_window: resume_window?,
                 agents,
                 status_socket: status_socket?,
                 metrics: metrics?,

@@ -231,7 +231,7 @@ fn agent_type_and_shape_errors() {
     );
     assert_agent_error(
         &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nkeepalve = \"5s\"\n"),
-        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `key`, `keepalive`, `idle_timeout`, `status_socket`, `metrics`, `forward`",
+        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `key`, `keepalive`, `idle_timeout`, `resume_window`, `status_socket`, `metrics`, `forward`",
     );
     assert_agent_error(
         "relay = \"h:1\"\n",
@@ -318,6 +318,25 @@ ports = ["2222/tcp", "60000-60010/udp"]
 }
 
 #[test]
+fn resume_window_takes_a_duration_or_off_on_both_ends() {
+    for (text, expected) in [("\"90s\"", 90), ("\"off\"", 0), ("\"0s\"", 0)] {
+        let config = relay(&format!("listen = \"[::]:1\"\nresume_window = {text}\n")).unwrap();
+        assert_eq!(config.resume_window, Duration::from_secs(expected));
+        let config = AgentConfig::from_toml(
+            &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nresume_window = {text}\n"),
+            Path::new("/etc/tether/agent.toml"),
+        )
+        .unwrap();
+        assert_eq!(config.resume_window, Duration::from_secs(expected));
+    }
+    let error = relay("listen = \"[::]:1\"\nresume_window = \"a while\"\n").unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "/etc/tether/relay.toml: resume_window: expected a duration like \"10s\", got \"a while\""
+    );
+}
+
+#[test]
 fn relay_defaults() {
     let config = relay("listen = \"[::]:4433\"\n").unwrap();
     assert_eq!(config.key, Path::new("/etc/tether/relay.key"));
@@ -329,6 +348,7 @@ fn relay_defaults() {
         Path::new("/run/tether-relay/status.sock")
     );
     assert_eq!(config.metrics, None);
+    assert_eq!(config.resume_window, Duration::from_secs(300));
     assert_eq!(
         relay("listen = \"[::]:1\"\ntcp_keepalive = \"off\"\n")
             .unwrap()
@@ -363,7 +383,7 @@ fn relay_errors_name_file_key_and_expectation() {
     );
     assert_relay_error(
         "listen = \"0.0.0.0:1\"\nlisten_addr = 1\n",
-        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `key`, `public_bind`, `tcp_keepalive`, `status_socket`, `metrics`, `agent`",
+        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `key`, `public_bind`, `tcp_keepalive`, `resume_window`, `status_socket`, `metrics`, `agent`",
     );
 }
 

@@ -1,0 +1,533 @@
+//! What lets a data stream outlive its session: per stream, the bytes sent and not yet confirmed
+//! by the peer and the count of bytes received; per session, the confirmations to send (see
+//! [`crate::protocol`], "Resuming"); per side, the table of streams held.
+//!
+//! Offsets count the bytes of one direction of a stream from its start, across every session it
+//! lived in. The end of a direction counts as one more byte, so that "received everything" and
+//! "received everything and the end" are told apart.
+//!
+//! Memory is bounded twice: a stream keeps at most [`HELD_PER_STREAM`] unconfirmed bytes, and
+//! all the streams of a table together at most [`HELD_PER_SESSION`]. A stream at either cap
+//! reads nothing more from its TCP connection until the peer confirms, so the connection's
+//! writer waits, as it would for any slow reader; while the session is away, nothing is read at
+//! all. Neither cap binds while the peer confirms in time: QUIC's own windows, half their size,
+//! hold a sender back first.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::protocol::{SessionId, StreamHeader, StreamId, MAX_STREAMS_PER_FRAME};
+use crate::transport::{SESSION_WINDOW, STREAM_WINDOW};
+
+/// Unconfirmed bytes one data stream keeps at most.
+pub const HELD_PER_STREAM: usize = 2 * STREAM_WINDOW as usize;
+
+/// Unconfirmed bytes all the data streams of one table keep at most.
+pub const HELD_PER_SESSION: usize = 2 * SESSION_WINDOW as usize;
+
+/// How long a stream's received offset may wait before it is confirmed to the peer.
+const ACK_DELAY: Duration = Duration::from_millis(20);
+
+/// A stream that has received this much since it last asked confirms at once, so that the
+/// sender's held bytes stay well under its cap while bytes flow.
+pub const ACK_EVERY: u64 = STREAM_WINDOW as u64 / 4;
+
+/// The default of `resume_window`: how long each end holds the connections of a lost session.
+pub const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(300);
+
+/// Why a held stream cannot go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    #[error("the peer no longer holds the stream")]
+    Refused,
+    #[error("the peer asked to resume from offset {offset}, outside the held {start}..={end}")]
+    BadOffset { offset: u64, start: u64, end: u64 },
+}
+
+/// How a held stream continues once its session is back: `Link` makes the new data stream,
+/// given the offset this side received up to. Built by the relay or the agent, which know how
+/// their side of a resumed stream starts.
+pub enum Resume {
+    Link(Box<dyn FnOnce(u64) -> LinkFuture + Send>),
+    /// The new session does not resume this stream.
+    Close,
+}
+
+/// A new data stream for a held stream, or why there is none: `Ok(None)` if the new session
+/// was lost too before the stream was set up (the stream waits for the next).
+pub type LinkFuture = Pin<Box<dyn Future<Output = Result<Option<Link>, ResumeError>> + Send>>;
+
+/// One session's data stream for a held stream.
+pub struct Link {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+    /// How much of this side's bytes the peer has received: sending starts there.
+    pub peer_received: u64,
+    /// Where this side's received offsets are confirmed.
+    pub acks: Arc<AckQueue>,
+}
+
+/// The bytes this side sent on a stream and the peer has not confirmed.
+#[derive(Default)]
+struct Outbox {
+    /// Offset of the first held byte.
+    start: u64,
+    held: VecDeque<Bytes>,
+    held_len: u64,
+    /// Whether the TCP connection's end was read: it follows the held bytes.
+    ended: bool,
+    /// The highest offset the peer confirmed.
+    confirmed: u64,
+}
+
+impl Outbox {
+    /// The offset after the last byte sent, the end included.
+    fn end(&self) -> u64 {
+        self.start + self.held_len + u64::from(self.ended)
+    }
+
+    /// Notes that the peer received everything below `offset` (at most [`Outbox::end`]) and
+    /// drops those bytes; returns how many were dropped.
+    fn confirm(&mut self, offset: u64) -> u64 {
+        self.confirmed = self.confirmed.max(offset);
+        let mut drop = offset.saturating_sub(self.start).min(self.held_len);
+        let dropped = drop;
+        while drop > 0 {
+            let Some(front) = self.held.front_mut() else {
+                break;
+            };
+            let len = front.len() as u64;
+            if len <= drop {
+                self.held.pop_front();
+                drop -= len;
+            } else {
+                let _ = front.split_to(drop as usize);
+                drop = 0;
+            }
+        }
+        self.start += dropped;
+        self.held_len -= dropped;
+        dropped
+    }
+}
+
+/// One data stream, held across sessions: shared by the task that carries it and by the
+/// session that passes the peer's confirmations on.
+pub struct HeldStream {
+    /// The stream's header as the relay first sent it.
+    pub header: StreamHeader,
+    pub id: StreamId,
+    outbox: Mutex<Outbox>,
+    /// The peer's bytes written to TCP, and one more once the peer's end was seen.
+    received: AtomicU64,
+    peer_ended: AtomicBool,
+    room: Semaphore,
+    session_room: Arc<Semaphore>,
+    /// Woken when the peer confirms: a stream that sent its end waits for that.
+    confirmed: Notify,
+    next: Mutex<Option<Resume>>,
+    next_ready: Notify,
+}
+
+/// Room for one chunk taken from a stream's caps; what the chunk does not use goes back.
+pub struct Reservation<'a> {
+    stream: &'a HeldStream,
+    len: usize,
+}
+
+impl Reservation<'_> {
+    /// Keeps `used` bytes of the room (until the peer confirms them) and gives back the rest.
+    pub fn keep(mut self, used: usize) {
+        self.stream.release(self.len - used.min(self.len));
+        self.len = 0;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.stream.release(self.len);
+    }
+}
+
+impl HeldStream {
+    fn new(header: StreamHeader, per_stream: usize, session_room: Arc<Semaphore>) -> Self {
+        Self {
+            header,
+            id: header.id,
+            outbox: Mutex::default(),
+            received: AtomicU64::new(0),
+            peer_ended: AtomicBool::new(false),
+            room: Semaphore::new(per_stream),
+            session_room,
+            confirmed: Notify::new(),
+            next: Mutex::new(None),
+            next_ready: Notify::new(),
+        }
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until both caps have room for `len` more bytes, and takes it.
+    pub async fn reserve(&self, len: usize) -> Reservation<'_> {
+        let count = u32::try_from(len).unwrap_or(u32::MAX);
+        // Neither semaphore is ever closed, so neither acquire fails.
+        if let Ok(permit) = self.room.acquire_many(count).await {
+            permit.forget();
+        }
+        if let Ok(permit) = self.session_room.acquire_many(count).await {
+            permit.forget();
+        }
+        Reservation { stream: self, len }
+    }
+
+    fn release(&self, len: usize) {
+        if len > 0 {
+            self.room.add_permits(len);
+            self.session_room.add_permits(len);
+        }
+    }
+
+    /// Keeps `chunk`, sent now, until the peer confirms it.
+    pub fn sent(&self, chunk: Bytes) {
+        let mut outbox = self.outbox();
+        outbox.held_len += chunk.len() as u64;
+        outbox.held.push_back(chunk);
+    }
+
+    /// Notes that the TCP connection's end was read: it is sent after the held bytes.
+    pub fn sent_end(&self) {
+        self.outbox().ended = true;
+    }
+
+    /// Whether the TCP connection's end was read.
+    pub fn ended_sending(&self) -> bool {
+        self.outbox().ended
+    }
+
+    /// Whether the peer confirmed everything, the end included.
+    pub fn all_confirmed(&self) -> bool {
+        let outbox = self.outbox();
+        outbox.ended && outbox.confirmed == outbox.end()
+    }
+
+    /// Waits until the peer confirmed everything, the end included.
+    pub async fn until_all_confirmed(&self) {
+        loop {
+            let confirmed = self.confirmed.notified();
+            if self.all_confirmed() {
+                return;
+            }
+            confirmed.await;
+        }
+    }
+
+    /// The peer has received everything below `offset`: those bytes are forgotten and their
+    /// room is freed. An offset past what was sent is refused and changes nothing.
+    pub fn confirm(&self, offset: u64) -> Result<(), ResumeError> {
+        let mut outbox = self.outbox();
+        let end = outbox.end();
+        if offset > end {
+            return Err(ResumeError::BadOffset {
+                offset,
+                start: outbox.start,
+                end,
+            });
+        }
+        let dropped = outbox.confirm(offset);
+        drop(outbox);
+        self.release(dropped as usize);
+        self.confirmed.notify_one();
+        Ok(())
+    }
+
+    /// The bytes the peer lacks when it has received up to `offset`, to send again on a new
+    /// data stream; `offset` also counts as a confirmation. Refused if the bytes from `offset`
+    /// on are no longer held (the peer confirmed them before) or were never sent.
+    pub fn missed_from(&self, offset: u64) -> Result<Vec<Bytes>, ResumeError> {
+        let mut outbox = self.outbox();
+        let end = outbox.end();
+        if offset < outbox.start || offset > end {
+            return Err(ResumeError::BadOffset {
+                offset,
+                start: outbox.start,
+                end,
+            });
+        }
+        let dropped = outbox.confirm(offset);
+        let missed = outbox.held.iter().cloned().collect();
+        drop(outbox);
+        self.release(dropped as usize);
+        Ok(missed)
+    }
+
+    /// Whether the peer is known to have seen the stream: it confirmed or sent a byte.
+    pub fn seen_by_peer(&self) -> bool {
+        self.received() > 0 || self.outbox().confirmed > 0
+    }
+
+    /// The bytes held now, unconfirmed.
+    pub fn held(&self) -> u64 {
+        self.outbox().held_len
+    }
+
+    /// The received offset: the peer's bytes written to TCP, plus one once its end was seen.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
+    /// Counts `len` more of the peer's bytes written to TCP.
+    pub fn add_received(&self, len: usize) {
+        self.received.fetch_add(len as u64, Ordering::AcqRel);
+    }
+
+    /// Notes the peer's end of stream; returns false if it was seen before.
+    pub fn peer_ended(&self) -> bool {
+        if self.peer_ended.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        self.received.fetch_add(1, Ordering::AcqRel);
+        true
+    }
+
+    /// Whether the peer's end of stream was seen.
+    pub fn has_peer_ended(&self) -> bool {
+        self.peer_ended.load(Ordering::Acquire)
+    }
+
+    /// Hands the stream how it goes on, replacing what was handed before and not taken yet.
+    pub fn resume(&self, next: Resume) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
+        self.next_ready.notify_one();
+    }
+
+    /// Waits for how the stream goes on.
+    pub async fn next(&self) -> Resume {
+        loop {
+            let ready = self.next_ready.notified();
+            if let Some(next) = self.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                return next;
+            }
+            ready.await;
+        }
+    }
+}
+
+/// The received offsets of one session's streams, waiting to be confirmed to the peer in
+/// [`crate::protocol::Acks`] frames.
+#[derive(Default)]
+pub struct AckQueue {
+    state: Mutex<AckState>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct AckState {
+    offsets: HashMap<StreamId, u64>,
+    /// When the oldest offset waiting was queued.
+    since: Option<Instant>,
+    urgent: bool,
+}
+
+impl AckQueue {
+    /// Queues stream `id`'s received offset; `urgent` sends it without the usual delay.
+    pub fn received(&self, id: StreamId, offset: u64, urgent: bool) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.offsets.insert(id, offset);
+        let first = state.since.is_none();
+        state.since.get_or_insert_with(Instant::now);
+        let wake = first || (urgent && !state.urgent);
+        state.urgent |= urgent;
+        drop(state);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Waits until offsets are due and takes them, at most [`MAX_STREAMS_PER_FRAME`]; the rest
+    /// stay due. Safe to drop while waiting: nothing is lost.
+    pub async fn next_batch(&self) -> Vec<(StreamId, u64)> {
+        loop {
+            let woken = self.wake.notified();
+            let due_at = {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                match state.since {
+                    None => None,
+                    Some(since) if state.urgent || since.elapsed() >= ACK_DELAY => {
+                        return take_batch(&mut state);
+                    }
+                    Some(since) => Some(since + ACK_DELAY),
+                }
+            };
+            match due_at {
+                None => woken.await,
+                Some(at) => {
+                    tokio::select! {
+                        () = woken => {}
+                        () = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn take_batch(state: &mut AckState) -> Vec<(StreamId, u64)> {
+    let batch: Vec<(StreamId, u64)> = if state.offsets.len() <= MAX_STREAMS_PER_FRAME {
+        state.offsets.drain().collect()
+    } else {
+        let ids: Vec<StreamId> = state
+            .offsets
+            .keys()
+            .take(MAX_STREAMS_PER_FRAME)
+            .copied()
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| Some((id, state.offsets.remove(&id)?)))
+            .collect()
+    };
+    if state.offsets.is_empty() {
+        state.since = None;
+        state.urgent = false;
+    }
+    batch
+}
+
+/// The data streams one side holds, by id, with the session each belongs to, and the room
+/// they share.
+pub struct HeldStreams {
+    streams: Mutex<HashMap<StreamId, (Arc<HeldStream>, SessionId)>>,
+    per_stream: usize,
+    room: Arc<Semaphore>,
+}
+
+impl Default for HeldStreams {
+    fn default() -> Self {
+        Self::with_caps(HELD_PER_STREAM, HELD_PER_SESSION)
+    }
+}
+
+/// A stream's place in [`HeldStreams`], given up when the stream ends.
+pub struct Registration {
+    streams: Arc<HeldStreams>,
+    id: StreamId,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.streams.lock().remove(&self.id);
+    }
+}
+
+impl HeldStreams {
+    /// With other caps than the product's, for tests.
+    pub fn with_caps(per_stream: usize, per_session: usize) -> Self {
+        Self {
+            streams: Mutex::default(),
+            per_stream,
+            room: Arc::new(Semaphore::new(per_session)),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<StreamId, (Arc<HeldStream>, SessionId)>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds the stream of `header` in `session`; `None` if a stream of that id is held already.
+    pub fn add(
+        self: &Arc<Self>,
+        header: StreamHeader,
+        session: SessionId,
+    ) -> Option<(Arc<HeldStream>, Registration)> {
+        let id = header.id;
+        let mut streams = self.lock();
+        if streams.contains_key(&id) {
+            return None;
+        }
+        let stream = Arc::new(HeldStream::new(header, self.per_stream, self.room.clone()));
+        streams.insert(id, (stream.clone(), session));
+        let registration = Registration {
+            streams: self.clone(),
+            id,
+        };
+        Some((stream, registration))
+    }
+
+    /// Passes the peer's confirmations on; returns how many named a stream that is held and
+    /// an offset past what it sent.
+    pub fn confirm(&self, acks: &[(StreamId, u64)]) -> usize {
+        let streams = self.lock();
+        acks.iter()
+            .filter(|(id, offset)| {
+                streams
+                    .get(id)
+                    .is_some_and(|(stream, _)| stream.confirm(*offset).is_err())
+            })
+            .count()
+    }
+
+    /// Hands each stream of session `lost` how it goes on in session `now` (made by `link`,
+    /// given the stream) and closes every stream of any other session than `now`. Returns the
+    /// ids of the streams that go on.
+    pub fn resume(
+        &self,
+        lost: Option<SessionId>,
+        now: SessionId,
+        mut link: impl FnMut(&Arc<HeldStream>) -> Resume,
+    ) -> Vec<StreamId> {
+        let mut resumed = Vec::new();
+        for (id, (stream, session)) in self.lock().iter_mut() {
+            if *session == now {
+                continue;
+            }
+            if Some(*session) == lost {
+                stream.resume(link(stream));
+                *session = now;
+                resumed.push(*id);
+            } else {
+                stream.resume(Resume::Close);
+            }
+        }
+        resumed
+    }
+
+    /// Closes the streams not in `keep`, and moves those in it to session `now`; for the
+    /// agent, once Welcome says which streams the relay resumes.
+    pub fn keep_only(&self, keep: &[StreamId], now: SessionId) {
+        for (id, (stream, session)) in self.lock().iter_mut() {
+            if keep.contains(id) {
+                *session = now;
+            } else if *session != now {
+                stream.resume(Resume::Close);
+            }
+        }
+    }
+
+    /// Closes every stream held.
+    pub fn close_all(&self) {
+        for (stream, _) in self.lock().values() {
+            stream.resume(Resume::Close);
+        }
+    }
+
+    /// The held stream `id`, if any.
+    pub fn get(&self, id: StreamId) -> Option<Arc<HeldStream>> {
+        self.lock().get(&id).map(|(stream, _)| stream.clone())
+    }
+
+    /// How many streams are held, and their unconfirmed bytes.
+    pub fn usage(&self) -> (usize, u64) {
+        let streams = self.lock();
+        let bytes = streams.values().map(|(s, _)| s.held()).sum();
+        (streams.len(), bytes)
+    }
+}

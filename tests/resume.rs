@@ -1,0 +1,231 @@
+//! Forwarded connections across a lost session: the agent's link to the relay is cut for longer
+//! than the idle timeout, so that the session dies, and restored; the visitor's connection and
+//! the local service's go on with every byte, or are closed once the resume window has passed.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tether_agent::status::AgentStatus;
+use tether_common::config::{AgentConfig, RelayConfig};
+use tether_tests::cut::CutLink;
+use tether_tests::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A relay, a cuttable link, and an agent behind it whose session dies one second into a cut.
+struct Scene {
+    relay: RelayHandle,
+    link: CutLink,
+    agent: AgentHandle,
+    port: u16,
+    session: u64,
+}
+
+impl Scene {
+    async fn start(
+        service: SocketAddr,
+        change: impl Fn(&mut RelayConfig, &mut AgentConfig),
+    ) -> Self {
+        let keys = Keys::new();
+        let (relay_identity, relay_key) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let port = free_port();
+        let entry = agent_entry("dorm", agent_identity.fingerprint(), &[port]);
+        let mut relay_config = relay_config(relay_key, vec![entry]);
+        let mut agent_config = agent_config(
+            agent_key,
+            "127.0.0.1:1".parse().unwrap(),
+            relay_identity.fingerprint(),
+            vec![tcp_forward("svc", port, service)],
+        );
+        agent_config.keepalive = Some(Duration::from_millis(200));
+        agent_config.idle_timeout = Duration::from_secs(1);
+        change(&mut relay_config, &mut agent_config);
+        let relay = start_relay(relay_config, &relay_identity);
+        let link = CutLink::to(relay.addr).await;
+        agent_config.relay.port = link.addr.port();
+        let mut agent = start_agent(agent_config, &agent_identity);
+        let session = agent.connected().await.session().unwrap();
+        // The keys' folder must outlive the processes that read it at start only.
+        std::mem::forget(keys);
+        Self {
+            relay,
+            link,
+            agent,
+            port,
+            session,
+        }
+    }
+
+    /// Cuts the link and waits until the agent has lost its session.
+    async fn lose_session(&mut self) -> Instant {
+        self.link.cut();
+        within(
+            "the session to be lost",
+            self.agent.status.wait_for(|s| s.session().is_none()),
+        )
+        .await
+        .unwrap();
+        Instant::now()
+    }
+
+    /// Restores the link and waits for the agent's next session, which must be new.
+    async fn next_session(&mut self) -> (AgentStatus, Duration) {
+        self.link.restore();
+        let back = Instant::now();
+        let status = self.agent.connected_other_than(Some(self.session)).await;
+        self.session = status.session().unwrap();
+        (status, back.elapsed())
+    }
+
+    async fn stop(self) {
+        self.agent.stop().await;
+        self.relay.stop().await;
+    }
+}
+
+/// Splits a visitor's connection to an echo service: a task reads back all that returns, and
+/// the test writes.
+fn echo_through(tcp: TcpStream) -> (JoinHandle<Vec<u8>>, OwnedWriteHalf) {
+    let (mut read, write) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        read.read_to_end(&mut back)
+            .await
+            .expect("the visitor's connection stays up");
+        back
+    });
+    (reader, write)
+}
+
+#[tokio::test]
+async fn a_transfer_goes_on_with_every_byte_after_the_session_is_lost_and_resumed() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let service = echo_service().await;
+        let mut scene = Scene::start(service, |_, _| {}).await;
+        let first = scene.session;
+        let data = pattern(6 << 20);
+        let (before, rest) = data.split_at(4 << 20);
+        let (during, after) = rest.split_at(64 << 10);
+        let tcp = TcpStream::connect(public(scene.port)).await.unwrap();
+        let (reader, mut write) = echo_through(tcp);
+
+        // The transfer is under way, bytes in flight both ways, when the link goes.
+        write.write_all(before).await.unwrap();
+        let lost = scene.lose_session().await;
+        // Written while no session exists: it waits in the kernel's buffers and the relay's.
+        within("a write during the outage", write.write_all(during))
+            .await
+            .unwrap();
+        let (status, reconnected) = scene.next_session().await;
+        write.write_all(after).await.unwrap();
+        write.shutdown().await.unwrap();
+        let back = within("the echo of every byte", reader).await.unwrap();
+        assert_eq!(back.len(), data.len());
+        assert!(
+            back == data,
+            "the bytes that came back differ from those sent"
+        );
+        println!(
+            "session {first:x} lost {:?} after the cut; {status} {reconnected:?} after the \
+             link came back; {} bytes echoed intact",
+            lost.elapsed(),
+            back.len()
+        );
+        scene.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_that_comes_back_from_another_address_resumes() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let service = echo_service().await;
+        let mut scene = Scene::start(service, |_, _| {}).await;
+        let tcp = TcpStream::connect(public(scene.port)).await.unwrap();
+        let (reader, mut write) = echo_through(tcp);
+        write.write_all(b"before ").await.unwrap();
+        scene.lose_session().await;
+        let old = scene.link.source();
+        scene.link.move_source().await;
+        assert_ne!(scene.link.source(), old);
+        write.write_all(b"during ").await.unwrap();
+        scene.next_session().await;
+        write.write_all(b"after").await.unwrap();
+        write.shutdown().await.unwrap();
+        let back = within("the echo", reader).await.unwrap();
+        assert_eq!(back, b"before during after");
+        scene.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn past_the_resume_window_both_connections_are_reset_and_new_visitors_are_served() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        // A service that says when its connection ends, and how.
+        let (ended_tx, ended_rx) = oneshot::channel::<std::io::Result<usize>>();
+        let ended_tx = std::sync::Mutex::new(Some(ended_tx));
+        let service = serve(move |mut tcp| {
+            let tx = ended_tx.lock().unwrap().take();
+            async move {
+                let mut buf = [0u8; 64];
+                let end = loop {
+                    match tcp.read(&mut buf).await {
+                        Ok(0) => break Ok(0),
+                        Ok(n) => {
+                            if let Err(error) = tcp.write_all(&buf[..n]).await {
+                                break Err(error);
+                            }
+                        }
+                        Err(error) => break Err(error),
+                    }
+                };
+                if let Some(tx) = tx {
+                    let _ = tx.send(end);
+                }
+            }
+        })
+        .await;
+        let window = Duration::from_secs(1);
+        let mut scene = Scene::start(service, |relay, agent| {
+            relay.resume_window = window;
+            agent.resume_window = window;
+        })
+        .await;
+        let mut visitor = TcpStream::connect(public(scene.port)).await.unwrap();
+        visitor.write_all(b"hello").await.unwrap();
+        let mut buf = [0u8; 5];
+        visitor.read_exact(&mut buf).await.unwrap();
+        let lost = scene.lose_session().await;
+
+        // Both ends give up once the window has passed, with a reset: a held connection that
+        // is closed lost whatever was in flight, so neither end may take it for complete.
+        let visitor_end = within("the visitor's connection to end", visitor.read(&mut buf)).await;
+        let after = lost.elapsed();
+        assert_eq!(
+            visitor_end.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        let service_end = within("the service's connection to end", ended_rx)
+            .await
+            .unwrap();
+        assert_eq!(
+            service_end.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::ConnectionReset)
+        );
+        assert!(after >= window / 2, "closed after {after:?}");
+        println!("held connections reset {after:?} after the session was lost (window {window:?})");
+
+        scene.next_session().await;
+        let mut visitor = TcpStream::connect(public(scene.port)).await.unwrap();
+        visitor.write_all(b"again").await.unwrap();
+        visitor.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"again");
+        scene.stop().await;
+    })
+    .await;
+}
