@@ -229,3 +229,36 @@ async fn past_the_resume_window_both_connections_are_reset_and_new_visitors_are_
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_udp_flow_goes_on_from_the_same_local_socket_after_a_resume() {
+    use tether_common::ports::{PortSpec, Proto};
+    use tether_tests::udp::{consecutive_udp_ports, udp_whoami, visitor, whoami};
+
+    within_for("the whole test", Duration::from_secs(60), async {
+        let (local, sockets) = consecutive_udp_ports(1);
+        udp_whoami(sockets.into_iter().next().unwrap());
+        let (public, _) = consecutive_udp_ports(1);
+        let forward = udp_forward("mosh", public, "127.0.0.1", local);
+        let service = echo_service().await;
+        let mut scene = Scene::start(service, |relay, agent| {
+            relay.agents[0].ports.push(PortSpec {
+                proto: Proto::Udp,
+                range: public,
+            });
+            agent.forwards.push(forward.clone());
+        })
+        .await;
+        let visitor = visitor("127.0.0.1").await;
+        let to = SocketAddr::new("127.0.0.1".parse().unwrap(), public.start());
+        let (_, before) = whoami(&visitor, to).await;
+        scene.lose_session().await;
+        scene.next_session().await;
+        // The service sees the flow's datagrams come from the agent's same socket, as if
+        // nothing had happened: a new flow would come from another port.
+        let (_, after) = whoami(&visitor, to).await;
+        assert_eq!(after, before);
+        scene.stop().await;
+    })
+    .await;
+}

@@ -177,15 +177,17 @@ impl HeldStream {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Waits until both caps have room for `len` more bytes, and takes it.
+    /// Waits until both caps have room for `len` more bytes, and takes it. Dropped while it
+    /// waits, it takes nothing.
     pub async fn reserve(&self, len: usize) -> Reservation<'_> {
         let count = u32::try_from(len).unwrap_or(u32::MAX);
-        // Neither semaphore is ever closed, so neither acquire fails.
-        if let Ok(permit) = self.room.acquire_many(count).await {
-            permit.forget();
-        }
-        if let Ok(permit) = self.session_room.acquire_many(count).await {
-            permit.forget();
+        let own = self.room.acquire_many(count).await;
+        let shared = self.session_room.acquire_many(count).await;
+        // Neither semaphore is ever closed, so neither acquire fails. The room is given back by
+        // the reservation, or by a confirmation once the bytes are sent.
+        if let (Ok(own), Ok(shared)) = (own, shared) {
+            own.forget();
+            shared.forget();
         }
         Reservation { stream: self, len }
     }
@@ -529,5 +531,158 @@ impl HeldStreams {
         let streams = self.lock();
         let bytes = streams.values().map(|(s, _)| s.held()).sum();
         (streams.len(), bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: StreamId) -> StreamHeader {
+        StreamHeader {
+            id,
+            forward: 0,
+            port: 2222,
+            visitor: "203.0.113.9:40000".parse().unwrap(),
+        }
+    }
+
+    async fn within<T>(test: impl Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test took too long")
+    }
+
+    /// Whether `future` is still waiting after everything else that can run has run.
+    async fn still_waiting(future: impl Future) -> bool {
+        tokio::select! {
+            biased;
+            _ = future => false,
+            () = tokio::task::yield_now() => true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_at_its_cap_waits_until_the_peer_confirms() {
+        within(async {
+            let streams = Arc::new(HeldStreams::with_caps(100, 1000));
+            let (stream, _registration) = streams.add(header(1), 7).unwrap();
+            stream.reserve(60).await.keep(60);
+            stream.sent(Bytes::from(vec![1; 60]));
+            stream.reserve(40).await.keep(40);
+            stream.sent(Bytes::from(vec![2; 40]));
+            assert_eq!(stream.held(), 100);
+            assert!(still_waiting(stream.reserve(1)).await, "past the cap");
+            // A confirmation frees exactly what it covers.
+            stream.confirm(30).unwrap();
+            assert_eq!(stream.held(), 70);
+            let room = stream.reserve(30).await;
+            assert!(still_waiting(stream.reserve(1)).await);
+            // Room taken and not used goes back.
+            room.keep(10);
+            stream.reserve(20).await.keep(20);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_streams_of_a_table_share_its_cap() {
+        within(async {
+            let streams = Arc::new(HeldStreams::with_caps(100, 150));
+            let (first, _one) = streams.add(header(1), 7).unwrap();
+            let (second, _two) = streams.add(header(2), 7).unwrap();
+            first.reserve(100).await.keep(100);
+            first.sent(Bytes::from(vec![0; 100]));
+            second.reserve(50).await.keep(50);
+            assert!(
+                still_waiting(second.reserve(1)).await,
+                "under its own cap, over the table's"
+            );
+            assert_eq!(streams.confirm(&[(1, 100)]), 0);
+            second.reserve(50).await.keep(50);
+            assert_eq!(streams.usage(), (2, 0));
+        })
+        .await;
+    }
+
+    #[test]
+    fn what_the_peer_missed_is_sent_again_from_its_offset() {
+        let streams = Arc::new(HeldStreams::default());
+        let (stream, _registration) = streams.add(header(1), 7).unwrap();
+        stream.sent(Bytes::from_static(b"hello "));
+        stream.sent(Bytes::from_static(b"world"));
+        stream.confirm(2).unwrap();
+        let missed = stream.missed_from(4).unwrap();
+        assert_eq!(missed.concat(), b"o world");
+        // Below what is held, or past what was sent: refused, nothing changes.
+        assert_eq!(
+            stream.missed_from(3).unwrap_err(),
+            ResumeError::BadOffset {
+                offset: 3,
+                start: 4,
+                end: 11
+            }
+        );
+        assert!(stream.missed_from(12).is_err());
+        assert!(stream.confirm(12).is_err());
+        assert_eq!(stream.held(), 7);
+        // The end counts as one more byte: confirmed only once the peer saw it.
+        stream.sent_end();
+        stream.confirm(11).unwrap();
+        assert!(!stream.all_confirmed());
+        assert_eq!(stream.missed_from(11).unwrap(), Vec::<Bytes>::new());
+        stream.confirm(12).unwrap();
+        assert!(stream.all_confirmed());
+    }
+
+    #[test]
+    fn a_stream_id_is_held_once_and_let_go_when_its_registration_drops() {
+        let streams = Arc::new(HeldStreams::default());
+        let (_stream, registration) = streams.add(header(1), 7).unwrap();
+        assert!(streams.add(header(1), 7).is_none());
+        drop(registration);
+        assert!(streams.get(1).is_none());
+        assert!(streams.add(header(1), 7).is_some());
+    }
+
+    #[tokio::test]
+    async fn resuming_hands_on_the_lost_sessions_streams_and_closes_the_others() {
+        within(async {
+            let streams = Arc::new(HeldStreams::default());
+            let (lost, _a) = streams.add(header(1), 7).unwrap();
+            let (other, _b) = streams.add(header(2), 6).unwrap();
+            let (new, _c) = streams.add(header(3), 8).unwrap();
+            let resumed = streams.resume(Some(7), 8, |_| {
+                Resume::Link(Box::new(|_| Box::pin(async { Ok(None) })))
+            });
+            assert_eq!(resumed, [1]);
+            assert!(matches!(lost.next().await, Resume::Link(_)));
+            assert!(matches!(other.next().await, Resume::Close));
+            assert!(
+                still_waiting(new.next()).await,
+                "the new session's own stream"
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn confirmations_wait_a_little_unless_urgent_and_keep_the_latest_offset() {
+        let acks = AckQueue::default();
+        acks.received(1, 10, false);
+        acks.received(1, 20, false);
+        let started = tokio::time::Instant::now();
+        assert_eq!(acks.next_batch().await, [(1, 20)]);
+        // The timer's resolution is a millisecond.
+        let waited = started.elapsed();
+        assert!(waited >= ACK_DELAY && waited <= ACK_DELAY + Duration::from_millis(1));
+        acks.received(2, 5, true);
+        let started = tokio::time::Instant::now();
+        assert_eq!(acks.next_batch().await, [(2, 5)]);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // Dropped while waiting, nothing is lost.
+        acks.received(3, 1, false);
+        assert!(still_waiting(acks.next_batch()).await);
+        assert_eq!(acks.next_batch().await, [(3, 1)]);
     }
 }
