@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 
 use tether_agent::probe::PROBE_EVERY;
 use tether_tests::lab::{
-    idle_span, session_of, Impairment, Lab, Netns, Peer, Shim, NAT_UDP_TIMEOUT, RELAY_LISTEN,
-    RELAY_PUBLIC,
+    idle_span, session_of, Impairment, Lab, Netns, Peer, Shim, NAT_SECOND_PUBLIC, NAT_UDP_TIMEOUT,
+    RELAY_LISTEN, RELAY_PUBLIC,
 };
 use tether_tests::mosh::{MoshServer, Tmux, LOCALE};
 use tether_tests::process::Process;
@@ -35,10 +35,20 @@ impl Scene {
 
     /// With `shim`, the agent reaches the relay through the impairment shim.
     async fn start_via(shim: Option<Shim>, settings: &str, service: &str) -> Self {
+        Self::start_with(shim, "", settings, service).await
+    }
+
+    /// With `relay_settings` in relay.toml too.
+    async fn start_with(
+        shim: Option<Shim>,
+        relay_settings: &str,
+        settings: &str,
+        service: &str,
+    ) -> Self {
         let lab = Lab::build();
         let (service, ready) = lab.peer(&lab.home, &[service, "127.0.0.1:7000"]).await;
         assert_eq!(ready, "listening");
-        let relay = lab.start_relay().await;
+        let relay = lab.start_relay_with(relay_settings).await;
         let (shim, relay_address) = match shim {
             Some(shim) => {
                 let (shim, address) = lab.start_shim(shim).await;
@@ -568,6 +578,237 @@ async fn delay_jitter_reordering_and_loss_still_deliver_every_byte() {
             "through the shim ({shim:?}): median visitor echo {median:?}; {bytes} bytes with \
              matching sha256 in {took:?} ({:.1} MB/s)",
             bytes as f64 / took.as_secs_f64() / 1e6
+        );
+    })
+    .await;
+}
+
+/// A transfer from the visitor to a sink at home, cut by an outage of `outage` (longer than the
+/// idle timeout, so the session dies) once it is under way; the visitor goes on writing while
+/// it can. Returns what it measured, once the sink got every byte.
+async fn transfer_across_an_outage(outage: Duration, switch_address: bool) {
+    // Progress every 256 KiB, so that writes made during the outage show.
+    const EVERY: u64 = 256 << 10;
+    let bytes: u64 = 96 << 20;
+    let mut scene = Scene::start("", "sink").await;
+    scene.visitor.tell(&format!("send {bytes} {EVERY}")).await;
+    let progress = |line: &str| -> u64 {
+        let n = line.strip_prefix("progress ");
+        n.unwrap_or_else(|| panic!("expected progress, got {line:?}"))
+            .parse()
+            .unwrap()
+    };
+    let first = progress(&scene.visitor.line_within(Duration::from_secs(60)).await);
+    scene.lab.impair(Impairment::Outage);
+    let cut = Instant::now();
+    // What the visitor manages to write while the link is down.
+    let mut written = first;
+    while let Some(left) = outage.checked_sub(cut.elapsed()) {
+        match tokio::time::timeout(left, scene.visitor.next_line()).await {
+            Ok(Some(line)) => written = progress(&line),
+            Ok(None) => panic!("the visitor ended during the outage"),
+            Err(_) => break,
+        }
+    }
+    if switch_address {
+        scene.lab.switch_nat_address();
+    }
+    scene.lab.impair(Impairment::None);
+    let back = Instant::now();
+    let line = scene
+        .agent
+        .wait_for_line("connected to relay; the lost session resumed")
+        .await;
+    let resumed = back.elapsed();
+    assert_ne!(session_of(&line), scene.session, "a new session");
+    // Data flows again: the visitor's next progress mark.
+    let next = progress(&scene.visitor.line_within(Duration::from_secs(30)).await);
+    let flowing = back.elapsed();
+    let sent = loop {
+        let line = scene.visitor.line_within(Duration::from_secs(120)).await;
+        if !line.starts_with("progress") {
+            break line;
+        }
+    };
+    let received = scene.service.line_within(Duration::from_secs(60)).await;
+    let (total, _) = assert_same_bytes(&sent, &received);
+    assert_eq!(total, bytes);
+    assert!(
+        written > first,
+        "the visitor wrote nothing while the link was down"
+    );
+    if switch_address {
+        let relay_line = scene.relay.wait_for_line("its lost session resumed").await;
+        assert!(
+            relay_line.contains(&format!("remote={NAT_SECOND_PUBLIC}:")),
+            "{relay_line}"
+        );
+    }
+    println!(
+        "{outage:?} outage mid-transfer{}: the visitor wrote {} KiB while the link was down; \
+         the session resumed {resumed:?} after the link came back and the visitor's bytes moved \
+         again {flowing:?} after it (mark {} KiB); {total} bytes arrived, sha256 equal",
+        if switch_address {
+            ", NAT address switched"
+        } else {
+            ""
+        },
+        (written - first) >> 10,
+        next >> 10,
+    );
+}
+
+#[tokio::test]
+async fn a_transfer_outlives_a_sixty_second_outage_with_every_byte() {
+    let test = "a_transfer_outlives_a_sixty_second_outage_with_every_byte";
+    if !Lab::available(test) {
+        return;
+    }
+    let outage = Duration::from_secs(60);
+    within_for("the whole test", outage + Duration::from_secs(180), async {
+        transfer_across_an_outage(outage, false).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_transfer_outlives_a_four_minute_outage_with_every_byte() {
+    let test = "a_transfer_outlives_a_four_minute_outage_with_every_byte";
+    if !Lab::available(test) {
+        return;
+    }
+    let outage = Duration::from_secs(240);
+    within_for("the whole test", outage + Duration::from_secs(180), async {
+        transfer_across_an_outage(outage, false).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_transfer_resumes_when_the_home_address_changed_during_the_outage() {
+    let test = "a_transfer_resumes_when_the_home_address_changed_during_the_outage";
+    if !Lab::available(test) {
+        return;
+    }
+    let outage = Duration::from_secs(60);
+    within_for("the whole test", outage + Duration::from_secs(180), async {
+        transfer_across_an_outage(outage, true).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn past_the_resume_window_visitors_are_reset_and_new_ones_served() {
+    let test = "past_the_resume_window_visitors_are_reset_and_new_ones_served";
+    if !Lab::available(test) {
+        return;
+    }
+    // A short idle timeout and window, so that the outage needs to be only a little longer.
+    let settings = "keepalive = \"1s\"\nidle_timeout = \"5s\"\nresume_window = \"10s\"";
+    let outage = Duration::from_secs(25);
+    within_for("the whole test", outage + Duration::from_secs(60), async {
+        let mut scene =
+            Scene::start_with(None, "resume_window = \"10s\"", settings, "tcp-echo").await;
+        let first = scene.echo_at_once("hello").await;
+        assert!(first.starts_with("echoed"), "{first}");
+        scene.lab.impair(Impairment::Outage);
+        tokio::time::sleep(outage).await; // the outage under test
+        scene.lab.impair(Impairment::None);
+        // The relay may still hold the lost session (its ports and UDP flows outlive the
+        // window), but no visitor connection of it.
+        let line = scene.agent.wait_for_line("connected to relay;").await;
+        assert!(
+            line.contains("streams=0") || line.contains("no longer holds"),
+            "{line}"
+        );
+        let old = scene.visitor.ask(&format!("echo after {AT_ONCE}")).await;
+        assert!(
+            old.contains("reset") || old.contains("closed"),
+            "the held visitor must be closed: {old}"
+        );
+        let echo = scene.new_visitor_echo().await;
+        assert!(echo.starts_with("echoed"), "{echo}");
+        println!(
+            "{outage:?} outage, 10 s window: the held visitor got {old:?}; a new one was served"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_ssh_session_outlives_a_sixty_second_outage() {
+    let test = "an_ssh_session_outlives_a_sixty_second_outage";
+    if !Lab::available(test) || !tools::available(test, &["sshd", "ssh", "ssh-keygen"]) {
+        return;
+    }
+    let outage = Duration::from_secs(60);
+    within_for("the whole test", outage + Duration::from_secs(90), async {
+        let lab = Lab::build();
+        let (_sshd, login) = lab.start_sshd().await;
+        let _relay = lab.start_relay().await;
+        let (mut agent, _) = lab.start_agent("").await;
+        let mut command = lab.visitor.command("ssh");
+        command.args(&login).arg("sh");
+        let mut ssh = Peer::start(command);
+        ssh.tell("echo logged-in-as-$(id -un)").await;
+        assert_eq!(ssh.line().await, "logged-in-as-root");
+        lab.impair(Impairment::Outage);
+        tokio::time::sleep(outage / 2).await;
+        // Typed during the outage: it waits, and is answered once the link is back.
+        ssh.tell("echo typed-during-the-outage").await;
+        tokio::time::sleep(outage / 2).await;
+        lab.impair(Impairment::None);
+        let back = Instant::now();
+        agent
+            .wait_for_line("connected to relay; the lost session resumed")
+            .await;
+        assert_eq!(
+            ssh.line_within(Duration::from_secs(30)).await,
+            "typed-during-the-outage"
+        );
+        let answered = back.elapsed();
+        ssh.tell("echo still-there").await;
+        assert_eq!(ssh.line_within(Duration::from_secs(5)).await, "still-there");
+        println!(
+            "ssh across a {outage:?} outage: what was typed during it was answered {answered:?} \
+             after the link came back"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_mosh_session_outlives_a_sixty_second_outage() {
+    let test = "a_mosh_session_outlives_a_sixty_second_outage";
+    if !Lab::available(test) || !tools::available(test, &["mosh-server", "mosh-client", "tmux"]) {
+        return;
+    }
+    let outage = Duration::from_secs(60);
+    within_for("the whole test", outage + Duration::from_secs(90), async {
+        let lab = Lab::build();
+        let _relay = lab.start_relay().await;
+        let (mut agent, _) = lab.start_agent("").await;
+        let in_home = ["ip", "netns", "exec", &lab.home.name];
+        let server = MoshServer::start(&in_home, 60002);
+        let client = format!(
+            "ip netns exec {} env LC_ALL={LOCALE} MOSH_KEY={} mosh-client {RELAY_PUBLIC} 60002",
+            lab.visitor.name, server.key
+        );
+        let tmux = Tmux::start(&client);
+        tmux.type_line("echo first-$((6 * 7))");
+        tmux.wait_for("first-42").await;
+        lab.impair(Impairment::Outage);
+        tokio::time::sleep(outage).await; // the outage under test
+        lab.impair(Impairment::None);
+        let back = Instant::now();
+        agent
+            .wait_for_line("connected to relay; the lost session resumed")
+            .await;
+        tmux.type_line("echo after-outage-$((6 * 7))");
+        tmux.wait_for("after-outage-42").await;
+        println!(
+            "mosh across a {outage:?} outage: answered {:?} after the link came back",
+            back.elapsed()
         );
     })
     .await;

@@ -37,6 +37,8 @@ pub const RELAY_PUBLIC: &str = "198.51.100.1";
 /// Where agents reach the relay.
 pub const RELAY_LISTEN: &str = "203.0.113.1:4433";
 pub const NAT_PUBLIC: &str = "203.0.113.2";
+/// The NAT's outside address after [`Lab::switch_nat_address`].
+pub const NAT_SECOND_PUBLIC: &str = "203.0.113.3";
 pub const HOME: &str = "10.77.0.2";
 
 /// The NAT's UDP timeout, for flows with and without replies.
@@ -268,6 +270,29 @@ impl Lab {
         }
     }
 
+    /// Makes the NAT's outside address [`NAT_SECOND_PUBLIC`] from now on, as when a home
+    /// network's public address changes; mappings made before are forgotten.
+    pub fn switch_nat_address(&self) {
+        let address = format!("{NAT_SECOND_PUBLIC}/24");
+        self.nat.run("ip", &["addr", "add", &address, "dev", "n0"]);
+        let rule = [
+            "-t",
+            "nat",
+            "-R",
+            "POSTROUTING",
+            "1",
+            "-o",
+            "n0",
+            "-j",
+            "SNAT",
+            "--to-source",
+            NAT_SECOND_PUBLIC,
+            "--random-fully",
+        ];
+        self.nat.run("iptables", &rule);
+        self.flush_nat();
+    }
+
     /// Forgets every NAT mapping: the next packet from home leaves from a new port.
     pub fn flush_nat(&self) {
         self.nat.run("conntrack", &["-F"]);
@@ -298,8 +323,14 @@ impl Lab {
     /// Writes relay.toml and starts the relay in its namespace, admitting the agent `home` to
     /// ports 7000/tcp, 2222/tcp and 60000-60010/udp.
     pub async fn start_relay(&self) -> Process {
+        self.start_relay_with("").await
+    }
+
+    /// [`Lab::start_relay`] with `settings` (TOML lines) in relay.toml.
+    pub async fn start_relay_with(&self, settings: &str) -> Process {
         let config = format!(
             "listen = \"{RELAY_LISTEN}\"\nkey = \"relay.key\"\npublic_bind = \"{RELAY_PUBLIC}\"\n\
+             {settings}\n\
              [[agent]]\nname = \"home\"\nfingerprint = \"{}\"\n\
              ports = [\"7000/tcp\", \"2222/tcp\", \"60000-60010/udp\"]\n",
             self.agent_identity.fingerprint()
@@ -476,6 +507,12 @@ impl Peer {
     /// The next line it prints, within [`crate::STEP`].
     pub async fn line(&mut self) -> String {
         self.line_within(crate::STEP).await
+    }
+
+    /// The next line it prints, with no limit of its own: for a caller that bounds the wait
+    /// itself (safe to drop while waiting). `None` once it ended.
+    pub async fn next_line(&mut self) -> Option<String> {
+        self.stdout.next_line().await.ok().flatten()
     }
 
     /// The next line it prints, within `limit`.

@@ -32,8 +32,9 @@ impl MoshServer {
             .env("LC_ALL", LOCALE)
             .env("SHELL", "/bin/sh")
             .env("PS1", "$ ")
-            // If this test dies without killing it, the server gives up on its own.
-            .env("MOSH_SERVER_NETWORK_TMOUT", "60")
+            // If the test dies without killing it, the server gives up on its own: longer than
+            // the outages the tests put it through.
+            .env("MOSH_SERVER_NETWORK_TMOUT", "300")
             .output()
             .expect("run mosh-server");
         let stdout = String::from_utf8_lossy(&output.stdout);

@@ -478,25 +478,26 @@ impl HeldStreams {
     }
 
     /// Hands each stream of session `lost` how it goes on in session `now` (made by `link`,
-    /// given the stream) and closes every stream of any other session than `now`. Returns the
-    /// ids of the streams that go on.
+    /// given the stream; `None` if it may not go on) and closes every other stream of any other
+    /// session than `now`. Returns the ids of the streams that go on.
     pub fn resume(
         &self,
         lost: Option<SessionId>,
         now: SessionId,
-        mut link: impl FnMut(&Arc<HeldStream>) -> Resume,
+        mut link: impl FnMut(&Arc<HeldStream>) -> Option<Resume>,
     ) -> Vec<StreamId> {
         let mut resumed = Vec::new();
         for (id, (stream, session)) in self.lock().iter_mut() {
             if *session == now {
                 continue;
             }
-            if Some(*session) == lost {
-                stream.resume(link(stream));
-                *session = now;
-                resumed.push(*id);
-            } else {
-                stream.resume(Resume::Close);
+            match link(stream).filter(|_| Some(*session) == lost) {
+                Some(next) => {
+                    stream.resume(next);
+                    *session = now;
+                    resumed.push(*id);
+                }
+                None => stream.resume(Resume::Close),
             }
         }
         resumed
@@ -653,7 +654,7 @@ mod tests {
             let (other, _b) = streams.add(header(2), 6).unwrap();
             let (new, _c) = streams.add(header(3), 8).unwrap();
             let resumed = streams.resume(Some(7), 8, |_| {
-                Resume::Link(Box::new(|_| Box::pin(async { Ok(None) })))
+                Some(Resume::Link(Box::new(|_| Box::pin(async { Ok(None) }))))
             });
             assert_eq!(resumed, [1]);
             assert!(matches!(lost.next().await, Resume::Link(_)));

@@ -331,9 +331,15 @@ impl Table {
             CloseCode::Replaced.close(&old.conn);
         }
         let lost = session.resume.filter(|_| resumes);
-        let streams = slot
-            .streams
-            .resume(lost, live.id, |stream| visitor::resume_link(&live, stream));
+        // A visitor of a port the new session no longer has (its forward was dropped, or the
+        // agent's allowlist no longer covers it) is closed.
+        let routes = live.routes();
+        let streams = slot.streams.resume(lost, live.id, |stream| {
+            let port = (Proto::Tcp, stream.header.port);
+            routes
+                .contains_key(&port)
+                .then(|| visitor::resume_link(&live, stream))
+        });
         self.update_summary();
         Some(Published {
             live,

@@ -8,8 +8,9 @@
 //! lab-peer client ADDR        connects, prints "connected", then runs commands from stdin:
 //!     echo TEXT TIMEOUT_MS    sends TEXT and a newline, awaits it back:
 //!                             prints "echoed MICROS" or "failed WHY"
-//!     send BYTES              sends BYTES of random data and half-closes, printing
-//!                             "progress BYTES" every 8 MiB and then "sent BYTES SHA256 MILLIS"
+//!     send BYTES [EVERY]      sends BYTES of random data and half-closes, printing
+//!                             "progress BYTES" every EVERY bytes (8 MiB) and then
+//!                             "sent BYTES SHA256 MILLIS"
 //! ```
 
 use std::time::{Duration, Instant};
@@ -72,7 +73,11 @@ async fn sink(addr: &str) {
     }
 }
 
-async fn send(write: &mut tokio::net::tcp::OwnedWriteHalf, bytes: u64) -> std::io::Result<String> {
+async fn send(
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    bytes: u64,
+    every: u64,
+) -> std::io::Result<String> {
     let start = Instant::now();
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
@@ -84,7 +89,7 @@ async fn send(write: &mut tokio::net::tcp::OwnedWriteHalf, bytes: u64) -> std::i
         hash.update(&buf[..len]);
         let before = sent;
         sent += len as u64;
-        if sent / PROGRESS_EVERY > before / PROGRESS_EVERY {
+        if sent / every > before / every {
             println!("progress {sent}");
         }
     }
@@ -129,10 +134,15 @@ async fn client(addr: &str) {
                     Err(_) => println!("failed no answer within {limit:?}"),
                 }
             }
-            ["send", bytes] => match send(&mut write, bytes.parse().expect("BYTES")).await {
-                Ok(done) => println!("{done}"),
-                Err(error) => println!("failed {error}"),
-            },
+            ["send", bytes, every @ ..] => {
+                let every = every
+                    .first()
+                    .map_or(PROGRESS_EVERY, |e| e.parse().expect("EVERY"));
+                match send(&mut write, bytes.parse().expect("BYTES"), every.max(1)).await {
+                    Ok(done) => println!("{done}"),
+                    Err(error) => println!("failed {error}"),
+                }
+            }
             _ => println!("failed unknown command {command:?}"),
         }
     }
