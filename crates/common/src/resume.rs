@@ -122,9 +122,8 @@ impl Outbox {
 /// One data stream, held across sessions: shared by the task that carries it and by the
 /// session that passes the peer's confirmations on.
 pub struct HeldStream {
-    /// The stream's header as the relay first sent it.
+    /// The stream's header as the relay first sent it; its id names the stream.
     pub header: StreamHeader,
-    pub id: StreamId,
     outbox: Mutex<Outbox>,
     /// The peer's bytes written to TCP, and one more once the peer's end was seen.
     received: AtomicU64,
@@ -161,7 +160,6 @@ impl HeldStream {
     fn new(header: StreamHeader, per_stream: usize, session_room: Arc<Semaphore>) -> Self {
         Self {
             header,
-            id: header.id,
             outbox: Mutex::default(),
             received: AtomicU64::new(0),
             peer_ended: AtomicBool::new(false),
@@ -506,6 +504,7 @@ impl HeldStreams {
     /// Closes the streams not in `keep`, and moves those in it to session `now`; for the
     /// agent, once Welcome says which streams the relay resumes.
     pub fn keep_only(&self, keep: &[StreamId], now: SessionId) {
+        let keep: std::collections::HashSet<StreamId> = keep.iter().copied().collect();
         for (id, (stream, session)) in self.lock().iter_mut() {
             if keep.contains(id) {
                 *session = now;

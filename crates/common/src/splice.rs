@@ -317,10 +317,10 @@ async fn stream_to_tcp(
         if urgent {
             unconfirmed = 0;
         }
-        acks.received(stream.id, stream.received(), urgent);
+        acks.received(stream.header.id, stream.received(), urgent);
     }
     if stream.peer_ended() {
-        acks.received(stream.id, stream.received(), true);
+        acks.received(stream.header.id, stream.received(), true);
     }
     match SockRef::from(tcp).shutdown(Shutdown::Write) {
         // The peer may have closed already; there is nothing left to tell it.
