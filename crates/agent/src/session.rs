@@ -180,6 +180,7 @@ pub async fn run(
         session,
         window: resume_window,
         shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
     };
     let (mut frames, _reader) = frames(control);
 
@@ -424,6 +425,7 @@ struct Streams {
     session: SessionId,
     window: Duration,
     shutdown: CancellationToken,
+    tasks: TaskTracker,
 }
 
 /// Carries one data stream: a new one to the local service its header names, or a resumed one
@@ -470,7 +472,10 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
         return refuse(&mut send, &mut recv, StreamCode::BadHeader);
     };
     let span = tracing::debug_span!("visitor", forward = %name, visitor = %header.visitor, stream = header.id);
-    async move {
+    // The connection gets a task of its own, only as big as carrying it takes: the state of
+    // this set-up ends here.
+    let tasks = cx.tasks.clone();
+    let carry = async move {
         let connect = TcpStream::connect((host.as_str(), port));
         let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, connect).await {
             Ok(Ok(tcp)) => tcp,
@@ -516,8 +521,8 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
         }
     }
-    .instrument(span)
-    .await
+    .instrument(span);
+    tasks.spawn(carry);
 }
 
 /// What a data stream starts with.

@@ -82,6 +82,8 @@ struct Outbox {
     start: u64,
     held: VecDeque<Bytes>,
     held_len: u64,
+    /// Room taken by a reservation not yet used.
+    reserved: u64,
     /// Whether the TCP connection's end was read: it follows the held bytes.
     ended: bool,
     /// The highest offset the peer confirmed.
@@ -120,39 +122,53 @@ impl Outbox {
 }
 
 /// One data stream, held across sessions: shared by the task that carries it and by the
-/// session that passes the peer's confirmations on.
+/// session that passes the peer's confirmations on. There is one per forwarded connection, so
+/// it is kept small: one lock, one wake-up for the one task that waits on it.
 pub struct HeldStream {
     /// The stream's header as the relay first sent it; its id names the stream.
     pub header: StreamHeader,
     outbox: Mutex<Outbox>,
+    per_stream: u64,
+    session_room: Arc<Semaphore>,
     /// The peer's bytes written to TCP, and one more once the peer's end was seen.
     received: AtomicU64,
     peer_ended: AtomicBool,
-    room: Semaphore,
-    session_room: Arc<Semaphore>,
-    /// Woken when the peer confirms: a stream that sent its end waits for that.
-    confirmed: Notify,
     next: Mutex<Option<Resume>>,
-    next_ready: Notify,
+    /// Woken when the peer confirms and when the stream is handed how it goes on: the task
+    /// carrying the stream waits for one or the other, and checks again what it waits for.
+    changed: Notify,
 }
 
 /// Room for one chunk taken from a stream's caps; what the chunk does not use goes back.
 pub struct Reservation<'a> {
     stream: &'a HeldStream,
-    len: usize,
+    len: u64,
+    /// Whether the table's room was taken too, not only the stream's.
+    shared: bool,
 }
 
 impl Reservation<'_> {
-    /// Keeps `used` bytes of the room (until the peer confirms them) and gives back the rest.
-    pub fn keep(mut self, used: usize) {
-        self.stream.release(self.len - used.min(self.len));
+    /// Keeps `chunk`, sent now, until the peer confirms it; the room it does not use goes back.
+    pub fn hold(mut self, chunk: Bytes) {
+        let len = chunk.len() as u64;
+        let mut outbox = self.stream.outbox();
+        outbox.reserved -= self.len;
+        outbox.held_len += len;
+        outbox.held.push_back(chunk);
+        drop(outbox);
+        self.stream.release_shared(self.len.saturating_sub(len));
         self.len = 0;
     }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.stream.release(self.len);
+        if self.len > 0 {
+            self.stream.outbox().reserved -= self.len;
+            if self.shared {
+                self.stream.release_shared(self.len);
+            }
+        }
     }
 }
 
@@ -161,13 +177,12 @@ impl HeldStream {
         Self {
             header,
             outbox: Mutex::default(),
+            per_stream: per_stream as u64,
+            session_room,
             received: AtomicU64::new(0),
             peer_ended: AtomicBool::new(false),
-            room: Semaphore::new(per_stream),
-            session_room,
-            confirmed: Notify::new(),
             next: Mutex::new(None),
-            next_ready: Notify::new(),
+            changed: Notify::new(),
         }
     }
 
@@ -178,30 +193,38 @@ impl HeldStream {
     /// Waits until both caps have room for `len` more bytes, and takes it. Dropped while it
     /// waits, it takes nothing.
     pub async fn reserve(&self, len: usize) -> Reservation<'_> {
+        let len64 = len as u64;
+        loop {
+            let changed = self.changed.notified();
+            {
+                let mut outbox = self.outbox();
+                if outbox.held_len + outbox.reserved + len64 <= self.per_stream {
+                    outbox.reserved += len64;
+                    break;
+                }
+            }
+            changed.await;
+        }
+        // From here the reservation gives the stream's room back if dropped.
+        let mut reservation = Reservation {
+            stream: self,
+            len: len64,
+            shared: false,
+        };
         let count = u32::try_from(len).unwrap_or(u32::MAX);
-        let own = self.room.acquire_many(count).await;
-        let shared = self.session_room.acquire_many(count).await;
-        // Neither semaphore is ever closed, so neither acquire fails. The room is given back by
-        // the reservation, or by a confirmation once the bytes are sent.
-        if let (Ok(own), Ok(shared)) = (own, shared) {
-            own.forget();
+        // The semaphore is never closed, so the acquire does not fail. The room is given back
+        // by the reservation, or by a confirmation once the bytes are sent.
+        if let Ok(shared) = self.session_room.acquire_many(count).await {
             shared.forget();
         }
-        Reservation { stream: self, len }
+        reservation.shared = true;
+        reservation
     }
 
-    fn release(&self, len: usize) {
+    fn release_shared(&self, len: u64) {
         if len > 0 {
-            self.room.add_permits(len);
-            self.session_room.add_permits(len);
+            self.session_room.add_permits(len as usize);
         }
-    }
-
-    /// Keeps `chunk`, sent now, until the peer confirms it.
-    pub fn sent(&self, chunk: Bytes) {
-        let mut outbox = self.outbox();
-        outbox.held_len += chunk.len() as u64;
-        outbox.held.push_back(chunk);
     }
 
     /// Notes that the TCP connection's end was read: it is sent after the held bytes.
@@ -223,11 +246,11 @@ impl HeldStream {
     /// Waits until the peer confirmed everything, the end included.
     pub async fn until_all_confirmed(&self) {
         loop {
-            let confirmed = self.confirmed.notified();
+            let changed = self.changed.notified();
             if self.all_confirmed() {
                 return;
             }
-            confirmed.await;
+            changed.await;
         }
     }
 
@@ -245,8 +268,8 @@ impl HeldStream {
         }
         let dropped = outbox.confirm(offset);
         drop(outbox);
-        self.release(dropped as usize);
-        self.confirmed.notify_one();
+        self.release_shared(dropped);
+        self.changed.notify_one();
         Ok(())
     }
 
@@ -266,7 +289,8 @@ impl HeldStream {
         let dropped = outbox.confirm(offset);
         let missed = outbox.held.iter().cloned().collect();
         drop(outbox);
-        self.release(dropped as usize);
+        self.release_shared(dropped);
+        self.changed.notify_one();
         Ok(missed)
     }
 
@@ -307,17 +331,17 @@ impl HeldStream {
     /// Hands the stream how it goes on, replacing what was handed before and not taken yet.
     pub fn resume(&self, next: Resume) {
         *self.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(next);
-        self.next_ready.notify_one();
+        self.changed.notify_one();
     }
 
     /// Waits for how the stream goes on.
     pub async fn next(&self) -> Resume {
         loop {
-            let ready = self.next_ready.notified();
+            let changed = self.changed.notified();
             if let Some(next) = self.next.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 return next;
             }
-            ready.await;
+            changed.await;
         }
     }
 }
@@ -567,10 +591,8 @@ mod tests {
         within(async {
             let streams = Arc::new(HeldStreams::with_caps(100, 1000));
             let (stream, _registration) = streams.add(header(1), 7).unwrap();
-            stream.reserve(60).await.keep(60);
-            stream.sent(Bytes::from(vec![1; 60]));
-            stream.reserve(40).await.keep(40);
-            stream.sent(Bytes::from(vec![2; 40]));
+            stream.reserve(60).await.hold(Bytes::from(vec![1; 60]));
+            stream.reserve(40).await.hold(Bytes::from(vec![2; 40]));
             assert_eq!(stream.held(), 100);
             assert!(still_waiting(stream.reserve(1)).await, "past the cap");
             // A confirmation frees exactly what it covers.
@@ -579,8 +601,9 @@ mod tests {
             let room = stream.reserve(30).await;
             assert!(still_waiting(stream.reserve(1)).await);
             // Room taken and not used goes back.
-            room.keep(10);
-            stream.reserve(20).await.keep(20);
+            room.hold(Bytes::from(vec![3; 10]));
+            stream.reserve(20).await.hold(Bytes::from(vec![4; 20]));
+            assert_eq!(stream.held(), 100);
         })
         .await;
     }
@@ -591,26 +614,28 @@ mod tests {
             let streams = Arc::new(HeldStreams::with_caps(100, 150));
             let (first, _one) = streams.add(header(1), 7).unwrap();
             let (second, _two) = streams.add(header(2), 7).unwrap();
-            first.reserve(100).await.keep(100);
-            first.sent(Bytes::from(vec![0; 100]));
-            second.reserve(50).await.keep(50);
+            first.reserve(100).await.hold(Bytes::from(vec![0; 100]));
+            second.reserve(50).await.hold(Bytes::from(vec![0; 50]));
             assert!(
                 still_waiting(second.reserve(1)).await,
                 "under its own cap, over the table's"
             );
             assert_eq!(streams.confirm(&[(1, 100)]), 0);
-            second.reserve(50).await.keep(50);
-            assert_eq!(streams.usage(), (2, 0));
+            second.reserve(50).await.hold(Bytes::from(vec![0; 50]));
+            assert_eq!(streams.usage(), (2, 100));
+            // The reservation dropped while it waited took nothing: the table is full at 150.
+            first.reserve(50).await.hold(Bytes::from(vec![0; 50]));
+            assert!(still_waiting(first.reserve(1)).await);
         })
         .await;
     }
 
-    #[test]
-    fn what_the_peer_missed_is_sent_again_from_its_offset() {
+    #[tokio::test]
+    async fn what_the_peer_missed_is_sent_again_from_its_offset() {
         let streams = Arc::new(HeldStreams::default());
         let (stream, _registration) = streams.add(header(1), 7).unwrap();
-        stream.sent(Bytes::from_static(b"hello "));
-        stream.sent(Bytes::from_static(b"world"));
+        stream.reserve(6).await.hold(Bytes::from_static(b"hello "));
+        stream.reserve(5).await.hold(Bytes::from_static(b"world"));
         stream.confirm(2).unwrap();
         let missed = stream.missed_from(4).unwrap();
         assert_eq!(missed.concat(), b"o world");

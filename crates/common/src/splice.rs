@@ -18,8 +18,10 @@
 //!   chunk is read at a time, and QUIC flow control pushes back on the sender when the TCP
 //!   reader is slow. No buffer is held while a connection is idle and confirmed.
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -87,57 +89,61 @@ pub struct Held<'a> {
 /// Carries bytes both ways between `tcp` and the data stream of `link` until both directions
 /// have ended and the peer confirmed this side's bytes, across as many lost and resumed
 /// sessions as it takes.
-pub async fn splice(
+///
+/// One of these waits per forwarded connection, most of them idle, so its size counts: the
+/// body is an `async move` block, whose captures are used in place (an `async fn` would keep
+/// its arguments twice), and the wait for a lost session is boxed, made only when needed.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn splice<'a>(
     tcp: TcpStream,
     mut link: Link,
-    held: Held<'_>,
-) -> Result<Transferred, SpliceError> {
-    let mut moved = Transferred::default();
-    loop {
-        let result = tokio::select! {
-            // Checked first: once stopping, the errors of the closing session are no failures.
-            biased;
-            () = held.stop.cancelled() => Err(SpliceError::Stopping),
-            result = carry(&tcp, &mut link, &held, &mut moved) => result,
-        };
-        let error = match result {
-            Ok(()) => return Ok(moved),
-            Err(error) => error,
-        };
-        if error.is_shutdown() {
-            let _ = link.send.finish();
-            let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
-            return Err(error);
-        }
-        if error.is_lost() && !held.window.is_zero() {
-            tracing::debug!(%error, "holding the connection until the session is back");
-            match wait_for_link(&held).await {
-                Ok(next) => {
-                    tracing::debug!(
-                        received = held.stream.received(),
-                        peer_received = next.peer_received,
-                        "resumed"
-                    );
-                    link = next;
-                    continue;
-                }
-                Err(error) => {
-                    reset_tcp(&tcp);
-                    return Err(error);
+    held: Held<'a>,
+) -> impl Future<Output = Result<Transferred, SpliceError>> + Send + 'a {
+    async move {
+        let mut moved = Transferred::default();
+        loop {
+            let error = match carry(&tcp, &mut link, &held, &mut moved).await {
+                Ok(()) => return Ok(moved),
+                Err(error) => error,
+            };
+            if error.is_shutdown() {
+                let _ = link.send.finish();
+                let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
+                return Err(error);
+            }
+            if error.is_lost() && !held.window.is_zero() {
+                tracing::debug!(%error, "holding the connection until the session is back");
+                match Box::pin(wait_for_link(&held)).await {
+                    Ok(next) => {
+                        tracing::debug!(
+                            received = held.stream.received(),
+                            peer_received = next.peer_received,
+                            "resumed"
+                        );
+                        link = next;
+                        continue;
+                    }
+                    Err(error) => {
+                        reset_tcp(&tcp);
+                        return Err(error);
+                    }
                 }
             }
+            // Whichever side failed, tell the other one that this is no clean end.
+            let code = match error {
+                SpliceError::Resume(_) => StreamCode::NotResumable,
+                _ => StreamCode::Aborted,
+            };
+            let _ = link.send.reset(code.code());
+            let _ = link.recv.stop(code.code());
+            if !matches!(error, SpliceError::TcpRead(_) | SpliceError::TcpWrite(_)) {
+                reset_tcp(&tcp);
+            }
+            return Err(error);
         }
-        // Whichever side failed, tell the other one that this is no clean end.
-        let code = match error {
-            SpliceError::Resume(_) => StreamCode::NotResumable,
-            _ => StreamCode::Aborted,
-        };
-        let _ = link.send.reset(code.code());
-        let _ = link.recv.stop(code.code());
-        if !matches!(error, SpliceError::TcpRead(_) | SpliceError::TcpWrite(_)) {
-            reset_tcp(&tcp);
-        }
-        return Err(error);
     }
 }
 
@@ -182,11 +188,11 @@ async fn carry(
         acks,
     } = link;
     let stream = held.stream;
-    let outgoing = async {
+    // Pinned here and polled by reference, so that each is stored once.
+    let mut outgoing = pin!(async {
         // First what the peer did not receive before, if this stream resumes another.
-        for chunk in stream.missed_from(*peer_received)? {
-            send.write_chunk(chunk).await?;
-        }
+        send.write_all_chunks(&mut stream.missed_from(*peer_received)?)
+            .await?;
         if !stream.ended_sending() {
             tcp_to_stream(
                 tcp,
@@ -198,21 +204,35 @@ async fn carry(
         }
         let _ = send.finish();
         stream.until_all_confirmed().await;
-        Ok(())
-    };
-    let incoming = async {
+        Ok::<_, SpliceError>(())
+    });
+    let mut incoming = pin!(async {
         if stream.has_peer_ended() {
             return Ok(());
         }
         let counts = (&mut moved.to_tcp, held.meter.to_tcp);
         stream_to_tcp(recv, tcp, stream, acks, counts).await
-    };
-    tokio::select! {
-        // The directions may both be waiting on something other than the session: the
-        // session's end must end them.
-        error = conn.closed() => Err(SpliceError::SessionLost(error)),
-        result = async { tokio::try_join!(outgoing, incoming) } => result.map(|_| ()),
+    });
+    let (mut outgoing_done, mut incoming_done) = (false, false);
+    while !(outgoing_done && incoming_done) {
+        tokio::select! {
+            // Checked first: once stopping, the errors of the closing session are no failures.
+            biased;
+            () = held.stop.cancelled() => return Err(SpliceError::Stopping),
+            // The directions may both be waiting on something other than the session: the
+            // session's end must end them.
+            error = conn.closed() => return Err(SpliceError::SessionLost(error)),
+            result = &mut outgoing, if !outgoing_done => {
+                result?;
+                outgoing_done = true;
+            }
+            result = &mut incoming, if !incoming_done => {
+                result?;
+                incoming_done = true;
+            }
+        }
     }
+    Ok(())
 }
 
 impl SpliceError {
@@ -268,7 +288,12 @@ async fn tcp_to_stream(
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     loop {
-        tcp.readable().await.map_err(SpliceError::TcpRead)?;
+        // Readiness is polled rather than awaited with `readable()`, whose future would take
+        // 150 bytes in every idle connection. Only this task polls the socket, so the one
+        // waker the socket keeps per direction is always the right one.
+        poll_fn(|cx| tcp.poll_read_ready(cx))
+            .await
+            .map_err(SpliceError::TcpRead)?;
         // Nothing is read while the stream is at its cap: the TCP writer waits. Taken once
         // there is something to read, so that an idle connection holds no room.
         let room = stream.reserve(CHUNK).await;
@@ -286,12 +311,15 @@ async fn tcp_to_stream(
                 Err(e) => return Err(SpliceError::TcpRead(e)),
             }
         };
-        let len = chunk.len();
-        room.keep(len);
+        count(&mut counts, chunk.len());
         // Held first: if the session is lost during the write, the chunk is sent again.
-        stream.sent(chunk.clone());
-        count(&mut counts, len);
-        send.write_chunk(chunk).await?;
+        room.hold(chunk.clone());
+        // Not `write_chunk`, whose future is twice the size of this loop's, in every
+        // connection.
+        let mut chunks = [chunk];
+        while !chunks[0].is_empty() {
+            send.write_chunks(&mut chunks).await?;
+        }
     }
 }
 
@@ -305,7 +333,11 @@ async fn stream_to_tcp(
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     let mut unconfirmed = 0u64;
-    while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
+    loop {
+        // Not `while let`, whose scrutinee's temporaries would be kept across the write.
+        let Some(chunk) = recv.read_chunk(CHUNK, true).await? else {
+            break;
+        };
         write_all(tcp, &chunk.bytes, |n| {
             stream.add_received(n);
             count(&mut counts, n);
@@ -337,7 +369,7 @@ async fn write_all(
     mut written: impl FnMut(usize),
 ) -> io::Result<()> {
     while !buf.is_empty() {
-        tcp.writable().await?;
+        poll_fn(|cx| tcp.poll_write_ready(cx)).await?;
         match tcp.try_write(buf) {
             Ok(n) => {
                 written(n);

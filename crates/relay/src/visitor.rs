@@ -3,6 +3,7 @@
 //! connection is held when the agent's session is lost, and resumed on a new data stream when
 //! the agent's next session asks for it.
 
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -66,82 +67,90 @@ async fn accept_loop(
     tracing::debug!("closed");
 }
 
-async fn serve(
+/// Serves one visitor for as long as its connection lasts. There is one of these per visitor,
+/// so its size counts: see `splice` for why it is an `async move` block.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn serve(
     tcp: TcpStream,
     visitor: SocketAddr,
     port: u16,
     mut session: SessionWatch,
     shared: Arc<Shared>,
-) {
-    configure(&tcp, shared.config.tcp_keepalive);
-    let ready = |s: &Option<Arc<LiveSession>>| {
-        s.as_ref()
-            .is_some_and(|s| s.routes().contains_key(&(Proto::Tcp, port)))
-    };
-    let wait = shared.limits.visitor_wait;
-    let live = match tokio::time::timeout(wait, session.wait_for(ready)).await {
-        Ok(Ok(live)) => live.clone(),
-        _ => None,
-    };
-    let Some((live, route)) =
-        live.and_then(|l| Some((l.clone(), l.routes().get(&(Proto::Tcp, port))?.clone())))
-    else {
-        tracing::debug!("agent away; visitor closed");
-        return;
-    };
-    let _ticket = match route.admission.admit(visitor.ip()) {
-        Ok(ticket) => ticket,
-        Err(refused) => {
-            shared.refused_visitors.record(refused.reason(), &visitor);
+) -> impl Future<Output = ()> {
+    async move {
+        configure(&tcp, shared.config.tcp_keepalive);
+        let ready = |s: &Option<Arc<LiveSession>>| {
+            s.as_ref()
+                .is_some_and(|s| s.routes().contains_key(&(Proto::Tcp, port)))
+        };
+        let wait = shared.limits.visitor_wait;
+        let live = match tokio::time::timeout(wait, session.wait_for(ready)).await {
+            Ok(Ok(live)) => live.clone(),
+            _ => None,
+        };
+        let Some((live, route)) =
+            live.and_then(|l| Some((l.clone(), l.routes().get(&(Proto::Tcp, port))?.clone())))
+        else {
+            tracing::debug!("agent away; visitor closed");
+            return;
+        };
+        let _ticket = match route.admission.admit(visitor.ip()) {
+            Ok(ticket) => ticket,
+            Err(refused) => {
+                shared.refused_visitors.record(refused.reason(), &visitor);
+                splice::reset_tcp(&tcp);
+                return;
+            }
+        };
+        let (mut send, recv) = match live.conn.open_bi().await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(%error, "cannot open a data stream");
+                return;
+            }
+        };
+        let header = StreamHeader {
+            id: live.next_stream_id(),
+            forward: route.forward,
+            port,
+            visitor,
+        };
+        let Some((stream, _held)) = live.streams.add(header, live.id) else {
+            return; // Ids are never given twice; nothing to carry if one were.
+        };
+        let _open = route.traffic.visitor();
+        tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
+        if let Err(error) = send.write_all(&header.encode()).await {
+            tracing::debug!(%error, "cannot write the stream header");
             splice::reset_tcp(&tcp);
             return;
         }
-    };
-    let (mut send, recv) = match live.conn.open_bi().await {
-        Ok(stream) => stream,
-        Err(error) => {
-            tracing::debug!(%error, "cannot open a data stream");
-            return;
+        let link = Link {
+            conn: live.conn.clone(),
+            send,
+            recv,
+            peer_received: 0,
+            acks: live.acks.clone(),
+        };
+        drop(live);
+        let held = Held {
+            stream: &stream,
+            window: shared.config.resume_window,
+            stop: &shared.shutdown,
+            meter: route.traffic.at_visitor(),
+        };
+        match splice(tcp, link, held).await {
+            Ok(moved) => tracing::debug!(
+                bytes_in = moved.to_stream,
+                bytes_out = moved.to_tcp,
+                "visitor done"
+            ),
+            Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
+            Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
         }
-    };
-    let header = StreamHeader {
-        id: live.next_stream_id(),
-        forward: route.forward,
-        port,
-        visitor,
-    };
-    let Some((stream, _held)) = live.streams.add(header, live.id) else {
-        return; // Ids are never given twice; nothing to carry if one were.
-    };
-    let _open = route.traffic.visitor();
-    tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
-    if let Err(error) = send.write_all(&header.encode()).await {
-        tracing::debug!(%error, "cannot write the stream header");
-        splice::reset_tcp(&tcp);
-        return;
-    }
-    let link = Link {
-        conn: live.conn.clone(),
-        send,
-        recv,
-        peer_received: 0,
-        acks: live.acks.clone(),
-    };
-    drop(live);
-    let held = Held {
-        stream: &stream,
-        window: shared.config.resume_window,
-        stop: &shared.shutdown,
-        meter: route.traffic.at_visitor(),
-    };
-    match splice(tcp, link, held).await {
-        Ok(moved) => tracing::debug!(
-            bytes_in = moved.to_stream,
-            bytes_out = moved.to_tcp,
-            "visitor done"
-        ),
-        Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
-        Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
     }
 }
 
