@@ -10,8 +10,9 @@
 //! all the streams of a table together at most [`HELD_PER_SESSION`]. A stream at either cap
 //! reads nothing more from its TCP connection until the peer confirms, so the connection's
 //! writer waits, as it would for any slow reader; while the session is away, nothing is read at
-//! all. Neither cap binds while the peer confirms in time: QUIC's own windows, half their size,
-//! hold a sender back first.
+//! all. The caps are QUIC's own windows: the held bytes include those QUIC still has in flight
+//! (the same memory), and QUIC lets no more than its windows be unread at the peer, so holding
+//! bytes until the peer wrote them out costs little more memory than QUIC alone.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -27,10 +28,10 @@ use crate::protocol::{SessionId, StreamHeader, StreamId, MAX_STREAMS_PER_FRAME};
 use crate::transport::{SESSION_WINDOW, STREAM_WINDOW};
 
 /// Unconfirmed bytes one data stream keeps at most.
-pub const HELD_PER_STREAM: usize = 2 * STREAM_WINDOW as usize;
+pub const HELD_PER_STREAM: usize = STREAM_WINDOW as usize;
 
 /// Unconfirmed bytes all the data streams of one table keep at most.
-pub const HELD_PER_SESSION: usize = 2 * SESSION_WINDOW as usize;
+pub const HELD_PER_SESSION: usize = SESSION_WINDOW as usize;
 
 /// How long a stream's received offset may wait before it is confirmed to the peer.
 const ACK_DELAY: Duration = Duration::from_millis(20);
@@ -149,8 +150,10 @@ pub struct Reservation<'a> {
 
 impl Reservation<'_> {
     /// Keeps `chunk`, sent now, until the peer confirms it; the room it does not use goes back.
+    /// The chunk is no longer than the room reserved.
     pub fn hold(mut self, chunk: Bytes) {
         let len = chunk.len() as u64;
+        debug_assert!(len <= self.len, "a chunk longer than its reservation");
         let mut outbox = self.stream.outbox();
         outbox.reserved -= self.len;
         outbox.held_len += len;
