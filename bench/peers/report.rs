@@ -1,0 +1,452 @@
+//! The figures of a comparison and the report made of them: medians, ratios against the peers,
+//! and the targets tether is held to.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::Duration;
+
+use crate::systems::{System, Tools};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Metric {
+    /// Mbit/s, one TCP stream.
+    Tcp1,
+    /// Mbit/s, four TCP streams.
+    Tcp4,
+    /// CPU seconds of the tunnel's processes per GB carried, one TCP stream.
+    CpuSecondsPerGb,
+    /// Microseconds.
+    RoundTripP50,
+    RoundTripP99,
+    /// The same probe beside a bulk transfer, and that transfer's Mbit/s.
+    LoadedRoundTripP50,
+    LoadedRoundTripP99,
+    LoadedBulk,
+    /// Microseconds from a new connection's attempt to its first answered byte.
+    FirstByteP50,
+    FirstByteP99,
+    /// At a rate in Mbit/s: the percentage lost, the jitter in ms, what arrived in Mbit/s.
+    UdpLoss(u32),
+    UdpJitter(u32),
+    UdpReceived(u32),
+    /// KiB of RSS, all the tunnel's processes: at rest, holding idle connections, and the
+    /// difference per connection; and the server side alone at rest.
+    RestKib,
+    ServerRestKib,
+    IdleKib,
+    IdleKibPerConnection,
+}
+
+/// Every sample taken, by metric and system.
+#[derive(Default)]
+pub struct Figures {
+    samples: BTreeMap<(Metric, System), Vec<f64>>,
+}
+
+impl Figures {
+    pub fn add(&mut self, metric: Metric, system: System, value: f64) {
+        self.samples
+            .entry((metric, system))
+            .or_default()
+            .push(value);
+    }
+
+    /// The median of the samples of `metric` for `system`, if any.
+    pub fn median(&self, metric: Metric, system: System) -> Option<f64> {
+        let mut values = self.samples.get(&(metric, system))?.clone();
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let mid = values.len() / 2;
+        Some(if values.len() % 2 == 1 {
+            values[mid]
+        } else {
+            (values[mid - 1] + values[mid]) / 2.0
+        })
+    }
+
+    fn runs(&self) -> usize {
+        self.samples.values().map(Vec::len).max().unwrap_or(0)
+    }
+
+    /// tether's median over `system`'s.
+    fn ratio(&self, metric: Metric, system: System) -> Option<f64> {
+        Some(self.median(metric, System::Tether)? / self.median(metric, system)?)
+    }
+
+    /// How much `system` adds to the direct path's median.
+    fn added(&self, metric: Metric, system: System) -> Option<f64> {
+        Some(self.median(metric, system)? - self.median(metric, System::Direct)?)
+    }
+
+    /// The rates tried, lowest first.
+    fn udp_rates(&self) -> Vec<u32> {
+        let mut rates: Vec<u32> = self
+            .samples
+            .keys()
+            .filter_map(|(metric, _)| match metric {
+                Metric::UdpLoss(rate) => Some(*rate),
+                _ => None,
+            })
+            .collect();
+        rates.dedup();
+        rates
+    }
+
+    /// The highest rate tried at which `system`'s median loss was at most `loss` percent.
+    fn best_udp_rate(&self, system: System, loss: f64) -> Option<u32> {
+        self.udp_rates()
+            .into_iter()
+            .filter(|&rate| {
+                self.median(Metric::UdpLoss(rate), system)
+                    .is_some_and(|l| l <= loss)
+            })
+            .max()
+    }
+}
+
+/// What each program says its version is, and the machine's description.
+pub struct Versions {
+    lines: Vec<(String, String)>,
+}
+
+pub async fn versions(tools: &Tools) -> Versions {
+    let first_line = |program: &std::path::Path, args: &'static [&'static str]| {
+        let program = program.to_owned();
+        async move {
+            match tokio::process::Command::new(&program)
+                .args(args)
+                .output()
+                .await
+            {
+                Ok(out) => {
+                    let text = if out.stdout.is_empty() {
+                        out.stderr
+                    } else {
+                        out.stdout
+                    };
+                    String::from_utf8_lossy(&text)
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim()
+                        .to_owned()
+                }
+                Err(error) => format!("unknown ({error})"),
+            }
+        }
+    };
+    let git = first_line(
+        std::path::Path::new("git"),
+        &["describe", "--always", "--dirty"],
+    )
+    .await;
+    let date = first_line(std::path::Path::new("date"), &["-u", "+%Y-%m-%d %H:%M UTC"]).await;
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        })
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map_or("unknown".to_owned(), |kib| format!("{} GiB", kib >> 20));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    Versions {
+        lines: vec![
+            ("date".into(), date),
+            (
+                "machine".into(),
+                format!("{model}, {cores} cores, {memory}, Linux {}", kernel.trim()),
+            ),
+            (
+                "tether".into(),
+                format!(
+                    "{} (git {git})",
+                    first_line(&tools.relay, &["--version"]).await
+                ),
+            ),
+            ("rathole".into(), rathole_version(&tools.rathole).await),
+            ("bore".into(), first_line(&tools.bore, &["--version"]).await),
+            (
+                "iperf3".into(),
+                first_line(&tools.iperf3, &["--version"]).await,
+            ),
+        ],
+    }
+}
+
+/// rathole prints its name on the first line and its version on a later one.
+async fn rathole_version(rathole: &std::path::Path) -> String {
+    let out = tokio::process::Command::new(rathole)
+        .arg("--version")
+        .output()
+        .await;
+    out.ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|line| {
+                    let version = line.trim().strip_prefix("Build Version:")?;
+                    Some(format!("rathole {}", version.trim()))
+                })
+        })
+        .unwrap_or_else(|| "rathole, version unknown".to_owned())
+}
+
+fn cell(value: Option<f64>, decimals: usize) -> String {
+    value.map_or("–".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+fn ratio_cell(value: Option<f64>) -> String {
+    value.map_or("–".to_owned(), |v| format!("{v:.2}×"))
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "not measured",
+    }
+}
+
+/// The report, in Markdown.
+pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Duration) -> String {
+    let mut out = String::new();
+    let peers = [System::RatholeNoise, System::RatholeTcp, System::Bore];
+    let tunnels = [
+        System::Tether,
+        System::RatholeNoise,
+        System::RatholeTcp,
+        System::Bore,
+    ];
+    let _ = writeln!(out, "# tether against its peers\n");
+    let _ = writeln!(
+        out,
+        "Written by `{command}` (runs: {}, {} min). Every system ran on loopback in front of the \
+         same iperf3 server and TCP echo service, in turn within each run; each figure is the \
+         median over the runs. Ratios are tether's figure over the peer's.\n",
+        figures.runs(),
+        took.as_secs() / 60
+    );
+    for (name, value) in &versions.lines {
+        let _ = writeln!(out, "- {name}: {value}");
+    }
+
+    let _ = writeln!(out, "\n## TCP throughput (iperf3)\n");
+    let _ = writeln!(
+        out,
+        "| | 1 stream, Mbit/s | 4 streams, Mbit/s | CPU s per GB (1 stream) |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    for system in System::ALL {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} |",
+            system.name(),
+            cell(figures.median(Metric::Tcp1, system), 0),
+            cell(figures.median(Metric::Tcp4, system), 0),
+            cell(figures.median(Metric::CpuSecondsPerGb, system), 2),
+        );
+    }
+    for peer in peers {
+        let _ = writeln!(
+            out,
+            "| tether ÷ {} | {} | {} | {} |",
+            peer.name(),
+            ratio_cell(figures.ratio(Metric::Tcp1, peer)),
+            ratio_cell(figures.ratio(Metric::Tcp4, peer)),
+            ratio_cell(figures.ratio(Metric::CpuSecondsPerGb, peer)),
+        );
+    }
+
+    let _ = writeln!(out, "\n## 64-byte request and answer, µs\n");
+    let _ = writeln!(
+        out,
+        "| | p50 | p99 | added p50 | added p99 | p50 beside a bulk transfer | p99 beside it | the bulk transfer, Mbit/s |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for system in System::ALL {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            system.name(),
+            cell(figures.median(Metric::RoundTripP50, system), 0),
+            cell(figures.median(Metric::RoundTripP99, system), 0),
+            cell(figures.added(Metric::RoundTripP50, system), 0),
+            cell(figures.added(Metric::RoundTripP99, system), 0),
+            cell(figures.median(Metric::LoadedRoundTripP50, system), 0),
+            cell(figures.median(Metric::LoadedRoundTripP99, system), 0),
+            cell(figures.median(Metric::LoadedBulk, system), 0),
+        );
+    }
+
+    let _ = writeln!(out, "\n## A new connection's first answered byte, µs\n");
+    let _ = writeln!(out, "| | p50 | p99 |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    for system in System::ALL {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} |",
+            system.name(),
+            cell(figures.median(Metric::FirstByteP50, system), 0),
+            cell(figures.median(Metric::FirstByteP99, system), 0),
+        );
+    }
+
+    let udp: Vec<System> = System::ALL
+        .into_iter()
+        .filter(|s| s.carries_udp())
+        .collect();
+    let _ = writeln!(
+        out,
+        "\n## UDP (iperf3 -u, 1,200-byte datagrams): received Mbit/s, loss %, jitter ms\n"
+    );
+    let _ = write!(out, "| rate |");
+    for system in &udp {
+        let _ = write!(out, " {} |", system.name());
+    }
+    let _ = writeln!(out, "\n|---|{}", "---|".repeat(udp.len()));
+    for rate in figures.udp_rates() {
+        let _ = write!(out, "| {rate} Mbit/s |");
+        for &system in &udp {
+            let _ = write!(
+                out,
+                " {} / {}% / {} |",
+                cell(figures.median(Metric::UdpReceived(rate), system), 0),
+                cell(figures.median(Metric::UdpLoss(rate), system), 2),
+                cell(figures.median(Metric::UdpJitter(rate), system), 3),
+            );
+        }
+        let _ = writeln!(out);
+    }
+
+    let _ = writeln!(out, "\n## Memory (RSS of the tunnel's processes), KiB\n");
+    let _ = writeln!(
+        out,
+        "| | at rest | server side at rest | holding idle connections | per idle connection |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
+    for system in tunnels {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            system.name(),
+            cell(figures.median(Metric::RestKib, system), 0),
+            cell(figures.median(Metric::ServerRestKib, system), 0),
+            cell(figures.median(Metric::IdleKib, system), 0),
+            cell(figures.median(Metric::IdleKibPerConnection, system), 2),
+        );
+    }
+
+    render_targets(figures, &mut out);
+    out
+}
+
+/// The targets of tether's performance issue, each against what this run measured.
+fn render_targets(figures: &Figures, out: &mut String) {
+    let rathole = System::RatholeNoise;
+    let tether = System::Tether;
+    let mut rows: Vec<(String, String, Option<bool>)> = Vec::new();
+    let tcp = figures.ratio(Metric::Tcp1, rathole);
+    let tcp4 = figures.ratio(Metric::Tcp4, rathole);
+    rows.push((
+        "TCP throughput ≥ 1.0× rathole (Noise)".into(),
+        format!(
+            "1 stream {}, 4 streams {}",
+            ratio_cell(tcp),
+            ratio_cell(tcp4)
+        ),
+        tcp.zip(tcp4).map(|(a, b)| a >= 1.0 && b >= 1.0),
+    ));
+    let (p50, p99) = (
+        figures.added(Metric::RoundTripP50, tether),
+        figures.added(Metric::RoundTripP99, tether),
+    );
+    let (r50, r99) = (
+        figures.added(Metric::RoundTripP50, rathole),
+        figures.added(Metric::RoundTripP99, rathole),
+    );
+    rows.push((
+        "added p50 ≤ 150 µs, p99 ≤ 500 µs, neither worse than rathole's".into(),
+        format!(
+            "p50 {} µs (rathole {}), p99 {} µs (rathole {})",
+            cell(p50, 0),
+            cell(r50, 0),
+            cell(p99, 0),
+            cell(r99, 0)
+        ),
+        match (p50, p99, r50, r99) {
+            (Some(p50), Some(p99), Some(r50), Some(r99)) => {
+                Some(p50 <= 150.0 && p99 <= 500.0 && p50 <= r50 && p99 <= r99)
+            }
+            _ => None,
+        },
+    ));
+    let (first, rathole_first) = (
+        figures.median(Metric::FirstByteP50, tether),
+        figures.median(Metric::FirstByteP50, rathole),
+    );
+    rows.push((
+        "new connection's first byte no later than rathole's".into(),
+        format!(
+            "p50 {} µs (rathole {})",
+            cell(first, 0),
+            cell(rathole_first, 0)
+        ),
+        first.zip(rathole_first).map(|(t, r)| t <= r),
+    ));
+    let (per, rathole_per) = (
+        figures.median(Metric::IdleKibPerConnection, tether),
+        figures.median(Metric::IdleKibPerConnection, rathole),
+    );
+    rows.push((
+        "an idle connection ≤ 16 KiB, ≤ 0.5× rathole's".into(),
+        format!("{} KiB (rathole {})", cell(per, 2), cell(rathole_per, 2)),
+        per.zip(rathole_per).map(|(t, r)| t <= 16.0 && t <= 0.5 * r),
+    ));
+    let loss_200 = figures.median(Metric::UdpLoss(200), tether);
+    rows.push((
+        "UDP at 200 Mbit/s with ≤ 1% loss".into(),
+        format!("{}% lost", cell(loss_200, 2)),
+        loss_200.map(|l| l <= 1.0),
+    ));
+    let (best, rathole_best) = (
+        figures.best_udp_rate(tether, 1.0),
+        figures.best_udp_rate(rathole, 1.0),
+    );
+    rows.push((
+        "UDP ≥ 2× rathole's rate at ≤ 1% loss".into(),
+        format!(
+            "{} Mbit/s (rathole {}), of the rates tried",
+            best.map_or("none".to_owned(), |b| b.to_string()),
+            rathole_best.map_or("none".to_owned(), |b| b.to_string())
+        ),
+        match (best, rathole_best) {
+            (Some(t), Some(r)) => Some(t >= 2 * r),
+            (Some(_), None) => Some(true),
+            (None, _) => Some(false),
+        },
+    ));
+    let relay_rest = figures.median(Metric::ServerRestKib, tether);
+    rows.push((
+        "relay at rest ≤ 10 MiB".into(),
+        format!("{} KiB", cell(relay_rest, 0)),
+        relay_rest.map(|k| k <= 10.0 * 1024.0),
+    ));
+    let _ = writeln!(out, "\n## Targets\n");
+    let _ = writeln!(out, "| target | measured | |");
+    let _ = writeln!(out, "|---|---|---|");
+    for (target, measured, met) in rows {
+        let _ = writeln!(out, "| {target} | {measured} | {} |", verdict(met));
+    }
+}
