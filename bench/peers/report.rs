@@ -219,6 +219,36 @@ fn verdict(met: Option<bool>) -> &'static str {
     }
 }
 
+fn section(out: &mut String, title: &str) {
+    let _ = writeln!(out, "\n## {title}\n");
+}
+
+/// How a table's columns after the first are aligned.
+#[derive(Clone, Copy)]
+enum Columns {
+    /// Right-aligned, as figures read best.
+    Figures,
+    Text,
+}
+
+/// A Markdown table whose first column names the row.
+fn table(
+    out: &mut String,
+    columns: Columns,
+    header: &[&str],
+    rows: impl IntoIterator<Item = Vec<String>>,
+) {
+    let _ = writeln!(out, "| {} |", header.join(" | "));
+    let align = match columns {
+        Columns::Figures => "---:|",
+        Columns::Text => "---|",
+    };
+    let _ = writeln!(out, "|---|{}", align.repeat(header.len() - 1));
+    for row in rows {
+        let _ = writeln!(out, "| {} |", row.join(" | "));
+    }
+}
+
 /// The report, in Markdown.
 pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Duration) -> String {
     let mut out = String::new();
@@ -242,111 +272,133 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
         let _ = writeln!(out, "- {name}: {value}");
     }
 
-    let _ = writeln!(out, "\n## TCP throughput (iperf3)\n");
-    let _ = writeln!(
-        out,
-        "| | 1 stream, Mbit/s | 4 streams, Mbit/s | CPU s per GB (1 stream) |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|");
-    for system in System::ALL {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} |",
-            system.name(),
-            cell(figures.median(Metric::Tcp1, system), 0),
-            cell(figures.median(Metric::Tcp4, system), 0),
-            cell(figures.median(Metric::CpuSecondsPerGb, system), 2),
-        );
-    }
-    for peer in peers {
-        let _ = writeln!(
-            out,
-            "| tether ÷ {} | {} | {} | {} |",
-            peer.name(),
+    let median = |metric, system, decimals| cell(figures.median(metric, system), decimals);
+
+    section(&mut out, "TCP throughput (iperf3)");
+    let mut rows: Vec<Vec<String>> = System::ALL
+        .into_iter()
+        .map(|system| {
+            vec![
+                system.name().to_owned(),
+                median(Metric::Tcp1, system, 0),
+                median(Metric::Tcp4, system, 0),
+                median(Metric::CpuSecondsPerGb, system, 2),
+            ]
+        })
+        .collect();
+    rows.extend(peers.map(|peer| {
+        vec![
+            format!("tether ÷ {}", peer.name()),
             ratio_cell(figures.ratio(Metric::Tcp1, peer)),
             ratio_cell(figures.ratio(Metric::Tcp4, peer)),
             ratio_cell(figures.ratio(Metric::CpuSecondsPerGb, peer)),
-        );
-    }
-
-    let _ = writeln!(out, "\n## 64-byte request and answer, µs\n");
-    let _ = writeln!(
-        out,
-        "| | p50 | p99 | added p50 | added p99 | p50 beside a bulk transfer | p99 beside it | the bulk transfer, Mbit/s |"
+        ]
+    }));
+    table(
+        &mut out,
+        Columns::Figures,
+        &[
+            "",
+            "1 stream, Mbit/s",
+            "4 streams, Mbit/s",
+            "CPU s per GB (1 stream)",
+        ],
+        rows,
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
-    for system in System::ALL {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} |",
-            system.name(),
-            cell(figures.median(Metric::RoundTripP50, system), 0),
-            cell(figures.median(Metric::RoundTripP99, system), 0),
-            cell(figures.added(Metric::RoundTripP50, system), 0),
-            cell(figures.added(Metric::RoundTripP99, system), 0),
-            cell(figures.median(Metric::LoadedRoundTripP50, system), 0),
-            cell(figures.median(Metric::LoadedRoundTripP99, system), 0),
-            cell(figures.median(Metric::LoadedBulk, system), 0),
-        );
-    }
 
-    let _ = writeln!(out, "\n## A new connection's first answered byte, µs\n");
-    let _ = writeln!(out, "| | p50 | p99 |");
-    let _ = writeln!(out, "|---|---:|---:|");
-    for system in System::ALL {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} |",
-            system.name(),
-            cell(figures.median(Metric::FirstByteP50, system), 0),
-            cell(figures.median(Metric::FirstByteP99, system), 0),
-        );
-    }
+    section(&mut out, "64-byte request and answer, µs");
+    let added = |metric, system| cell(figures.added(metric, system), 0);
+    table(
+        &mut out,
+        Columns::Figures,
+        &[
+            "",
+            "p50",
+            "p99",
+            "added p50",
+            "added p99",
+            "p50 beside a bulk transfer",
+            "p99 beside it",
+            "the bulk transfer, Mbit/s",
+        ],
+        System::ALL.map(|system| {
+            vec![
+                system.name().to_owned(),
+                median(Metric::RoundTripP50, system, 0),
+                median(Metric::RoundTripP99, system, 0),
+                added(Metric::RoundTripP50, system),
+                added(Metric::RoundTripP99, system),
+                median(Metric::LoadedRoundTripP50, system, 0),
+                median(Metric::LoadedRoundTripP99, system, 0),
+                median(Metric::LoadedBulk, system, 0),
+            ]
+        }),
+    );
 
+    section(&mut out, "A new connection's first answered byte, µs");
+    table(
+        &mut out,
+        Columns::Figures,
+        &["", "p50", "p99"],
+        System::ALL.map(|system| {
+            vec![
+                system.name().to_owned(),
+                median(Metric::FirstByteP50, system, 0),
+                median(Metric::FirstByteP99, system, 0),
+            ]
+        }),
+    );
+
+    section(
+        &mut out,
+        "UDP (iperf3 -u, 1,200-byte datagrams): received Mbit/s, loss %, jitter ms",
+    );
     let udp: Vec<System> = System::ALL
         .into_iter()
         .filter(|s| s.carries_udp())
         .collect();
-    let _ = writeln!(
-        out,
-        "\n## UDP (iperf3 -u, 1,200-byte datagrams): received Mbit/s, loss %, jitter ms\n"
+    let header: Vec<&str> = std::iter::once("rate")
+        .chain(udp.iter().map(|s| s.name()))
+        .collect();
+    table(
+        &mut out,
+        Columns::Figures,
+        &header,
+        figures.udp_rates().into_iter().map(|rate| {
+            std::iter::once(format!("{rate} Mbit/s"))
+                .chain(udp.iter().map(|&system| {
+                    format!(
+                        "{} / {}% / {}",
+                        median(Metric::UdpReceived(rate), system, 0),
+                        median(Metric::UdpLoss(rate), system, 2),
+                        median(Metric::UdpJitter(rate), system, 3),
+                    )
+                }))
+                .collect()
+        }),
     );
-    let _ = write!(out, "| rate |");
-    for system in &udp {
-        let _ = write!(out, " {} |", system.name());
-    }
-    let _ = writeln!(out, "\n|---|{}", "---|".repeat(udp.len()));
-    for rate in figures.udp_rates() {
-        let _ = write!(out, "| {rate} Mbit/s |");
-        for &system in &udp {
-            let _ = write!(
-                out,
-                " {} / {}% / {} |",
-                cell(figures.median(Metric::UdpReceived(rate), system), 0),
-                cell(figures.median(Metric::UdpLoss(rate), system), 2),
-                cell(figures.median(Metric::UdpJitter(rate), system), 3),
-            );
-        }
-        let _ = writeln!(out);
-    }
 
-    let _ = writeln!(out, "\n## Memory (RSS of the tunnel's processes), KiB\n");
-    let _ = writeln!(
-        out,
-        "| | at rest | server side at rest | holding idle connections | per idle connection |"
+    section(&mut out, "Memory (RSS of the tunnel's processes), KiB");
+    table(
+        &mut out,
+        Columns::Figures,
+        &[
+            "",
+            "at rest",
+            "server side at rest",
+            "holding idle connections",
+            "per idle connection",
+        ],
+        tunnels.map(|system| {
+            vec![
+                system.name().to_owned(),
+                median(Metric::RestKib, system, 0),
+                median(Metric::ServerRestKib, system, 0),
+                median(Metric::IdleKib, system, 0),
+                median(Metric::IdleKibPerConnection, system, 2),
+            ]
+        }),
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|");
-    for system in tunnels {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} |",
-            system.name(),
-            cell(figures.median(Metric::RestKib, system), 0),
-            cell(figures.median(Metric::ServerRestKib, system), 0),
-            cell(figures.median(Metric::IdleKib, system), 0),
-            cell(figures.median(Metric::IdleKibPerConnection, system), 2),
-        );
-    }
 
     render_targets(figures, &mut out);
     out
@@ -432,6 +484,8 @@ fn render_targets(figures: &Figures, out: &mut String) {
             rathole_best.map_or("none".to_owned(), |b| b.to_string())
         ),
         match (best, rathole_best) {
+            // rathole lost nothing even at the highest rate tried: its limit was not found.
+            (_, Some(r)) if Some(r) == figures.udp_rates().last().copied() => None,
             (Some(t), Some(r)) => Some(t >= 2 * r),
             (Some(_), None) => Some(true),
             (None, _) => Some(false),
@@ -443,10 +497,12 @@ fn render_targets(figures: &Figures, out: &mut String) {
         format!("{} KiB", cell(relay_rest, 0)),
         relay_rest.map(|k| k <= 10.0 * 1024.0),
     ));
-    let _ = writeln!(out, "\n## Targets\n");
-    let _ = writeln!(out, "| target | measured | |");
-    let _ = writeln!(out, "|---|---|---|");
-    for (target, measured, met) in rows {
-        let _ = writeln!(out, "| {target} | {measured} | {} |", verdict(met));
-    }
+    section(out, "Targets");
+    table(
+        out,
+        Columns::Text,
+        &["target", "measured", ""],
+        rows.into_iter()
+            .map(|(target, measured, met)| vec![target, measured, verdict(met).to_owned()]),
+    );
 }
