@@ -17,15 +17,18 @@
 //! - Memory is bounded: a stream keeps at most its cap of bytes the peer has not confirmed, one
 //!   chunk is read at a time, and QUIC flow control pushes back on the sender when the TCP
 //!   reader is slow. No buffer is held while a connection is idle and confirmed.
+//! - What the stream has received is written to TCP with one system call, not one per QUIC
+//!   packet: on a fast link the per-packet writes were most of the receiving side's work.
 
 use std::future::{poll_fn, Future};
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::Shutdown;
 use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use quinn::{RecvStream, SendStream};
 use socket2::SockRef;
 use tokio::net::TcpStream;
@@ -323,6 +326,10 @@ async fn tcp_to_stream(
     }
 }
 
+/// Chunks written to TCP with one system call at most. QUIC hands the stream over about one
+/// packet's payload at a time; a write per packet would cost more than the rest of the path.
+const GATHER: usize = 64;
+
 /// Writes the stream's bytes to TCP until the stream's end, counting each as written and
 /// queueing the received offset for confirmation.
 async fn stream_to_tcp(
@@ -333,18 +340,33 @@ async fn stream_to_tcp(
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     let mut unconfirmed = 0u64;
+    // Reused while data flows, released while the stream has nothing to give.
+    let mut batch = Vec::new();
     loop {
-        // Not `while let`, whose scrutinee's temporaries would be kept across the write.
-        let Some(chunk) = recv.read_chunk(CHUNK, true).await? else {
-            break;
-        };
-        write_all(tcp, &chunk.bytes, |n| {
+        match take_received(recv, &mut batch)? {
+            Taken::Some => {}
+            Taken::End => break,
+            Taken::Nothing => {
+                // Waits without the batch, so that an idle connection holds none.
+                drop(std::mem::take(&mut batch));
+                // Not `while let`, whose scrutinee's temporaries would be kept across the write.
+                let Some(chunk) = recv.read_chunk(usize::MAX, true).await? else {
+                    break;
+                };
+                batch = Vec::with_capacity(GATHER);
+                batch.push(chunk.bytes);
+                take_received(recv, &mut batch)?;
+            }
+        }
+        let len: usize = batch.iter().map(Bytes::len).sum();
+        write_all(tcp, &mut batch, |n| {
             stream.add_received(n);
             count(&mut counts, n);
         })
         .await
         .map_err(SpliceError::TcpWrite)?;
-        unconfirmed += chunk.bytes.len() as u64;
+        batch.clear();
+        unconfirmed += len as u64;
         let urgent = unconfirmed >= ACK_EVERY;
         if urgent {
             unconfirmed = 0;
@@ -361,19 +383,68 @@ async fn stream_to_tcp(
     }
 }
 
-/// Writes all of `buf`, calling `written` with each part the kernel took: if the write is
-/// abandoned half way (the session was lost), the count says exactly what went out.
+/// What [`take_received`] found.
+enum Taken {
+    /// Chunks, added to the batch.
+    Some,
+    /// Nothing yet.
+    Nothing,
+    /// The stream's end: everything was read before.
+    End,
+}
+
+/// Adds to `batch`, up to [`GATHER`] chunks in all, what the stream has received and not yet
+/// given out, without waiting for more.
+fn take_received(recv: &mut RecvStream, batch: &mut Vec<Bytes>) -> Result<Taken, quinn::ReadError> {
+    let start = batch.len();
+    if start >= GATHER {
+        return Ok(Taken::Some);
+    }
+    batch.resize(GATHER, Bytes::new());
+    // Polled once, never awaited: a waiting read would keep the batch. The stream is polled
+    // again, with the task's own waker, before the task sleeps.
+    let read =
+        pin!(recv.read_chunks(&mut batch[start..])).poll(&mut Context::from_waker(Waker::noop()));
+    let (taken, result) = match read {
+        Poll::Ready(Ok(Some(n))) => (n, Ok(Taken::Some)),
+        Poll::Ready(Ok(None)) => (0, Ok(Taken::End)),
+        Poll::Ready(Err(e)) => (0, Err(e)),
+        Poll::Pending => (0, Ok(Taken::Nothing)),
+    };
+    batch.truncate(start + taken);
+    result
+}
+
+/// Writes all of `chunks`, as few system calls as the kernel allows, calling `written` with
+/// each part the kernel took: if the write is abandoned half way (the session was lost), the
+/// count says exactly what went out.
 async fn write_all(
     tcp: &TcpStream,
-    mut buf: &[u8],
+    chunks: &mut [Bytes],
     mut written: impl FnMut(usize),
 ) -> io::Result<()> {
-    while !buf.is_empty() {
+    let mut next = 0;
+    while next < chunks.len() {
         poll_fn(|cx| tcp.poll_write_ready(cx)).await?;
-        match tcp.try_write(buf) {
-            Ok(n) => {
+        let wrote = {
+            let mut slices = [IoSlice::new(&[]); GATHER];
+            let pending = &chunks[next..];
+            for (slice, chunk) in slices.iter_mut().zip(pending) {
+                *slice = IoSlice::new(chunk);
+            }
+            tcp.try_write_vectored(&slices[..pending.len().min(GATHER)])
+        };
+        match wrote {
+            Ok(mut n) => {
                 written(n);
-                buf = &buf[n..];
+                while let Some(chunk) = chunks.get_mut(next) {
+                    if n < chunk.len() {
+                        chunk.advance(n);
+                        break;
+                    }
+                    n -= chunk.len();
+                    next += 1;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
