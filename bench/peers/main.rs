@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use probes::{cpu_seconds, quantile, rss_kib, total, Echo};
 use report::{Figures, Metric};
@@ -42,6 +42,9 @@ struct Args {
     /// UDP rates tried, in Mbit/s.
     #[arg(long, value_delimiter = ',', default_value = "100,200,400,800")]
     udp_rates: Vec<u32>,
+    /// The systems compared; the report's ratios need tether, rathole-noise and direct.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = System::ALL)]
+    systems: Vec<System>,
     /// Where the report goes.
     #[arg(long, default_value = "bench/RESULTS.md")]
     out: PathBuf,
@@ -91,8 +94,9 @@ async fn main() -> Result<()> {
     let mut figures = Figures::default();
     for run in 0..args.runs {
         // A different order each run, so that no system always follows the same one.
-        let mut order = System::ALL.to_vec();
-        order.rotate_left(run % System::ALL.len());
+        let mut order = args.systems.clone();
+        let turn = run % order.len().max(1);
+        order.rotate_left(turn);
         for system in order {
             eprintln!("run {} of {}: {}", run + 1, args.runs, system.name());
             let dir = work.join(format!("run{run}-{system:?}"));
@@ -215,13 +219,22 @@ async fn measure(
 /// The command line that reproduces this run.
 fn args_line(args: &Args) -> String {
     let rates: Vec<String> = args.udp_rates.iter().map(u32::to_string).collect();
-    format!(
+    let mut line = format!(
         "bench/run --runs {} --seconds {} --idle {} --udp-rates {}",
         args.runs,
         args.seconds,
         args.idle,
         rates.join(",")
-    )
+    );
+    if args.systems != System::ALL {
+        let names: Vec<String> = args
+            .systems
+            .iter()
+            .filter_map(|s| Some(s.to_possible_value()?.get_name().to_owned()))
+            .collect();
+        line += &format!(" --systems {}", names.join(","));
+    }
+    line
 }
 
 /// `path` made whole if it names a file by a relative path; a bare name is looked up in PATH.

@@ -66,6 +66,14 @@ impl Figures {
         })
     }
 
+    /// The systems measured, in the order of [`System::ALL`].
+    fn systems(&self) -> Vec<System> {
+        System::ALL
+            .into_iter()
+            .filter(|&system| self.samples.keys().any(|&(_, s)| s == system))
+            .collect()
+    }
+
     fn runs(&self) -> usize {
         self.samples.values().map(Vec::len).max().unwrap_or(0)
     }
@@ -252,13 +260,13 @@ fn table(
 /// The report, in Markdown.
 pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Duration) -> String {
     let mut out = String::new();
-    let peers = [System::RatholeNoise, System::RatholeTcp, System::Bore];
-    let tunnels = [
-        System::Tether,
-        System::RatholeNoise,
-        System::RatholeTcp,
-        System::Bore,
-    ];
+    let systems = figures.systems();
+    let tunnels: Vec<System> = systems.iter().copied().filter(|s| s.is_tunnel()).collect();
+    let peers: Vec<System> = tunnels
+        .iter()
+        .copied()
+        .filter(|&s| s != System::Tether)
+        .collect();
     let _ = writeln!(out, "# tether against its peers\n");
     let _ = writeln!(
         out,
@@ -275,9 +283,9 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
     let median = |metric, system, decimals| cell(figures.median(metric, system), decimals);
 
     section(&mut out, "TCP throughput (iperf3)");
-    let mut rows: Vec<Vec<String>> = System::ALL
-        .into_iter()
-        .map(|system| {
+    let mut rows: Vec<Vec<String>> = systems
+        .iter()
+        .map(|&system| {
             vec![
                 system.name().to_owned(),
                 median(Metric::Tcp1, system, 0),
@@ -286,7 +294,7 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
             ]
         })
         .collect();
-    rows.extend(peers.map(|peer| {
+    rows.extend(peers.iter().map(|&peer| {
         vec![
             format!("tether ÷ {}", peer.name()),
             ratio_cell(figures.ratio(Metric::Tcp1, peer)),
@@ -321,7 +329,7 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
             "p99 beside it",
             "the bulk transfer, Mbit/s",
         ],
-        System::ALL.map(|system| {
+        systems.iter().map(|&system| {
             vec![
                 system.name().to_owned(),
                 median(Metric::RoundTripP50, system, 0),
@@ -340,7 +348,7 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
         &mut out,
         Columns::Figures,
         &["", "p50", "p99"],
-        System::ALL.map(|system| {
+        systems.iter().map(|&system| {
             vec![
                 system.name().to_owned(),
                 median(Metric::FirstByteP50, system, 0),
@@ -353,8 +361,9 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
         &mut out,
         "UDP (iperf3 -u, 1,200-byte datagrams): received Mbit/s, loss %, jitter ms",
     );
-    let udp: Vec<System> = System::ALL
-        .into_iter()
+    let udp: Vec<System> = systems
+        .iter()
+        .copied()
         .filter(|s| s.carries_udp())
         .collect();
     let header: Vec<&str> = std::iter::once("rate")
@@ -389,7 +398,7 @@ pub fn render(figures: &Figures, command: &str, versions: &Versions, took: Durat
             "holding idle connections",
             "per idle connection",
         ],
-        tunnels.map(|system| {
+        tunnels.iter().map(|&system| {
             vec![
                 system.name().to_owned(),
                 median(Metric::RestKib, system, 0),

@@ -15,7 +15,7 @@ use tokio::process::{Child, Command};
 /// How long a tunnel may take to carry its first byte after its processes start.
 const READY_WITHIN: Duration = Duration::from_secs(20);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum System {
     Direct,
     Tether,
