@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
+use quinn::EndpointConfig;
 use tether_common::config::AgentConfig;
 use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
@@ -313,7 +314,12 @@ impl Agent {
                 SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
                 SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
             };
-            let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Socket)?;
+            let endpoint = transport::udp_socket(local)
+                .and_then(|socket| {
+                    let runtime = Arc::new(quinn::TokioRuntime);
+                    quinn::Endpoint::new(EndpointConfig::default(), None, socket, runtime)
+                })
+                .map_err(ConnectError::Socket)?;
             let start = || endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME);
             let mut handshakes = vec![start()?];
             let result = loop {

@@ -1,10 +1,14 @@
 //! QUIC transport settings of a session, on each side.
 
+use std::io;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt, VarIntBoundsExceeded};
 use quinn_proto::HashedConnectionIdGenerator;
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::datagram::MAX_STREAMED;
 use crate::identity::Identity;
@@ -15,6 +19,10 @@ pub const MAX_DATA_STREAMS: u32 = 1024;
 /// Bytes one data stream may have in flight, and a whole session: the memory bound per session.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
 pub const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
+
+/// Bytes of kernel buffer asked for the QUIC socket, each way: room for the packets that arrive
+/// while the process is busy, which would otherwise be dropped and taken for congestion.
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 
 /// Bytes of QUIC datagrams each side buffers, either way; past it the oldest are dropped.
 const DATAGRAM_BUFFER: usize = 1024 * 1024;
@@ -68,4 +76,66 @@ pub fn relay_endpoint(identity: &Identity) -> EndpointConfig {
     let cid_key = u64::from_le_bytes(secret[..8].try_into().expect("8 of 32 bytes"));
     config.cid_generator(move || Box::new(HashedConnectionIdGenerator::from_key(cid_key)));
     config
+}
+
+/// The UDP socket a session runs on, bound to `address`, with kernel buffers of
+/// [`SOCKET_BUFFER`] each way, or as much as the kernel allows, with a warning naming the
+/// setting that caps them: once per process, as an agent makes a socket for each attempt.
+pub fn udp_socket(address: SocketAddr) -> io::Result<UdpSocket> {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    socket.bind(&address.into())?;
+    socket.set_recv_buffer_size(SOCKET_BUFFER)?;
+    socket.set_send_buffer_size(SOCKET_BUFFER)?;
+    for (way, got, sysctl) in [
+        ("receive", socket.recv_buffer_size()?, "net.core.rmem_max"),
+        ("send", socket.send_buffer_size()?, "net.core.wmem_max"),
+    ] {
+        if is_capped(got) && !WARNED.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                "the kernel caps the QUIC socket's {way} buffer at {} KiB of the {} KiB asked: \
+                 bursts beyond it are lost and slow transfers down; raise {sysctl} to {} or more",
+                got / 1024,
+                SOCKET_BUFFER / 1024,
+                SOCKET_BUFFER,
+            );
+        }
+    }
+    Ok(socket.into())
+}
+
+/// Whether a buffer the kernel reports as `got` bytes is smaller than [`SOCKET_BUFFER`]. Linux
+/// reports twice what it grants, the other half being its own bookkeeping.
+fn is_capped(got: usize) -> bool {
+    got / 2 < SOCKET_BUFFER
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's limit on a socket's buffer that way, from its sysctl.
+    fn kernel_max(sysctl: &str) -> usize {
+        std::fs::read_to_string(format!("/proc/sys/net/core/{sysctl}"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_quic_socket_gets_the_buffers_the_kernel_allows_and_knows_when_they_are_capped() {
+        let socket = Socket::from(udp_socket("127.0.0.1:0".parse().unwrap()).unwrap());
+        for (got, max) in [
+            (socket.recv_buffer_size().unwrap(), kernel_max("rmem_max")),
+            (socket.send_buffer_size().unwrap(), kernel_max("wmem_max")),
+        ] {
+            assert_eq!(got / 2, SOCKET_BUFFER.min(max));
+            assert_eq!(is_capped(got), max < SOCKET_BUFFER);
+        }
+    }
 }

@@ -173,7 +173,7 @@ impl Relay {
             .max_incoming(1024)
             .incoming_buffer_size(64 * 1024)
             .incoming_buffer_size_total(4 * 1024 * 1024);
-        let endpoint = std::net::UdpSocket::bind(config.listen)
+        let endpoint = transport::udp_socket(config.listen)
             .and_then(|socket| {
                 let runtime = Arc::new(quinn::TokioRuntime);
                 let endpoint = transport::relay_endpoint(identity);
