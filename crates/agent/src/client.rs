@@ -175,6 +175,7 @@ impl Agent {
         let mut latest_flows = None;
         let mut probe = None;
         let mut unanswered = Unanswered::default();
+        let mut reused = None;
         // Why the last attempt or session failed, shown while the next attempt runs.
         let mut last_error = None;
         tracing::info!(relay = %self.config.relay, fingerprint = %self.fingerprint, "agent starting");
@@ -184,7 +185,7 @@ impl Agent {
             });
             let attempt = tokio::select! {
                 () = shutdown.cancelled() => break,
-                attempt = self.connect(probe.take()) => attempt,
+                attempt = self.connect(&mut reused, probe.take()) => attempt,
             };
             let error = match attempt {
                 Ok((endpoint, conn)) => {
@@ -292,10 +293,15 @@ impl Agent {
         }
     }
 
-    /// One attempt: resolve the relay's name afresh and handshake. With `probe`, a fresh
-    /// handshake starts that often until one gets an answer.
+    /// One attempt: resolve the relay's name afresh and handshake from a fresh UDP socket. With
+    /// `probe`, a fresh handshake starts that often until one gets an answer.
+    ///
+    /// The agent keeps one endpoint for its life in `reused`, moved to each attempt's socket: a
+    /// new endpoint would allocate its receive buffer (about 3 MiB) again, from memory the
+    /// allocator may have to zero in full, where the first one is only touched as packets come.
     async fn connect(
         &self,
+        reused: &mut Option<quinn::Endpoint>,
         probe: Option<Duration>,
     ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
         let relay = &self.config.relay;
@@ -314,12 +320,20 @@ impl Agent {
                 SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
                 SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
             };
-            let endpoint = transport::udp_socket(local)
-                .and_then(|socket| {
+            let socket = transport::udp_socket(local).map_err(ConnectError::Socket)?;
+            let endpoint = match reused {
+                Some(endpoint) => {
+                    endpoint.rebind(socket).map_err(ConnectError::Socket)?;
+                    endpoint.clone()
+                }
+                None => {
                     let runtime = Arc::new(quinn::TokioRuntime);
-                    quinn::Endpoint::new(EndpointConfig::default(), None, socket, runtime)
-                })
-                .map_err(ConnectError::Socket)?;
+                    let config = EndpointConfig::default();
+                    let endpoint = quinn::Endpoint::new(config, None, socket, runtime)
+                        .map_err(ConnectError::Socket)?;
+                    reused.insert(endpoint).clone()
+                }
+            };
             let start = || endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME);
             let mut handshakes = vec![start()?];
             let result = loop {
