@@ -221,6 +221,15 @@ impl Lab {
         }
     }
 
+    /// TCP's congestion control in the root namespace and in the home one, as the kernel names
+    /// it: it decides much of what TCP carries over a lossy link.
+    pub fn congestion_control(&self) -> Result<(String, String)> {
+        let file = "/proc/sys/net/ipv4/tcp_congestion_control";
+        let root = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        let home = run_in(&self.home, "cat", &[file])?;
+        Ok((root.trim().to_owned(), home.trim().to_owned()))
+    }
+
     /// What the delayer's kernel queue could not take, summed: packets dropped because the
     /// queue was full and because they could not be handed to the delayer; and whether the
     /// delayer still runs.

@@ -181,6 +181,7 @@ async fn compare(args: Args) -> Result<()> {
                 delay: lab.link.delay,
                 loss: lab.link.loss,
                 delayer: lab.delayer_drops()?,
+                congestion_control: lab.congestion_control()?,
             };
             report::render_lab(
                 &figures,

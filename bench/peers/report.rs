@@ -525,6 +525,8 @@ pub struct LabSetup {
     /// Packets the delayer's queue could not take over the whole comparison, and whether the
     /// delayer still ran at its end.
     pub delayer: (u64, bool),
+    /// TCP's congestion control, VPS side and home side.
+    pub congestion_control: (String, String),
 }
 
 /// The report of `--lab`, in Markdown.
@@ -580,6 +582,12 @@ pub fn render_lab(
     for (name, value) in &versions.lines {
         let _ = writeln!(out, "- {name}: {value}");
     }
+    let (vps, home) = &setup.congestion_control;
+    let _ = writeln!(
+        out,
+        "- TCP congestion control: {vps} on the VPS side, {home} on the home side (the \
+         kernel's; QUIC's is the QUIC library's own)"
+    );
 
     section(
         &mut out,
@@ -652,5 +660,13 @@ pub fn render_lab(
             verdict(p99.map(|r| r <= 0.5)).to_owned(),
         ]],
     );
+    // A probe beside a bulk transfer that hardly moves waits behind little: say how much moved.
+    if let Some(bulk) = figures.ratio(Metric::LoadedBulk, System::RatholeNoise) {
+        let _ = writeln!(
+            out,
+            "\nThe bulk transfer beside tether's probe carried {} of rathole's (Noise).",
+            ratio_cell(Some(bulk))
+        );
+    }
     out
 }
