@@ -12,15 +12,22 @@
 //! The systems take turns within each run, in a different order each time, and each figure is
 //! the median over the runs. The results go to `bench/RESULTS.md`. `bench/run` builds tether,
 //! installs the peers and runs this.
+//!
+//! With `--lab`, the home side (agent or client, iperf3's server, the echo service) runs in a
+//! network namespace of its own, and every packet between it and the VPS side here is delayed
+//! and may be lost (lab.rs). Measured there: TCP throughput, one stream, and the request and
+//! answer alone and beside a bulk transfer; the results go to `bench/RESULTS-lab.md`.
 
+mod lab;
 mod probes;
 mod report;
 mod systems;
 
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
 use probes::{cpu_seconds, quantile, rss_kib, total, Echo};
@@ -28,7 +35,10 @@ use report::{Figures, Metric};
 use systems::{Running, Services, System, Tools};
 
 #[derive(Parser, Debug)]
-#[command(about = "tether against rathole and bore on loopback; writes RESULTS.md")]
+#[command(
+    about = "tether against rathole and bore on loopback, or over a lossy, delayed \
+                   link (--lab); writes bench/RESULTS.md or bench/RESULTS-lab.md"
+)]
 struct Args {
     /// Runs of everything; each figure is their median.
     #[arg(long, default_value_t = 5)]
@@ -43,11 +53,23 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "100,200,400,800")]
     udp_rates: Vec<u32>,
     /// The systems compared; the report's ratios need tether, rathole-noise and direct.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = System::ALL)]
-    systems: Vec<System>,
-    /// Where the report goes.
-    #[arg(long, default_value = "bench/RESULTS.md")]
-    out: PathBuf,
+    /// Default: all; with --lab, direct, tether and rathole-noise.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    systems: Option<Vec<System>>,
+    /// Over the lab: the home side in a network namespace of its own, every packet between it
+    /// and the VPS side delayed and perhaps lost. Needs root.
+    #[arg(long)]
+    lab: bool,
+    /// With --lab: the delay added to each packet, each way, in ms; a round trip gains twice
+    /// this.
+    #[arg(long, default_value_t = 20)]
+    delay_ms: u64,
+    /// With --lab: the chance that a packet is lost, in percent, each way.
+    #[arg(long, default_value_t = 2.0)]
+    loss: f64,
+    /// Where the report goes. Default: bench/RESULTS.md; with --lab, bench/RESULTS-lab.md.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Where each system keeps its configs and logs.
     #[arg(long, default_value = "target/bench-peers")]
     work: PathBuf,
@@ -61,10 +83,34 @@ struct Args {
     bore: PathBuf,
     #[arg(long, default_value = "iperf3")]
     iperf3: PathBuf,
+    /// Serve only the TCP echo service at this address, until killed: how --lab runs it in the
+    /// home namespace.
+    #[arg(long, hide = true)]
+    echo_service: Option<SocketAddr>,
 }
 
-/// Round trips in the request/response probe.
+impl Args {
+    fn systems(&self) -> Vec<System> {
+        match (&self.systems, self.lab) {
+            (Some(systems), _) => systems.clone(),
+            (None, false) => System::ALL.to_vec(),
+            (None, true) => vec![System::Direct, System::Tether, System::RatholeNoise],
+        }
+    }
+
+    fn out(&self) -> PathBuf {
+        match (&self.out, self.lab) {
+            (Some(out), _) => out.clone(),
+            (None, false) => "bench/RESULTS.md".into(),
+            (None, true) => "bench/RESULTS-lab.md".into(),
+        }
+    }
+}
+
+/// Round trips in the request/response probe, on loopback, after a tenth as many to warm up.
 const ROUND_TRIPS: usize = 5000;
+/// Over the lab, round trips to warm up; then as many as fit in the time given.
+const LAB_WARM_UP: usize = 10;
 /// New connections timed to their first byte.
 const FIRST_BYTES: usize = 300;
 /// The payload of each UDP datagram, about what mosh sends at most.
@@ -73,6 +119,23 @@ const UDP_PAYLOAD: &str = "1200";
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(address) = args.echo_service {
+        Echo::start(address).await?;
+        return std::future::pending().await;
+    }
+    // Dropping the run on a signal removes the lab and stops what it started.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = compare(args) => result,
+        _ = tokio::signal::ctrl_c() => bail!("interrupted"),
+        _ = terminate.recv() => bail!("terminated"),
+    }
+}
+
+async fn compare(args: Args) -> Result<()> {
+    if args.lab && !(0.0..=100.0).contains(&args.loss) {
+        bail!("--loss is a percentage, 0 to 100: {}", args.loss);
+    }
     // Each system runs in a directory of its own: paths given relative to here are made whole.
     let tools = Tools {
         relay: absolute(&args.relay)?,
@@ -84,34 +147,146 @@ async fn main() -> Result<()> {
     std::fs::create_dir_all(&args.work)?;
     let work = std::fs::canonicalize(&args.work)?;
     let ticks = ticks_per_second().await?;
-    let echo = Echo::start().await?;
-    let (_iperf_server, iperf) = probes::iperf3_server(&tools.iperf3).await?;
-    let services = Services {
-        iperf,
-        echo: echo.port,
+    let (services, mut place) = if args.lab {
+        lab_services(&args, &tools).await?
+    } else {
+        loopback_services(&tools).await?
     };
     let started = Instant::now();
     let mut figures = Figures::default();
+    let systems = args.systems();
     for run in 0..args.runs {
         // A different order each run, so that no system always follows the same one.
-        let mut order = args.systems.clone();
+        let mut order = systems.clone();
         let turn = run % order.len().max(1);
         order.rotate_left(turn);
         for system in order {
             eprintln!("run {} of {}: {}", run + 1, args.runs, system.name());
             let dir = work.join(format!("run{run}-{system:?}"));
             let _ = std::fs::remove_dir_all(&dir);
-            let running = systems::start(system, &tools, services, &dir).await?;
-            let measured = measure(&args, &tools, &running, ticks, &mut figures).await;
+            let running = systems::start(system, &tools, &services, &dir).await?;
+            let measured = if args.lab {
+                measure_lab(&args, &tools, &running, &mut figures).await
+            } else {
+                measure(&args, &tools, &running, ticks, &mut figures).await
+            };
             running.stop().await;
             measured.with_context(|| format!("measuring {}", system.name()))?;
         }
     }
     let versions = report::versions(&tools).await;
-    let text = report::render(&figures, &args_line(&args), &versions, started.elapsed());
-    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
-    eprintln!("wrote {}", args.out.display());
+    let text = match &mut place {
+        Place::Lab(lab) => {
+            let setup = report::LabSetup {
+                delay: lab.link.delay,
+                loss: lab.link.loss,
+                delayer: lab.delayer_drops()?,
+                congestion_control: lab.congestion_control()?,
+            };
+            report::render_lab(
+                &figures,
+                &args_line(&args),
+                &versions,
+                started.elapsed(),
+                &setup,
+            )
+        }
+        Place::Loopback { .. } => {
+            report::render(&figures, &args_line(&args), &versions, started.elapsed())
+        }
+    };
+    let out = args.out();
+    std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
     Ok(())
+}
+
+/// Where the services run, kept alive for the whole comparison.
+enum Place {
+    /// In this process (the echo service) and a child (iperf3's server), on loopback.
+    Loopback {
+        _iperf_server: tokio::process::Child,
+    },
+    Lab(Box<lab::Lab>),
+}
+
+async fn loopback_services(tools: &Tools) -> Result<(Services, Place)> {
+    let echo = Echo::start(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).await?;
+    let (iperf_server, iperf) = probes::iperf3_server(&tools.iperf3).await?;
+    let services = Services {
+        iperf,
+        echo: echo.port,
+        host: Ipv4Addr::LOCALHOST,
+        home: None,
+        vps: Ipv4Addr::LOCALHOST,
+    };
+    Ok((
+        services,
+        Place::Loopback {
+            _iperf_server: iperf_server,
+        },
+    ))
+}
+
+/// Builds the lab and starts the services in its home namespace.
+async fn lab_services(args: &Args, tools: &Tools) -> Result<(Services, Place)> {
+    let this = std::env::current_exe().context("finding this program")?;
+    let delayer = this.with_file_name("lab-delay");
+    if !delayer.exists() {
+        bail!(
+            "no {}: cargo build --release -p tether-bench --bin lab-delay",
+            delayer.display()
+        );
+    }
+    let link = lab::Link {
+        delay: Duration::from_millis(args.delay_ms),
+        loss: args.loss,
+    };
+    let mut lab = lab::Lab::build(link, &delayer)
+        .await
+        .context("building the lab (needs root, ip, iptables)")?;
+    let (iperf, echo) = (systems::free_port()?, systems::free_port()?);
+    lab.start_services(&tools.iperf3, &this, iperf, echo)
+        .await?;
+    let services = Services {
+        iperf,
+        echo,
+        host: lab.home_address,
+        home: Some(lab.home().to_owned()),
+        vps: lab.vps,
+    };
+    Ok((services, Place::Lab(Box::new(lab))))
+}
+
+/// What is measured over the lab, in one run: TCP throughput, one stream, and the request and
+/// answer alone and beside a bulk transfer. Each round-trip probe runs for `--seconds`.
+async fn measure_lab(
+    args: &Args,
+    tools: &Tools,
+    running: &Running,
+    figures: &mut Figures,
+) -> Result<()> {
+    let system = running.system;
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    let until = Instant::now() + Duration::from_secs(args.seconds);
+    let mut trips =
+        probes::round_trips(running.echo(), usize::MAX, LAB_WARM_UP, Some(until)).await?;
+    figures.add(
+        Metric::RoundTripP50,
+        system,
+        micros(quantile(&mut trips, 0.5)),
+    );
+    figures.add(
+        Metric::RoundTripP99,
+        system,
+        micros(quantile(&mut trips, 0.99)),
+    );
+    let result = probes::iperf3(&tools.iperf3, running.iperf(), args.seconds, &[]).await?;
+    figures.add(Metric::Tcp1, system, result.mbps);
+    // iperf3's server takes a few round trips to finish a test, and turns the next away until
+    // it has.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    loaded(args, tools, running, LAB_WARM_UP, figures).await
 }
 
 /// Everything measured of one running system, in one run.
@@ -144,7 +319,7 @@ async fn measure(
         drop(held);
     }
 
-    let mut trips = probes::round_trips(echo_address, ROUND_TRIPS, None).await?;
+    let mut trips = probes::round_trips(echo_address, ROUND_TRIPS, ROUND_TRIPS / 10, None).await?;
     figures.add(
         Metric::RoundTripP50,
         system,
@@ -170,8 +345,13 @@ async fn measure(
 
     for (streams, metric) in [("1", Metric::Tcp1), ("4", Metric::Tcp4)] {
         let cpu_before = total(&pids, |pid| cpu_seconds(pid, ticks))?;
-        let result =
-            probes::iperf3(&tools.iperf3, running.iperf, args.seconds, &["-P", streams]).await?;
+        let result = probes::iperf3(
+            &tools.iperf3,
+            running.iperf(),
+            args.seconds,
+            &["-P", streams],
+        )
+        .await?;
         let cpu = total(&pids, |pid| cpu_seconds(pid, ticks))? - cpu_before;
         figures.add(metric, system, result.mbps);
         if streams == "1" && system.is_tunnel() {
@@ -179,16 +359,42 @@ async fn measure(
         }
     }
 
-    // An interactive connection beside a bulk transfer through the same tunnel.
+    loaded(args, tools, running, ROUND_TRIPS / 10, figures).await?;
+
+    if system.carries_udp() {
+        for &rate in &args.udp_rates {
+            let bandwidth = format!("{rate}M");
+            let seconds = (args.seconds / 2).max(1);
+            let extra = ["-u", "-b", &bandwidth, "-l", UDP_PAYLOAD];
+            let result = probes::iperf3(&tools.iperf3, running.iperf(), seconds, &extra).await?;
+            figures.add(Metric::UdpLoss(rate), system, result.lost_percent);
+            figures.add(Metric::UdpJitter(rate), system, result.jitter_ms);
+            figures.add(Metric::UdpReceived(rate), system, result.mbps);
+        }
+    }
+    Ok(())
+}
+
+/// The request and answer on an interactive connection beside a bulk transfer through the
+/// same tunnel, after `warm_up` round trips; and that transfer's Mbit/s.
+async fn loaded(
+    args: &Args,
+    tools: &Tools,
+    running: &Running,
+    warm_up: usize,
+    figures: &mut Figures,
+) -> Result<()> {
+    let system = running.system;
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let bulk = {
         let iperf3 = tools.iperf3.clone();
-        let (port, seconds) = (running.iperf, args.seconds);
-        tokio::spawn(async move { probes::iperf3(&iperf3, port, seconds, &[]).await })
+        let (server, seconds) = (running.iperf(), args.seconds);
+        tokio::spawn(async move { probes::iperf3(&iperf3, server, seconds, &[]).await })
     };
     // The bulk transfer's first second is its ramp: the probe starts after it.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let until = Instant::now() + Duration::from_secs(args.seconds.saturating_sub(2).max(1));
-    let mut trips = probes::round_trips(echo_address, ROUND_TRIPS, Some(until)).await?;
+    let mut trips = probes::round_trips(running.echo(), ROUND_TRIPS, warm_up, Some(until)).await?;
     let bulk = bulk.await??;
     figures.add(
         Metric::LoadedRoundTripP50,
@@ -201,34 +407,29 @@ async fn measure(
         micros(quantile(&mut trips, 0.99)),
     );
     figures.add(Metric::LoadedBulk, system, bulk.mbps);
-
-    if system.carries_udp() {
-        for &rate in &args.udp_rates {
-            let bandwidth = format!("{rate}M");
-            let seconds = (args.seconds / 2).max(1);
-            let extra = ["-u", "-b", &bandwidth, "-l", UDP_PAYLOAD];
-            let result = probes::iperf3(&tools.iperf3, running.iperf, seconds, &extra).await?;
-            figures.add(Metric::UdpLoss(rate), system, result.lost_percent);
-            figures.add(Metric::UdpJitter(rate), system, result.jitter_ms);
-            figures.add(Metric::UdpReceived(rate), system, result.mbps);
-        }
-    }
     Ok(())
 }
 
 /// The command line that reproduces this run.
 fn args_line(args: &Args) -> String {
-    let rates: Vec<String> = args.udp_rates.iter().map(u32::to_string).collect();
-    let mut line = format!(
-        "bench/run --runs {} --seconds {} --idle {} --udp-rates {}",
-        args.runs,
-        args.seconds,
-        args.idle,
-        rates.join(",")
-    );
-    if args.systems != System::ALL {
+    let mut line = if args.lab {
+        format!(
+            "bench/run --lab --delay-ms {} --loss {} --runs {} --seconds {}",
+            args.delay_ms, args.loss, args.runs, args.seconds
+        )
+    } else {
+        let rates: Vec<String> = args.udp_rates.iter().map(u32::to_string).collect();
+        format!(
+            "bench/run --runs {} --seconds {} --idle {} --udp-rates {}",
+            args.runs,
+            args.seconds,
+            args.idle,
+            rates.join(",")
+        )
+    };
+    if args.systems.is_some() {
         let names: Vec<String> = args
-            .systems
+            .systems()
             .iter()
             .filter_map(|s| Some(s.to_possible_value()?.get_name().to_owned()))
             .collect();

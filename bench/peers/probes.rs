@@ -21,8 +21,11 @@ pub struct Echo {
 }
 
 impl Echo {
-    pub async fn start() -> Result<Self> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    /// Listens at `address` (port 0: any free port) and serves for as long as the runtime.
+    pub async fn start(address: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("echo service at {address}"))?;
         let port = listener.local_addr()?.port();
         tokio::spawn(async move {
             while let Ok((mut tcp, _)) = listener.accept().await {
@@ -37,20 +40,20 @@ impl Echo {
     }
 }
 
-/// Round trips of a 64-byte message on one connection to `address`, after a tenth as many to
-/// warm up: `count` of them, or as many as fit before `until`.
+/// Round trips of a 64-byte message on one connection to `address`, after `warm_up` of them:
+/// `count`, or as many as fit before `until`.
 pub async fn round_trips(
     address: SocketAddr,
     count: usize,
+    warm_up: usize,
     until: Option<Instant>,
 ) -> Result<Vec<Duration>> {
     let mut tcp = TcpStream::connect(address).await?;
     tcp.set_nodelay(true)?;
     let message = [7u8; PROBE_BYTES];
     let mut answer = [0u8; PROBE_BYTES];
-    let warm_up = count / 10;
-    let mut times = Vec::with_capacity(count);
-    for i in 0..count + warm_up {
+    let mut times = Vec::with_capacity(count.min(100_000));
+    for i in 0..count.saturating_add(warm_up) {
         if until.is_some_and(|until| Instant::now() >= until) {
             break;
         }
@@ -117,10 +120,21 @@ pub struct Iperf {
     pub jitter_ms: f64,
 }
 
-/// Runs the iperf3 client against `port` for `seconds` with `extra` arguments.
-pub async fn iperf3(iperf3: &Path, port: u16, seconds: u64, extra: &[&str]) -> Result<Iperf> {
+/// Runs the iperf3 client against the server at `server` for `seconds` with `extra` arguments.
+pub async fn iperf3(
+    iperf3: &Path,
+    server: SocketAddr,
+    seconds: u64,
+    extra: &[&str],
+) -> Result<Iperf> {
     let out = Command::new(iperf3)
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J"])
+        .args([
+            "-c",
+            &server.ip().to_string(),
+            "-p",
+            &server.port().to_string(),
+        ])
+        .arg("-J")
         .args(["-t", &seconds.to_string()])
         .args(extra)
         .stdin(Stdio::null())

@@ -1,6 +1,7 @@
-//! The tunnels compared, each started on loopback in front of the same services: tether's relay
-//! and agent, rathole's server and client (Noise and plain TCP), bore's server and client, and
-//! no tunnel at all.
+//! The tunnels compared, each started in front of the same services: tether's relay and agent,
+//! rathole's server and client (Noise and plain TCP), bore's server and client, and no tunnel at
+//! all. On loopback, or with the home side (agent, clients) in the lab's home namespace and the
+//! VPS side (relay, servers) in this one.
 
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -64,12 +65,19 @@ pub struct Tools {
     pub iperf3: PathBuf,
 }
 
-/// The services behind every tunnel, on loopback: iperf3's server (TCP and UDP on one port, as
-/// iperf3 wants) and a TCP echo service.
-#[derive(Debug, Clone, Copy)]
+/// The services behind every tunnel, iperf3's server (TCP and UDP on one port, as iperf3 wants)
+/// and a TCP echo service, and where the two sides of a tunnel run.
+#[derive(Debug, Clone)]
 pub struct Services {
     pub iperf: u16,
     pub echo: u16,
+    /// Where the services are reached with no tunnel.
+    pub host: Ipv4Addr,
+    /// The network namespace the home side runs in, beside the services (which it reaches on
+    /// its loopback); none on loopback.
+    pub home: Option<String>,
+    /// Where the VPS side listens for the home side.
+    pub vps: Ipv4Addr,
 }
 
 /// A tunnel running in front of the services: its processes, and where each service is
@@ -77,8 +85,10 @@ pub struct Services {
 pub struct Running {
     pub system: System,
     children: Vec<Child>,
-    pub iperf: u16,
-    pub echo: u16,
+    /// Where the public ports are.
+    host: Ipv4Addr,
+    iperf: u16,
+    echo: u16,
 }
 
 impl Running {
@@ -88,7 +98,11 @@ impl Running {
     }
 
     pub fn echo(&self) -> SocketAddr {
-        loopback(self.echo)
+        SocketAddr::from((self.host, self.echo))
+    }
+
+    pub fn iperf(&self) -> SocketAddr {
+        SocketAddr::from((self.host, self.iperf))
     }
 
     pub async fn stop(mut self) {
@@ -97,10 +111,6 @@ impl Running {
             let _ = child.kill().await;
         }
     }
-}
-
-pub fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
 /// A port nobody listens on now, for a program that takes a port number rather than port 0.
@@ -115,7 +125,7 @@ pub fn free_port() -> Result<u16> {
 pub async fn start(
     system: System,
     tools: &Tools,
-    services: Services,
+    services: &Services,
     dir: &Path,
 ) -> Result<Running> {
     std::fs::create_dir_all(dir)?;
@@ -123,6 +133,7 @@ pub async fn start(
         System::Direct => Running {
             system,
             children: Vec::new(),
+            host: services.host,
             iperf: services.iperf,
             echo: services.echo,
         },
@@ -159,10 +170,19 @@ async fn output(program: &Path, args: &[&str], dir: &Path) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Starts a program in the background, its output in `dir/log`.
-fn spawn(program: &Path, args: &[&str], dir: &Path, log: &str) -> Result<Child> {
+/// Starts a program in the background, its output in `dir/log`; in the network namespace `ns`
+/// if there is one.
+fn spawn(program: &Path, args: &[&str], dir: &Path, log: &str, ns: Option<&str>) -> Result<Child> {
     let log = std::fs::File::create(dir.join(log))?;
-    Command::new(program)
+    let mut command = match ns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns]).arg(program);
+            command
+        }
+        None => Command::new(program),
+    };
+    command
         .args(args)
         .current_dir(dir)
         .stdin(Stdio::null())
@@ -181,8 +201,8 @@ fn after<'a>(text: &'a str, label: &str) -> Result<&'a str> {
         .with_context(|| format!("no {label:?} in {text:?}"))
 }
 
-async fn tether(tools: &Tools, services: Services, dir: &Path) -> Result<Running> {
-    let listen = loopback(free_port()?).to_string();
+async fn tether(tools: &Tools, services: &Services, dir: &Path) -> Result<Running> {
+    let listen = SocketAddr::from((services.vps, free_port()?)).to_string();
     let (iperf, echo) = (free_port()?, free_port()?);
     let dir_arg = |side: &str| dir.join(side).display().to_string();
     // `init` makes the keys and prints the fingerprints; the configs are then written whole.
@@ -243,22 +263,26 @@ ports = ["{iperf}/tcp", "{iperf}/udp", "{echo}/tcp"]
         &["run", "-c", "relay.toml"],
         &dir.join("r"),
         "relay.log",
+        None,
     )?;
     let agent = spawn(
         &tools.agent,
         &["run", "-c", "agent.toml"],
         &dir.join("a"),
         "agent.log",
+        services.home.as_deref(),
     )?;
     Ok(Running {
         system: System::Tether,
         children: vec![relay, agent],
+        host: Ipv4Addr::LOCALHOST,
         iperf,
         echo,
     })
 }
 
-async fn rathole(tools: &Tools, services: Services, dir: &Path, noise: bool) -> Result<Running> {
+async fn rathole(tools: &Tools, services: &Services, dir: &Path, noise: bool) -> Result<Running> {
+    let vps = services.vps;
     let control = free_port()?;
     let (iperf, echo) = (free_port()?, free_port()?);
     let (server_transport, client_transport) = if noise {
@@ -294,7 +318,7 @@ async fn rathole(tools: &Tools, services: Services, dir: &Path, noise: bool) -> 
     std::fs::write(
         dir.join("server.toml"),
         format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n[server.transport]\n{server_transport}{}",
+            "[server]\nbind_addr = \"{vps}:{control}\"\n[server.transport]\n{server_transport}{}",
             services_of("server", &|public, _| format!(
                 "bind_addr = \"127.0.0.1:{public}\""
             ))
@@ -303,7 +327,7 @@ async fn rathole(tools: &Tools, services: Services, dir: &Path, noise: bool) -> 
     std::fs::write(
         dir.join("client.toml"),
         format!(
-            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n[client.transport]\n{client_transport}{}",
+            "[client]\nremote_addr = \"{vps}:{control}\"\n[client.transport]\n{client_transport}{}",
             services_of("client", &|_, local| format!(
                 "local_addr = \"127.0.0.1:{local}\""
             ))
@@ -314,12 +338,14 @@ async fn rathole(tools: &Tools, services: Services, dir: &Path, noise: bool) -> 
         &["--server", "server.toml"],
         dir,
         "server.log",
+        None,
     )?;
     let client = spawn(
         &tools.rathole,
         &["--client", "client.toml"],
         dir,
         "client.log",
+        services.home.as_deref(),
     )?;
     let system = if noise {
         System::RatholeNoise
@@ -329,6 +355,7 @@ async fn rathole(tools: &Tools, services: Services, dir: &Path, noise: bool) -> 
     Ok(Running {
         system,
         children: vec![server, client],
+        host: Ipv4Addr::LOCALHOST,
         iperf,
         echo,
     })
@@ -344,17 +371,18 @@ fn after_line<'a>(text: &'a str, label: &str) -> Result<&'a str> {
     lines.next().context("a key label with no key")
 }
 
-async fn bore(tools: &Tools, services: Services, dir: &Path) -> Result<Running> {
+async fn bore(tools: &Tools, services: &Services, dir: &Path) -> Result<Running> {
     // bore's server listens for its clients on a fixed port, 7835, and gives out public ports
-    // from the range it is told.
+    // from the range it is told, on the same address.
     let (iperf, echo) = (free_port()?, free_port()?);
+    let vps = services.vps.to_string();
     let (low, high) = (iperf.min(echo).to_string(), iperf.max(echo).to_string());
     let server = spawn(
         &tools.bore,
         &[
             "server",
             "--bind-addr",
-            "127.0.0.1",
+            &vps,
             "--min-port",
             &low,
             "--max-port",
@@ -362,8 +390,9 @@ async fn bore(tools: &Tools, services: Services, dir: &Path) -> Result<Running> 
         ],
         dir,
         "server.log",
+        None,
     )?;
-    wait_listening(loopback(7835)).await?;
+    wait_listening(SocketAddr::from((services.vps, 7835))).await?;
     let mut children = vec![server];
     for (public, local, log) in [
         (iperf, services.iperf, "iperf.log"),
@@ -375,17 +404,19 @@ async fn bore(tools: &Tools, services: Services, dir: &Path) -> Result<Running> 
                 "local",
                 &local.to_string(),
                 "--to",
-                "127.0.0.1",
+                &vps,
                 "--port",
                 &public.to_string(),
             ],
             dir,
             log,
+            services.home.as_deref(),
         )?);
     }
     Ok(Running {
         system: System::Bore,
         children,
+        host: services.vps,
         iperf,
         echo,
     })
