@@ -492,7 +492,7 @@ fn render(args: &Args, setup: &Setup, runs: &[Run], ticks: f64) -> String {
         }),
     ];
     let mut out = format!(
-        "## {} agents on one relay\n\n\
+        "# {} agents on one relay\n\n\
          The release relay in a process of its own, every agent listed in its relay.toml; the \
          agents in the bench's process, each with its own key and UDP socket, the default \
          keepalive ({}) and idle timeout ({}), no forwards, {CONNECTING_AT_ONCE} connecting at \

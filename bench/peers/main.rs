@@ -10,13 +10,13 @@
 //! - the memory (RSS) of the tunnel's processes at rest and holding idle connections.
 //!
 //! The systems take turns within each run, in a different order each time, and each figure is
-//! the median over the runs. The results go to `bench/RESULTS.md`. `bench/run` builds tether,
-//! installs the peers and runs this.
+//! the median over the runs. `bench/run` builds tether, installs the peers, runs this on
+//! loopback and over the lab, and puts the reports into `bench/RESULTS.md`.
 //!
 //! With `--lab`, the home side (agent or client, iperf3's server, the echo service) runs in a
 //! network namespace of its own, and every packet between it and the VPS side here is delayed
 //! and may be lost (lab.rs). Measured there: TCP throughput, one stream, and the request and
-//! answer alone and beside a bulk transfer; the results go to `bench/RESULTS-lab.md`.
+//! answer alone and beside a bulk transfer.
 
 mod lab;
 mod probes;
@@ -37,7 +37,7 @@ use systems::{Running, Services, System, Tools};
 #[derive(Parser, Debug)]
 #[command(
     about = "tether against rathole and bore on loopback, or over a lossy, delayed \
-                   link (--lab); writes bench/RESULTS.md or bench/RESULTS-lab.md"
+                   link (--lab); writes a Markdown report"
 )]
 struct Args {
     /// Runs of everything; each figure is their median.
@@ -67,7 +67,8 @@ struct Args {
     /// With --lab: the chance that a packet is lost, in percent, each way.
     #[arg(long, default_value_t = 2.0)]
     loss: f64,
-    /// Where the report goes. Default: bench/RESULTS.md; with --lab, bench/RESULTS-lab.md.
+    /// Where the report goes. Default: target/bench-results/loopback.md, or lab.md with --lab;
+    /// bench/run puts them together into bench/RESULTS.md.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Where each system keeps its configs and logs.
@@ -101,8 +102,8 @@ impl Args {
     fn out(&self) -> PathBuf {
         match (&self.out, self.lab) {
             (Some(out), _) => out.clone(),
-            (None, false) => "bench/RESULTS.md".into(),
-            (None, true) => "bench/RESULTS-lab.md".into(),
+            (None, false) => "target/bench-results/loopback.md".into(),
+            (None, true) => "target/bench-results/lab.md".into(),
         }
     }
 }
@@ -196,6 +197,9 @@ async fn compare(args: Args) -> Result<()> {
         }
     };
     let out = args.out();
+    if let Some(dir) = out.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     std::fs::write(&out, text).with_context(|| format!("writing {}", out.display()))?;
     eprintln!("wrote {}", out.display());
     Ok(())
@@ -414,13 +418,13 @@ async fn loaded(
 fn args_line(args: &Args) -> String {
     let mut line = if args.lab {
         format!(
-            "bench/run --lab --delay-ms {} --loss {} --runs {} --seconds {}",
+            "target/release/peers --lab --delay-ms {} --loss {} --runs {} --seconds {}",
             args.delay_ms, args.loss, args.runs, args.seconds
         )
     } else {
         let rates: Vec<String> = args.udp_rates.iter().map(u32::to_string).collect();
         format!(
-            "bench/run --runs {} --seconds {} --idle {} --udp-rates {}",
+            "target/release/peers --runs {} --seconds {} --idle {} --udp-rates {}",
             args.runs,
             args.seconds,
             args.idle,
