@@ -110,8 +110,9 @@ impl Args {
 
 /// Round trips in the request/response probe, on loopback, after a tenth as many to warm up.
 const ROUND_TRIPS: usize = 5000;
-/// Over the lab, round trips to warm up; then as many as fit in the time given.
-const LAB_WARM_UP: usize = 10;
+/// Round trips to warm up where the probe runs for a time rather than a count (over the lab, and
+/// beside a bulk transfer, whose own ramp it waits out first).
+const TIMED_WARM_UP: usize = 10;
 /// New connections timed to their first byte.
 const FIRST_BYTES: usize = 300;
 /// The payload of each UDP datagram, about what mosh sends at most.
@@ -274,7 +275,7 @@ async fn measure_lab(
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let until = Instant::now() + Duration::from_secs(args.seconds);
     let mut trips =
-        probes::round_trips(running.echo(), usize::MAX, LAB_WARM_UP, Some(until)).await?;
+        probes::round_trips(running.echo(), usize::MAX, TIMED_WARM_UP, Some(until)).await?;
     figures.add(
         Metric::RoundTripP50,
         system,
@@ -290,7 +291,7 @@ async fn measure_lab(
     // iperf3's server takes a few round trips to finish a test, and turns the next away until
     // it has.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    loaded(args, tools, running, LAB_WARM_UP, figures).await
+    loaded(args, tools, running, TIMED_WARM_UP, figures).await
 }
 
 /// Everything measured of one running system, in one run.
@@ -363,7 +364,7 @@ async fn measure(
         }
     }
 
-    loaded(args, tools, running, ROUND_TRIPS / 10, figures).await?;
+    loaded(args, tools, running, TIMED_WARM_UP, figures).await?;
 
     if system.carries_udp() {
         for &rate in &args.udp_rates {
