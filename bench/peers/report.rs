@@ -586,7 +586,7 @@ pub fn render_lab(
     let _ = writeln!(
         out,
         "- TCP congestion control: {vps} on the VPS side, {home} on the home side (the \
-         kernel's; QUIC's is the QUIC library's own)"
+         kernel's, for the peers' TCP; tether's QUIC uses BBR of its own)"
     );
 
     section(
