@@ -39,7 +39,7 @@ fn common() -> TransportConfig {
         .max_concurrent_uni_streams(VarInt::from_u32(MAX_STREAMED));
     // BBR paces to the path's measured rate and does not take a random loss for congestion. A
     // home link loses packets that no queue dropped (Wi-Fi, a busy uplink): with 2% loss and a
-    // 40 ms round trip, Cubic carried 2.5 Mbit/s where BBR carried 86 (bench/RESULTS.md).
+    // 40 ms round trip, Cubic carried 2.5 Mbit/s where BBR carried 86 (`peers --lab`, bench/).
     config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     config
 }
