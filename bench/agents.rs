@@ -16,6 +16,8 @@
 //!
 //! `cargo build --release -p tether-relay -p tether-bench --bin agents && target/release/agents`
 
+mod procfs;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -32,6 +34,8 @@ use tokio::process::{Child, Command};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use procfs::{cpu_seconds, rss_kib, ticks_per_second};
 
 #[derive(Parser, Debug)]
 #[command(about = "Many agents on one relay: the relay's RSS per agent and CPU time while idle")]
@@ -384,49 +388,6 @@ fn raise_file_limit(needed: u64) -> Result<()> {
         },
     )
     .context("raising the limit on open files")
-}
-
-/// A process's resident memory, in KiB.
-fn rss_kib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no VmRSS in /proc/{pid}/status"))
-}
-
-/// The CPU time a process used so far, user and system, in seconds.
-fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name, in parentheses, may hold spaces: fields count from after it.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("odd /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/PID/stat")?
-            .parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    Ok((ticks(11)? + ticks(12)?) / ticks_per_second)
-}
-
-/// The kernel's clock ticks per second, in which /proc counts CPU time.
-async fn ticks_per_second() -> Result<f64> {
-    let out = Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .await
-        .context("getconf CLK_TCK")?;
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .context("getconf CLK_TCK printed no number")
 }
 
 fn median(values: &[f64]) -> f64 {

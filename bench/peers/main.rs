@@ -20,6 +20,8 @@
 
 mod lab;
 mod probes;
+#[path = "../procfs.rs"]
+mod procfs;
 mod report;
 mod systems;
 
@@ -30,7 +32,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 
-use probes::{cpu_seconds, quantile, rss_kib, total, Echo};
+use probes::{quantile, total, Echo};
+use procfs::{cpu_seconds, rss_kib, ticks_per_second};
 use report::{Figures, Metric};
 use systems::{Running, Services, System, Tools};
 
@@ -272,19 +275,14 @@ async fn measure_lab(
     figures: &mut Figures,
 ) -> Result<()> {
     let system = running.system;
-    let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let until = Instant::now() + Duration::from_secs(args.seconds);
     let mut trips =
         probes::round_trips(running.echo(), usize::MAX, TIMED_WARM_UP, Some(until)).await?;
-    figures.add(
-        Metric::RoundTripP50,
+    add_p50_p99(
+        figures,
+        (Metric::RoundTripP50, Metric::RoundTripP99),
         system,
-        micros(quantile(&mut trips, 0.5)),
-    );
-    figures.add(
-        Metric::RoundTripP99,
-        system,
-        micros(quantile(&mut trips, 0.99)),
+        &mut trips,
     );
     let result = probes::iperf3(&tools.iperf3, running.iperf(), args.seconds, &[]).await?;
     figures.add(Metric::Tcp1, system, result.mbps);
@@ -305,16 +303,15 @@ async fn measure(
     let system = running.system;
     let pids = running.pids();
     let echo_address = running.echo();
-    let micros = |d: Duration| d.as_secs_f64() * 1e6;
 
     if system.is_tunnel() {
-        let rest = total(&pids, |pid| Ok(rss_kib(pid)? as f64))?;
+        let rest = total(&pids, rss_kib)?;
         figures.add(Metric::RestKib, system, rest);
-        figures.add(Metric::ServerRestKib, system, rss_kib(pids[0])? as f64);
+        figures.add(Metric::ServerRestKib, system, rss_kib(pids[0])?);
         let held = probes::idle_connections(echo_address, args.idle).await?;
         // Let the processes settle what the connections' set-up left behind.
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let with_idle = total(&pids, |pid| Ok(rss_kib(pid)? as f64))?;
+        let with_idle = total(&pids, rss_kib)?;
         figures.add(Metric::IdleKib, system, with_idle);
         figures.add(
             Metric::IdleKibPerConnection,
@@ -325,27 +322,19 @@ async fn measure(
     }
 
     let mut trips = probes::round_trips(echo_address, ROUND_TRIPS, ROUND_TRIPS / 10, None).await?;
-    figures.add(
-        Metric::RoundTripP50,
+    add_p50_p99(
+        figures,
+        (Metric::RoundTripP50, Metric::RoundTripP99),
         system,
-        micros(quantile(&mut trips, 0.5)),
-    );
-    figures.add(
-        Metric::RoundTripP99,
-        system,
-        micros(quantile(&mut trips, 0.99)),
+        &mut trips,
     );
 
     let mut firsts = probes::first_bytes(echo_address, FIRST_BYTES).await?;
-    figures.add(
-        Metric::FirstByteP50,
+    add_p50_p99(
+        figures,
+        (Metric::FirstByteP50, Metric::FirstByteP99),
         system,
-        micros(quantile(&mut firsts, 0.5)),
-    );
-    figures.add(
-        Metric::FirstByteP99,
-        system,
-        micros(quantile(&mut firsts, 0.99)),
+        &mut firsts,
     );
 
     for (streams, metric) in [("1", Metric::Tcp1), ("4", Metric::Tcp4)] {
@@ -390,7 +379,6 @@ async fn loaded(
     figures: &mut Figures,
 ) -> Result<()> {
     let system = running.system;
-    let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let bulk = {
         let iperf3 = tools.iperf3.clone();
         let (server, seconds) = (running.iperf(), args.seconds);
@@ -401,18 +389,26 @@ async fn loaded(
     let until = Instant::now() + Duration::from_secs(args.seconds.saturating_sub(2).max(1));
     let mut trips = probes::round_trips(running.echo(), ROUND_TRIPS, warm_up, Some(until)).await?;
     let bulk = bulk.await??;
-    figures.add(
-        Metric::LoadedRoundTripP50,
+    add_p50_p99(
+        figures,
+        (Metric::LoadedRoundTripP50, Metric::LoadedRoundTripP99),
         system,
-        micros(quantile(&mut trips, 0.5)),
-    );
-    figures.add(
-        Metric::LoadedRoundTripP99,
-        system,
-        micros(quantile(&mut trips, 0.99)),
+        &mut trips,
     );
     figures.add(Metric::LoadedBulk, system, bulk.mbps);
     Ok(())
+}
+
+/// The median and the 99th percentile of `times`, in µs, as the two metrics of `system`.
+fn add_p50_p99(
+    figures: &mut Figures,
+    (p50, p99): (Metric, Metric),
+    system: System,
+    times: &mut [Duration],
+) {
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    figures.add(p50, system, micros(quantile(times, 0.5)));
+    figures.add(p99, system, micros(quantile(times, 0.99)));
 }
 
 /// The command line that reproduces this run.
@@ -450,14 +446,4 @@ fn absolute(path: &Path) -> Result<PathBuf> {
     } else {
         Ok(path.to_owned())
     }
-}
-
-/// The kernel's clock ticks per second, in which /proc counts CPU time.
-async fn ticks_per_second() -> Result<f64> {
-    let out = tokio::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .await
-        .context("getconf CLK_TCK")?;
-    Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
 }

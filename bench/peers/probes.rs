@@ -192,36 +192,6 @@ pub async fn iperf3_server(iperf3: &Path) -> Result<(tokio::process::Child, u16)
     Ok((child, port))
 }
 
-/// A process's resident memory now, in KiB.
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS")
-}
-
-/// The CPU time a process used so far, user and system, in seconds.
-pub fn cpu_seconds(pid: u32, ticks_per_second: f64) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name, in parentheses, may hold spaces: fields count from after it.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("odd /proc/PID/stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| -> Result<f64> {
-        Ok(fields
-            .get(i)
-            .context("short /proc/PID/stat")?
-            .parse::<f64>()?)
-    };
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    Ok((ticks(11)? + ticks(12)?) / ticks_per_second)
-}
-
 /// The sum over `pids` of `measure`.
 pub fn total(pids: &[u32], measure: impl Fn(u32) -> Result<f64>) -> Result<f64> {
     pids.iter().map(|&pid| measure(pid)).sum()
