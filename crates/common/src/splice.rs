@@ -22,15 +22,18 @@
 
 use std::future::{poll_fn, Future};
 use std::io::{self, IoSlice};
+use std::mem::MaybeUninit;
 use std::net::Shutdown;
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use quinn::{RecvStream, SendStream};
+use quinn::{Chunk, RecvStream, SendStream};
 use socket2::SockRef;
+use tokio::io::{AsyncRead, ReadBuf};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -101,14 +104,14 @@ pub struct Held<'a> {
     reason = "an async fn keeps its arguments twice"
 )]
 pub fn splice<'a>(
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     mut link: Link,
     held: Held<'a>,
 ) -> impl Future<Output = Result<Transferred, SpliceError>> + Send + 'a {
     async move {
         let mut moved = Transferred::default();
         loop {
-            let error = match carry(&tcp, &mut link, &held, &mut moved).await {
+            let error = match carry(&mut tcp, &mut link, &held, &mut moved).await {
                 Ok(()) => return Ok(moved),
                 Err(error) => error,
             };
@@ -178,7 +181,7 @@ async fn wait_for_link(held: &Held<'_>) -> Result<Link, SpliceError> {
 
 /// Carries both directions on one data stream, until both are done or something fails.
 async fn carry(
-    tcp: &TcpStream,
+    tcp: &mut TcpStream,
     link: &mut Link,
     held: &Held<'_>,
     moved: &mut Transferred,
@@ -191,6 +194,8 @@ async fn carry(
         acks,
     } = link;
     let stream = held.stream;
+    let (mut reader, writer) = tcp.split();
+    let writer = writer.as_ref();
     // Pinned here and polled by reference, so that each is stored once.
     let mut outgoing = pin!(async {
         // First what the peer did not receive before, if this stream resumes another.
@@ -198,7 +203,7 @@ async fn carry(
             .await?;
         if !stream.ended_sending() {
             tcp_to_stream(
-                tcp,
+                &mut reader,
                 send,
                 stream,
                 (&mut moved.to_stream, held.meter.from_tcp),
@@ -214,7 +219,7 @@ async fn carry(
             return Ok(());
         }
         let counts = (&mut moved.to_tcp, held.meter.to_tcp);
-        stream_to_tcp(recv, tcp, stream, acks, counts).await
+        stream_to_tcp(recv, writer, stream, acks, counts).await
     });
     let (mut outgoing_done, mut incoming_done) = (false, false);
     while !(outgoing_done && incoming_done) {
@@ -285,7 +290,7 @@ fn count((total, meter): &mut Counts<'_>, n: usize) {
 
 /// Reads TCP into the stream until TCP's end, each chunk kept until the peer confirms it.
 async fn tcp_to_stream(
-    tcp: &TcpStream,
+    tcp: &mut ReadHalf<'_>,
     send: &mut SendStream,
     stream: &HeldStream,
     mut counts: Counts<'_>,
@@ -294,25 +299,21 @@ async fn tcp_to_stream(
         // Readiness is polled rather than awaited with `readable()`, whose future would take
         // 150 bytes in every idle connection. Only this task polls the socket, so the one
         // waker the socket keeps per direction is always the right one.
-        poll_fn(|cx| tcp.poll_read_ready(cx))
+        poll_fn(|cx| tcp.as_ref().poll_read_ready(cx))
             .await
             .map_err(SpliceError::TcpRead)?;
         // Nothing is read while the stream is at its cap: the TCP writer waits. Taken once
         // there is something to read, so that an idle connection holds no room.
         let room = stream.reserve(CHUNK).await;
-        // The buffer lives only until the chunk is copied out, never across an await, so an
-        // idle connection holds none.
-        let chunk = {
-            let mut buf = [0u8; CHUNK];
-            match tcp.try_read(&mut buf) {
-                Ok(0) => {
-                    stream.sent_end();
-                    return Ok(());
-                }
-                Ok(n) => Bytes::copy_from_slice(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(SpliceError::TcpRead(e)),
+        let chunk = match read_now(tcp) {
+            Poll::Ready(Ok(chunk)) if chunk.is_empty() => {
+                stream.sent_end();
+                return Ok(());
             }
+            Poll::Ready(Ok(chunk)) => chunk,
+            Poll::Ready(Err(e)) => return Err(SpliceError::TcpRead(e)),
+            // The readiness was stale: wait again, without the room.
+            Poll::Pending => continue,
         };
         count(&mut counts, chunk.len());
         // Held first: if the session is lost during the write, the chunk is sent again.
@@ -323,6 +324,23 @@ async fn tcp_to_stream(
         while !chunks[0].is_empty() {
             send.write_chunks(&mut chunks).await?;
         }
+    }
+}
+
+/// Reads what TCP holds now, up to [`CHUNK`] bytes; empty at TCP's end.
+///
+/// Through `poll_read`, which after a short read marks the socket as drained, so that the next
+/// wait for readiness goes straight to sleep instead of first reading nothing. Polled once,
+/// never awaited: that wait registers the task's own waker before the task sleeps. The buffer
+/// lives only during this call, so an idle connection holds none; it is not zeroed first,
+/// since only the bytes read are copied out.
+fn read_now(tcp: &mut ReadHalf<'_>) -> Poll<io::Result<Bytes>> {
+    let mut buf = [const { MaybeUninit::uninit() }; CHUNK];
+    let mut buf = ReadBuf::uninit(&mut buf);
+    match Pin::new(tcp).poll_read(&mut Context::from_waker(Waker::noop()), &mut buf) {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(Bytes::copy_from_slice(buf.filled()))),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
     }
 }
 
@@ -340,22 +358,23 @@ async fn stream_to_tcp(
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     let mut unconfirmed = 0u64;
-    // Reused while data flows, released while the stream has nothing to give.
-    let mut batch = Vec::new();
+    // Not `while let`, whose scrutinee's temporaries would be kept across the write.
     loop {
-        match take_received(recv, &mut batch)? {
-            Taken::Some => {}
-            Taken::End => break,
-            Taken::Nothing => {
-                // Waits without the batch, so that an idle connection holds none.
-                drop(std::mem::take(&mut batch));
-                // Not `while let`, whose scrutinee's temporaries would be kept across the write.
-                let Some(chunk) = recv.read_chunk(usize::MAX, true).await? else {
+        let Some(Chunk { bytes, .. }) = recv.read_chunk(usize::MAX, true).await? else {
+            break;
+        };
+        // Room for more than one chunk only when more are waiting: an interactive exchange
+        // is one chunk at a time. Nothing is kept once written, so an idle connection holds
+        // no batch.
+        let mut batch = vec![bytes];
+        if let Some(second) = poll_chunk(recv)? {
+            batch.reserve_exact(GATHER - 1);
+            batch.push(second);
+            while batch.len() < GATHER {
+                let Some(next) = poll_chunk(recv)? else {
                     break;
                 };
-                batch = Vec::with_capacity(GATHER);
-                batch.push(chunk.bytes);
-                take_received(recv, &mut batch)?;
+                batch.push(next);
             }
         }
         let len: usize = batch.iter().map(Bytes::len).sum();
@@ -365,7 +384,6 @@ async fn stream_to_tcp(
         })
         .await
         .map_err(SpliceError::TcpWrite)?;
-        batch.clear();
         unconfirmed += len as u64;
         let urgent = unconfirmed >= ACK_EVERY;
         if urgent {
@@ -383,36 +401,17 @@ async fn stream_to_tcp(
     }
 }
 
-/// What [`take_received`] found.
-enum Taken {
-    /// Chunks, added to the batch.
-    Some,
-    /// Nothing yet.
-    Nothing,
-    /// The stream's end: everything was read before.
-    End,
-}
-
-/// Adds to `batch`, up to [`GATHER`] chunks in all, what the stream has received and not yet
-/// given out, without waiting for more.
-fn take_received(recv: &mut RecvStream, batch: &mut Vec<Bytes>) -> Result<Taken, quinn::ReadError> {
-    let start = batch.len();
-    if start >= GATHER {
-        return Ok(Taken::Some);
-    }
-    batch.resize(GATHER, Bytes::new());
-    // Polled once, never awaited: a waiting read would keep the batch. The stream is polled
-    // again, with the task's own waker, before the task sleeps.
+/// The next chunk the stream has received and not yet given out, if there is one now. Polled
+/// once, never awaited: the stream is polled again, with the task's own waker, before the task
+/// sleeps. The stream's end is left for that next read to see.
+fn poll_chunk(recv: &mut RecvStream) -> Result<Option<Bytes>, quinn::ReadError> {
     let read =
-        pin!(recv.read_chunks(&mut batch[start..])).poll(&mut Context::from_waker(Waker::noop()));
-    let (taken, result) = match read {
-        Poll::Ready(Ok(Some(n))) => (n, Ok(Taken::Some)),
-        Poll::Ready(Ok(None)) => (0, Ok(Taken::End)),
-        Poll::Ready(Err(e)) => (0, Err(e)),
-        Poll::Pending => (0, Ok(Taken::Nothing)),
-    };
-    batch.truncate(start + taken);
-    result
+        pin!(recv.read_chunk(usize::MAX, true)).poll(&mut Context::from_waker(Waker::noop()));
+    match read {
+        Poll::Ready(Ok(chunk)) => Ok(chunk.map(|chunk| chunk.bytes)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok(None),
+    }
 }
 
 /// Writes all of `chunks`, as few system calls as the kernel allows, calling `written` with
