@@ -16,6 +16,7 @@ use tether_common::config::AgentConfig;
 use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::{CloseCode, ForwardResult, SessionId};
+use tether_common::quic_socket;
 use tether_common::report;
 use tether_common::resume::HeldStreams;
 use tether_common::tls::{self, RelayPin, TlsError};
@@ -327,7 +328,7 @@ impl Agent {
                     endpoint.clone()
                 }
                 None => {
-                    let runtime = Arc::new(quinn::TokioRuntime);
+                    let runtime = Arc::new(quic_socket::Runtime);
                     let config = EndpointConfig::default();
                     let endpoint = quinn::Endpoint::new(config, None, socket, runtime)
                         .map_err(ConnectError::Socket)?;

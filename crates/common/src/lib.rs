@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod notify;
 pub mod ports;
 pub mod protocol;
+pub mod quic_socket;
 pub mod report;
 pub mod resume;
 pub mod splice;

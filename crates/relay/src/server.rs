@@ -9,6 +9,7 @@ use tether_common::config::{AgentEntry, RelayConfig};
 use tether_common::datagram::{DropReason, UdpCounters};
 use tether_common::identity::{Fingerprint, Identity};
 use tether_common::protocol::CloseCode;
+use tether_common::quic_socket;
 use tether_common::tls::{self, AgentPins, TlsError};
 use tether_common::transport;
 use tokio::sync::watch;
@@ -175,7 +176,7 @@ impl Relay {
             .incoming_buffer_size_total(4 * 1024 * 1024);
         let endpoint = transport::udp_socket(config.listen)
             .and_then(|socket| {
-                let runtime = Arc::new(quinn::TokioRuntime);
+                let runtime = Arc::new(quic_socket::Runtime);
                 let endpoint = transport::relay_endpoint(identity);
                 quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
             })
