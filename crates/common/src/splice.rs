@@ -337,11 +337,9 @@ async fn tcp_to_stream(
 fn read_now(tcp: &mut ReadHalf<'_>) -> Poll<io::Result<Bytes>> {
     let mut buf = [const { MaybeUninit::uninit() }; CHUNK];
     let mut buf = ReadBuf::uninit(&mut buf);
-    match Pin::new(tcp).poll_read(&mut Context::from_waker(Waker::noop()), &mut buf) {
-        Poll::Ready(Ok(())) => Poll::Ready(Ok(Bytes::copy_from_slice(buf.filled()))),
-        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-        Poll::Pending => Poll::Pending,
-    }
+    Pin::new(tcp)
+        .poll_read(&mut Context::from_waker(Waker::noop()), &mut buf)
+        .map_ok(|()| Bytes::copy_from_slice(buf.filled()))
 }
 
 /// Chunks written to TCP with one system call at most. QUIC hands the stream over about one
