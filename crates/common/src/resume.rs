@@ -140,6 +140,17 @@ pub struct HeldStream {
     changed: Notify,
 }
 
+/// Whatever a stream holds goes back to its table's room when the stream goes, however its
+/// connection ended: a reset, an early close, a lost session never resumed. Nothing else needs
+/// to remember to give it back.
+impl Drop for HeldStream {
+    fn drop(&mut self) {
+        let outbox = self.outbox.get_mut().unwrap_or_else(|e| e.into_inner());
+        let held = std::mem::take(&mut outbox.held_len);
+        self.release_shared(held);
+    }
+}
+
 /// Room for one chunk taken from a stream's caps; what the chunk does not use goes back.
 pub struct Reservation<'a> {
     stream: &'a HeldStream,
@@ -690,6 +701,25 @@ mod tests {
                 still_waiting(new.next()).await,
                 "the new session's own stream"
             );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_stream_that_goes_gives_its_held_bytes_back_to_the_table() {
+        within(async {
+            let streams = Arc::new(HeldStreams::with_caps(100, 150));
+            for round in 0..10 {
+                let (stream, registration) = streams.add(header(round), 7).unwrap();
+                stream.reserve(100).await.hold(Bytes::from(vec![0; 100]));
+                // Dropped with everything unconfirmed, as on a reset.
+                drop((stream, registration));
+            }
+            let (stream, _registration) = streams.add(header(99), 7).unwrap();
+            stream.reserve(100).await.hold(Bytes::from(vec![0; 100]));
+            let (other, _other) = streams.add(header(100), 7).unwrap();
+            other.reserve(50).await.hold(Bytes::from(vec![0; 50]));
+            assert!(still_waiting(other.reserve(1)).await, "the table is full");
         })
         .await;
     }
