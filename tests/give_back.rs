@@ -39,8 +39,7 @@ where
 
 /// Closes `tcp` with a RST.
 fn reset(tcp: TcpStream) {
-    tcp.set_linger(Some(Duration::ZERO)).unwrap();
-    drop(tcp);
+    tether_common::splice::reset_tcp(&tcp);
 }
 
 /// Checks that 4 MiB still echo through `port`, every byte in order.

@@ -262,3 +262,87 @@ async fn a_udp_flow_goes_on_from_the_same_local_socket_after_a_resume() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn bytes_reach_the_local_service_at_most_once_when_its_stream_ended_unconfirmed() {
+    use tether_common::protocol::{
+        CloseCode, ForwardResult, ResumeHeader, StreamCode, StreamHeader, Welcome,
+    };
+    use tether_tests::raw::RawRelay;
+    within_for("the whole test", Duration::from_secs(60), async {
+        const REQUEST: &[u8] = b"POST /pay-once";
+        // A service that takes a request and fails: its end of the connection is reset.
+        let (took, mut requests) = tokio::sync::mpsc::unbounded_channel();
+        let service = serve(move |mut tcp| {
+            let took = took.clone();
+            async move {
+                let mut request = [0u8; REQUEST.len()];
+                if tcp.read_exact(&mut request).await.is_ok() {
+                    let _ = took.send(request.to_vec());
+                }
+                tether_common::splice::reset_tcp(&tcp);
+            }
+        })
+        .await;
+        let keys = Keys::new();
+        let (relay_identity, _) = keys.identity("relay");
+        let (agent_identity, agent_key) = keys.identity("agent");
+        let relay = RawRelay::bind(&relay_identity, agent_identity.fingerprint());
+        let port = free_port();
+        let forwards = vec![tcp_forward("pay", port, service)];
+        let config = agent_config(agent_key, relay.addr(), relay.fingerprint, forwards);
+        let agent = start_agent(config, &agent_identity);
+        let welcome = |session, resumed| {
+            move |_: &_| Welcome {
+                session,
+                results: vec![ForwardResult::Opened],
+                resumed,
+            }
+        };
+
+        // The relay opens a visitor's stream; the service takes the request and fails, and
+        // the agent resets the stream.
+        let first = relay.accept(welcome(1, None)).await;
+        let header = StreamHeader {
+            id: 1,
+            forward: 0,
+            port,
+            visitor: "203.0.113.9:40000".parse().unwrap(),
+        };
+        let (mut send, mut recv) = first.conn.open_bi().await.unwrap();
+        send.write_all(&[&header.encode()[..], REQUEST].concat())
+            .await
+            .unwrap();
+        let request = within("the request", requests.recv()).await.unwrap();
+        assert_eq!(request, REQUEST);
+        let ended = within("the agent's reset", recv.read_to_end(1024)).await;
+        assert!(ended.is_err(), "the agent ended the stream cleanly");
+
+        // The session is lost before the relay hears of it: the relay holds the stream, has
+        // seen nothing of the agent, and resumes it from the start.
+        CloseCode::Reconfigured.close(&first.conn);
+        let second = relay.accept(welcome(2, Some(vec![1]))).await;
+        assert_eq!(second.hello.resume, Some(1));
+        let (mut send, mut recv) = second.conn.open_bi().await.unwrap();
+        let resume = ResumeHeader {
+            stream: header,
+            received: 0,
+            seen: false,
+        };
+        send.write_all(&[&resume.encode()[..], REQUEST].concat())
+            .await
+            .unwrap();
+        let answer = within("the agent's answer", recv.read_to_end(1024)).await;
+        let code = StreamCode::NotResumable.code();
+        assert!(
+            matches!(answer, Err(quinn::ReadToEndError::Read(quinn::ReadError::Reset(c))) if c == code),
+            "the agent took the stream again: {answer:?}"
+        );
+        assert!(
+            requests.try_recv().is_err(),
+            "the service got the request twice"
+        );
+        agent.stop().await;
+    })
+    .await;
+}

@@ -1,9 +1,9 @@
-//! An agent driven by hand: it says exactly what a test wants, right or wrong.
+//! An agent, or a relay, driven by hand: it says exactly what a test wants, right or wrong.
 
 use tether_common::control::{read_frame, write_frame};
 use tether_common::identity::Identity;
 use tether_common::protocol::{
-    AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, RelayMessage, VERSION,
+    AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, RelayMessage, Welcome, VERSION,
 };
 use tether_common::tls;
 
@@ -65,4 +65,61 @@ impl RawAgent {
             other => panic!("the session ended otherwise: {other}"),
         }
     }
+}
+
+/// A relay driven by hand: it accepts one agent's sessions and says exactly what a test wants,
+/// so that a test can stage what a real relay does only by chance of timing.
+pub struct RawRelay {
+    pub endpoint: quinn::Endpoint,
+    pub fingerprint: tether_common::identity::Fingerprint,
+}
+
+impl RawRelay {
+    /// Listens on loopback with `identity`'s key, admitting only `agent`'s.
+    pub fn bind(identity: &Identity, agent: tether_common::identity::Fingerprint) -> Self {
+        let pins = std::sync::Arc::new(tls::AgentPins::new([agent]));
+        let mut server = tls::server_config(identity, pins).unwrap();
+        server.transport_config(tether_common::transport::relay());
+        let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        Self {
+            endpoint,
+            fingerprint: identity.fingerprint(),
+        }
+    }
+
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.endpoint.local_addr().unwrap()
+    }
+
+    /// Accepts the agent's next session, reads its Hello and answers with `welcome`.
+    pub async fn accept(&self, welcome: impl FnOnce(&Hello) -> Welcome) -> RawSession {
+        let incoming = within("the agent to connect", self.endpoint.accept())
+            .await
+            .unwrap();
+        let conn = within("the handshake", incoming.accept().unwrap())
+            .await
+            .unwrap();
+        let (mut send, mut recv) = within("the control stream", conn.accept_bi())
+            .await
+            .unwrap();
+        let (kind, body) = within("Hello", read_frame(&mut recv)).await.unwrap();
+        let AgentMessage::Hello(hello) = AgentMessage::decode(kind, &body).unwrap() else {
+            panic!("the agent's first message is not Hello");
+        };
+        let answer = RelayMessage::Welcome(welcome(&hello)).encode();
+        write_frame(&mut send, &answer).await.unwrap();
+        RawSession {
+            conn,
+            hello,
+            control: (send, recv),
+        }
+    }
+}
+
+/// A session a [`RawRelay`] accepted.
+pub struct RawSession {
+    pub conn: quinn::Connection,
+    pub hello: Hello,
+    /// Kept so that the control stream lives as long as the session.
+    pub control: (quinn::SendStream, quinn::RecvStream),
 }

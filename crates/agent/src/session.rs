@@ -134,7 +134,7 @@ pub async fn run(
     let session = welcome.session;
     // The relay resumes what it still holds; whatever else this side holds is closed.
     let resumed = welcome.resumed.as_deref();
-    streams.keep_only(resumed.unwrap_or_default(), session);
+    streams.keep_only(resumed, session);
     match (resume, resumed) {
         (Some(lost), Some(ids)) => tracing::info!(
             session,
@@ -446,7 +446,14 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
                 stream.resume(link);
                 return;
             }
-            None if !resume.seen && resume.received == 0 => (resume.stream, true),
+            // A stream that ended here before the relay heard of it is not opened again: its
+            // first bytes may have reached the local service already.
+            None if !resume.seen
+                && resume.received == 0
+                && !cx.held.was_added(resume.stream.id) =>
+            {
+                (resume.stream, true)
+            }
             None => {
                 let stream = resume.stream.id;
                 tracing::debug!(stream, "the relay resumed a stream no longer held here");

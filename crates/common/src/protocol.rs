@@ -100,7 +100,9 @@ pub const FRAME_HEADER_LEN: usize = 5;
 /// An id the relay gives each session; an agent presents its last one when it reconnects.
 pub type SessionId = u64;
 
-/// An id the relay gives each data stream of an agent; unique across that agent's sessions.
+/// An id the relay gives each data stream of an agent; unique across that agent's sessions. The
+/// relay numbers them 1, 2, 3, … in the order it opens them; a relay that does not resume the
+/// agent's lost session may start over.
 pub type StreamId = u64;
 
 /// Streams one [`Welcome`] resumes at most, and offsets one [`Acks`] carries at most: as many

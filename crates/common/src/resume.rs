@@ -14,7 +14,7 @@
 //! (the same memory), and QUIC lets no more than its windows be unread at the peer, so holding
 //! bytes until the peer wrote them out costs little more memory than QUIC alone.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -446,6 +446,45 @@ pub struct HeldStreams {
     streams: Mutex<HashMap<StreamId, (Arc<HeldStream>, SessionId)>>,
     per_stream: usize,
     room: Arc<Semaphore>,
+    /// Every stream ever added, held or not, since the peer's numbering last started over.
+    added: Mutex<SeenIds>,
+}
+
+/// Gaps below the newest id [`SeenIds`] keeps at most; past that the oldest are taken as seen.
+const MAX_GAPS: usize = 4096;
+
+/// A set of stream ids, for ids given in about increasing order: every id below `below`, and
+/// those in `above`. Its size is that of the gaps, not of the ids seen. Past [`MAX_GAPS`], the
+/// oldest gaps are taken as seen: a stream never seen is then refused, never taken twice.
+#[derive(Debug, Default)]
+struct SeenIds {
+    /// `None` until the first id since the numbering started over; ids below that one count as
+    /// seen.
+    below: Option<StreamId>,
+    above: BTreeSet<StreamId>,
+}
+
+impl SeenIds {
+    fn insert(&mut self, id: StreamId) {
+        let below = self.below.get_or_insert(id);
+        if id < *below {
+            return;
+        }
+        self.above.insert(id);
+        while self.above.len() > MAX_GAPS {
+            if let Some(oldest) = self.above.pop_first() {
+                *below = oldest + 1;
+            }
+        }
+        while self.above.first() == Some(below) {
+            self.above.pop_first();
+            *below += 1;
+        }
+    }
+
+    fn contains(&self, id: StreamId) -> bool {
+        self.below.is_some_and(|below| id < below) || self.above.contains(&id)
+    }
 }
 
 impl Default for HeldStreams {
@@ -473,7 +512,19 @@ impl HeldStreams {
             streams: Mutex::default(),
             per_stream,
             room: Arc::new(Semaphore::new(per_session)),
+            added: Mutex::default(),
         }
+    }
+
+    fn added(&self) -> MutexGuard<'_, SeenIds> {
+        self.added.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether a stream of this id was added since the peer's numbering last started over,
+    /// whether it is still held or not. A resumed stream that is not held but was added ended
+    /// here, and its bytes may have reached TCP already: it must not be opened again.
+    pub fn was_added(&self, id: StreamId) -> bool {
+        self.added().contains(id)
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<StreamId, (Arc<HeldStream>, SessionId)>> {
@@ -493,6 +544,7 @@ impl HeldStreams {
         }
         let stream = Arc::new(HeldStream::new(header, self.per_stream, self.room.clone()));
         streams.insert(id, (stream.clone(), session));
+        self.added().insert(id);
         let registration = Registration {
             streams: self.clone(),
             id,
@@ -540,9 +592,13 @@ impl HeldStreams {
     }
 
     /// Closes the streams not in `keep`, and moves those in it to session `now`; for the
-    /// agent, once Welcome says which streams the relay resumes.
-    pub fn keep_only(&self, keep: &[StreamId], now: SessionId) {
-        let keep: std::collections::HashSet<StreamId> = keep.iter().copied().collect();
+    /// agent, once Welcome says which streams the relay resumes (`None`: none, and the relay
+    /// may number new streams from the start again).
+    pub fn keep_only(&self, keep: Option<&[StreamId]>, now: SessionId) {
+        if keep.is_none() {
+            *self.added() = SeenIds::default();
+        }
+        let keep: HashSet<StreamId> = keep.unwrap_or_default().iter().copied().collect();
         for (id, (stream, session)) in self.lock().iter_mut() {
             if keep.contains(id) {
                 *session = now;
@@ -722,6 +778,41 @@ mod tests {
             assert!(still_waiting(other.reserve(1)).await, "the table is full");
         })
         .await;
+    }
+
+    #[test]
+    fn streams_added_are_remembered_after_they_go_until_the_numbering_starts_over() {
+        let streams = Arc::new(HeldStreams::default());
+        for id in [1, 2, 4, 5] {
+            drop(streams.add(header(id), 7));
+        }
+        assert!([1, 2, 4, 5].iter().all(|&id| streams.was_added(id)));
+        assert!(!streams.was_added(3), "never added");
+        assert!(!streams.was_added(6));
+        streams.keep_only(Some(&[]), 8);
+        assert!(streams.was_added(5), "a resumed session goes on numbering");
+        streams.keep_only(None, 9);
+        assert!(
+            !streams.was_added(5),
+            "a session not resumed may start over"
+        );
+    }
+
+    #[test]
+    fn seen_ids_keep_only_their_gaps_and_at_most_max_gaps() {
+        let mut seen = SeenIds::default();
+        for id in 1..=10_000 {
+            seen.insert(id);
+        }
+        assert!(seen.above.is_empty() && seen.contains(10_000) && !seen.contains(10_001));
+        // Every other id, far past the cap: the oldest gaps are taken as seen.
+        for id in (10_002..10_002 + 4 * MAX_GAPS as u64).step_by(2) {
+            seen.insert(id);
+        }
+        assert!(seen.above.len() <= MAX_GAPS);
+        assert!(seen.contains(10_001), "the oldest gap counts as seen");
+        let newest_gap = 10_001 + 4 * MAX_GAPS as u64 - 2;
+        assert!(!seen.contains(newest_gap));
     }
 
     #[tokio::test(start_paused = true)]
