@@ -13,6 +13,7 @@ use tether_common::protocol::{
     ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated, Welcome,
     VERSION,
 };
+use tether_common::report;
 use tether_common::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
 use tether_common::splice::{splice, Held};
 use tether_common::traffic::ForwardTraffic;
@@ -92,7 +93,11 @@ impl SessionEnd {
     ) -> Self {
         match relay_restarting(reason) {
             Some(why) => SessionEnd::RelayRestarting { session, why },
-            None => SessionEnd::Lost { session, error },
+            // The relay's reason for closing is in it: its words, made safe to print.
+            None => SessionEnd::Lost {
+                session,
+                error: report::printable(&error),
+            },
         }
     }
 }

@@ -85,6 +85,16 @@ pub const VERSION: u16 = 1;
 /// The largest control frame body either side accepts.
 pub const MAX_FRAME_LEN: usize = 64 * 1024;
 
+/// Whether `text` may name an agent or a forward: 1 to [`MAX_NAME_LEN`] ASCII letters, digits,
+/// '-', '_' or '.', so that a name is safe to print in logs and status tables.
+pub fn is_valid_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= MAX_NAME_LEN
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
 /// Forwards in one [`Hello`] at most.
 pub const MAX_FORWARDS: usize = 256;
 
@@ -380,8 +390,11 @@ impl ForwardRequest {
         if buf.remaining() < name_len {
             return Err(DecodeError::Truncated);
         }
+        // The config's rules, so that a name from the wire is as safe to log and print.
         let name = std::str::from_utf8(&buf[..name_len])
-            .map_err(|_| DecodeError::Invalid("forward name"))?
+            .ok()
+            .filter(|name| is_valid_name(name))
+            .ok_or(DecodeError::Invalid("forward name"))?
             .to_owned();
         buf.advance(name_len);
         let proto = Proto::from_wire(buf.try_get_u8()?).ok_or(DecodeError::Invalid("proto"))?;
@@ -990,6 +1003,17 @@ mod tests {
             AgentMessage::decode(TYPE_HELLO, &body),
             Err(DecodeError::Invalid("forward name"))
         );
+        // Names that would forge a log line or move a terminal's cursor, or are empty.
+        for name in [&b"ok\nINFO forged"[..], b"\x1b[2J", b"tab\there", b""] {
+            let mut body = vec![0, 1, 0, 0, 1, name.len() as u8];
+            body.extend_from_slice(name);
+            body.extend_from_slice(&[1, 0, 22, 0, 22, 0, 0, 0, 0, 0]);
+            assert_eq!(
+                AgentMessage::decode(TYPE_HELLO, &body),
+                Err(DecodeError::Invalid("forward name")),
+                "{name:?}"
+            );
+        }
         // A name longer than the limit.
         let body = [0, 1, 0, 0, 1, MAX_NAME_LEN as u8 + 1];
         assert_eq!(

@@ -184,12 +184,7 @@ fn path_in(dir: &Path, text: &str) -> Result<PathBuf, String> {
 
 /// Names of agents and forwards: short, and safe to print in logs and status tables.
 fn name(text: &str) -> Result<String, String> {
-    let ok = !text.is_empty()
-        && text.len() <= crate::protocol::MAX_NAME_LEN
-        && text
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
+    if crate::protocol::is_valid_name(text) {
         Ok(text.to_owned())
     } else {
         Err(format!(
