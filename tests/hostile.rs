@@ -425,6 +425,7 @@ fn request(name: &str, proto: Proto, port: u16) -> ForwardRequest {
 #[derive(Debug, Clone, Copy)]
 enum Misdeed {
     MalformedHello,
+    NameWithControlCharacters,
     UnknownControlMessage,
     OversizedControlFrame,
     EndedControlStream,
@@ -436,8 +437,9 @@ enum Misdeed {
 }
 
 impl Misdeed {
-    const ALL: [Misdeed; 9] = [
+    const ALL: [Misdeed; 10] = [
         Misdeed::MalformedHello,
+        Misdeed::NameWithControlCharacters,
         Misdeed::UnknownControlMessage,
         Misdeed::OversizedControlFrame,
         Misdeed::EndedControlStream,
@@ -458,6 +460,17 @@ impl Misdeed {
             frame.extend_from_slice(&body);
             return rogue.write(&frame).await;
         }
+        if let Misdeed::NameWithControlCharacters = self {
+            // A name that would forge a log line and clear the operator's terminal.
+            let forged = "ssh\n2026-01-01T00:00:00Z  INFO agent connected\x1b[2J";
+            let hello = tether_common::protocol::Hello {
+                version: tether_common::protocol::VERSION,
+                resume: None,
+                forwards: vec![request(forged, Proto::Udp, udp_port)],
+            };
+            let frame = tether_common::protocol::AgentMessage::Hello(hello).encode();
+            return rogue.write(&frame).await;
+        }
         let results = rogue
             .hello(vec![request("mosh", Proto::Udp, udp_port)])
             .await;
@@ -471,7 +484,7 @@ impl Misdeed {
             .encode()
         };
         match self {
-            Misdeed::MalformedHello => unreachable!(),
+            Misdeed::MalformedHello | Misdeed::NameWithControlCharacters => unreachable!(),
             Misdeed::UnknownControlMessage => rogue.write(&[0x7f, 0, 0, 0, 0]).await,
             Misdeed::OversizedControlFrame => {
                 let len = (MAX_FRAME_LEN as u32 + 1).to_be_bytes();
@@ -640,6 +653,110 @@ async fn private_keys_stay_out_of_the_logs() {
                 assert!(!log.contains(line), "{} leaked into the log", key.display());
             }
         }
+    })
+    .await;
+}
+
+/// The round trip of 64 bytes through `tcp`, to an echo service.
+async fn echo_time(tcp: &mut TcpStream) -> Duration {
+    let started = std::time::Instant::now();
+    tcp.write_all(&[7u8; 64]).await.unwrap();
+    let mut back = [0u8; 64];
+    within("the echo", tcp.read_exact(&mut back)).await.unwrap();
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn an_agent_that_floods_updates_grows_no_memory_and_slows_no_one() {
+    use tether_common::protocol::{AgentMessage, Update, MAX_FORWARDS};
+    use tether_tests::lab::binary;
+    use tether_tests::process::{Configs, Process};
+    const FLOOD: Duration = Duration::from_secs(10);
+    within_for("the whole test", Duration::from_secs(60), async {
+        let keys = Keys::new();
+        let configs = Configs::write(&keys, echo_service().await);
+        let (rogue_identity, _) = keys.identity("rogue");
+        let mut relay_toml = std::fs::read_to_string(&configs.relay).unwrap();
+        relay_toml.push_str(&format!(
+            "[[agent]]\nname = \"rogue\"\nfingerprint = \"{}\"\nports = []\n",
+            rogue_identity.fingerprint()
+        ));
+        std::fs::write(&configs.relay, relay_toml).unwrap();
+        let relay_fingerprint = Identity::load(&configs.relay_key).unwrap().fingerprint();
+        let mut relay = Process::spawn(
+            &binary("tether-relay"),
+            &["run", "-c", configs.relay.to_str().unwrap()],
+        );
+        relay.wait_for_line("relay listening").await;
+        let mut agent = Process::spawn(
+            &binary("tether-agent"),
+            &["run", "-c", configs.agent.to_str().unwrap()],
+        );
+        agent.wait_for_line("connected to relay").await;
+        let mut echo = TcpStream::connect(public(configs.port)).await.unwrap();
+        for _ in 0..20 {
+            echo_time(&mut echo).await;
+        }
+        let rss_before = relay.rss();
+
+        // Every update names MAX_FORWARDS new forwards over the whole port range, none of
+        // which the rogue may open.
+        let mut rogue =
+            RawAgent::connect_to(&rogue_identity, configs.listen, relay_fingerprint).await;
+        assert!(rogue.hello(vec![]).await.is_empty());
+        let RawAgent {
+            endpoint: _endpoint,
+            conn: _conn,
+            mut send,
+            mut recv,
+        } = rogue;
+        let answers = tokio::spawn(async move {
+            let mut answered = 0u64;
+            while tether_common::control::read_frame(&mut recv).await.is_ok() {
+                answered += 1;
+            }
+            answered
+        });
+        let flood = tokio::spawn(async move {
+            for round in 0u64.. {
+                let forwards = (0..MAX_FORWARDS as u16)
+                    .map(|id| {
+                        let mut forward = request(&format!("n{round}-{id}"), Proto::Tcp, 1);
+                        forward.remote = PortRange::new(1, 65535).unwrap();
+                        (id, forward)
+                    })
+                    .collect();
+                let frame = AgentMessage::Update(Update { forwards }).encode();
+                if tether_common::control::write_frame(&mut send, &frame)
+                    .await
+                    .is_err()
+                {
+                    return round;
+                }
+            }
+            unreachable!()
+        });
+
+        let started = std::time::Instant::now();
+        let mut times = Vec::new();
+        while started.elapsed() < FLOOD {
+            times.push(echo_time(&mut echo).await);
+        }
+        let grown = relay.rss().saturating_sub(rss_before);
+        flood.abort();
+        answers.abort();
+        times.sort();
+        let p99 = times[times.len() * 99 / 100];
+        println!(
+            "{} echoes beside the flood: p50 {:?}, p99 {p99:?}; the relay's memory grew {} KiB",
+            times.len(),
+            times[times.len() / 2],
+            grown / 1024
+        );
+        assert!(p99 <= Duration::from_millis(50), "echo p99 {p99:?}");
+        assert!(grown <= 16 * 1024 * 1024, "the relay grew {grown} bytes");
+        assert!(relay.signal_and_wait("TERM").await.success());
+        assert!(agent.signal_and_wait("TERM").await.success());
     })
     .await;
 }

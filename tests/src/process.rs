@@ -68,6 +68,18 @@ impl Process {
         .await
     }
 
+    /// The process's resident memory now, in bytes.
+    pub fn rss(&self) -> u64 {
+        let pid = self.child.id().expect("still running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+
     /// Sends `signal` (such as "STOP").
     pub fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("still running").to_string();
@@ -119,6 +131,8 @@ pub struct Configs {
     pub agent: PathBuf,
     /// The public port of the agent's one forward.
     pub port: u16,
+    /// Where the relay listens for agents.
+    pub listen: SocketAddr,
     pub relay_key: PathBuf,
     pub agent_key: PathBuf,
     /// Where each binary answers `status`, in the keys' folder.
@@ -160,6 +174,7 @@ impl Configs {
             relay,
             agent,
             port,
+            listen: SocketAddr::from(([127, 0, 0, 1], quic)),
             relay_key,
             agent_key,
             relay_socket: keys.path().join("relay.sock"),

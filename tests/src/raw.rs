@@ -21,10 +21,19 @@ pub struct RawAgent {
 impl RawAgent {
     /// Completes the handshake with `identity`'s key and opens the control stream.
     pub async fn connect(identity: &Identity, relay: &RelayHandle) -> Self {
-        let (client, _) = tls::client_config(identity, relay.fingerprint).unwrap();
+        Self::connect_to(identity, relay.addr, relay.fingerprint).await
+    }
+
+    /// [`RawAgent::connect`] to a relay at `addr` with key `fingerprint`.
+    pub async fn connect_to(
+        identity: &Identity,
+        addr: std::net::SocketAddr,
+        fingerprint: tether_common::identity::Fingerprint,
+    ) -> Self {
+        let (client, _) = tls::client_config(identity, fingerprint).unwrap();
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let connecting = endpoint
-            .connect_with(client, relay.addr, tls::SERVER_NAME)
+            .connect_with(client, addr, tls::SERVER_NAME)
             .unwrap();
         let conn = within("the handshake", connecting).await.unwrap();
         let (send, recv) = conn.open_bi().await.unwrap();

@@ -153,8 +153,8 @@ struct Slot {
     live: watch::Sender<Option<Arc<LiveSession>>>,
     /// What the latest session asked for; kept while the agent is away.
     forwards: Vec<Asked>,
-    /// What each forward carried, by name, since the relay started: a forward's totals go on
-    /// across sessions.
+    /// What each forward the agent asks for now carried, by name, since the relay started: a
+    /// forward's totals go on across sessions.
     traffic: HashMap<Arc<str>, Arc<ForwardTraffic>>,
     /// Sessions the agent has had since the relay started.
     sessions: u64,
@@ -225,7 +225,18 @@ impl Table {
                 Err(Refusal::Invalid)
             } else {
                 self.registry.claim(agent, spec).and_then(|()| {
-                    open_ports(shared, &agent.name, spec, &slot.live, &mut held, &mut ports)
+                    let opened =
+                        open_ports(shared, &agent.name, spec, &slot.live, &mut held, &mut ports);
+                    if opened.is_err() {
+                        // Only a claim that succeeded has ports to give back; a refused one
+                        // claimed none, whatever its range.
+                        for port in spec.range.ports() {
+                            if !ports.contains_key(&(spec.proto, port)) {
+                                self.registry.release(&agent.name, spec.proto, port);
+                            }
+                        }
+                    }
+                    opened
                 })
             };
             let name: Arc<str> = request.name.as_str().into();
@@ -264,16 +275,7 @@ impl Table {
                     }
                     ForwardResult::Opened
                 }
-                Err(refusal) => {
-                    for port in spec
-                        .range
-                        .ports()
-                        .filter(|&p| !ports.contains_key(&(spec.proto, p)))
-                    {
-                        self.registry.release(&agent.name, spec.proto, port);
-                    }
-                    ForwardResult::Refused(refusal)
-                }
+                Err(refusal) => ForwardResult::Refused(refusal),
             });
         }
         // Whatever was held and not asked for again is closed and released.
@@ -284,6 +286,10 @@ impl Table {
         for (asked, result) in asked.iter_mut().zip(&results) {
             asked.result = *result;
         }
+        // Totals are kept for the forwards asked for now, and only those: an agent that keeps
+        // sending new names cannot grow the table.
+        let names: HashSet<&str> = asked.iter().map(|a| &*a.name).collect();
+        slot.traffic.retain(|name, _| names.contains(&**name));
         slot.forwards = asked;
         (results, routes)
     }

@@ -6,6 +6,7 @@ pub mod agents;
 pub mod cli;
 mod handshakes;
 pub mod metrics;
+mod pace;
 mod places;
 mod public;
 pub mod registry;

@@ -58,6 +58,11 @@ pub struct Limits {
     /// How often repeated failures (refused handshakes, refused visitors) are summed up in the
     /// log; within a period, only the first of each reason is logged.
     pub log_summary_every: Duration,
+    /// Updates of its forwards a session may send at once; after them, one per
+    /// [`Limits::update_every`]. The relay reads nothing more of the session's control stream
+    /// until the next is due, so a flood of updates pushes back on its sender.
+    pub update_burst: u32,
+    pub update_every: Duration,
 }
 
 impl Default for Limits {
@@ -80,6 +85,9 @@ impl Default for Limits {
             max_pending_handshakes_per_address: 32,
             retry_above: 64,
             log_summary_every: Duration::from_secs(60),
+            // A reload sends one update; a few in a row are someone editing agent.toml.
+            update_burst: 5,
+            update_every: Duration::from_secs(1),
         }
     }
 }

@@ -11,10 +11,12 @@ use tether_common::protocol::{
     Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
     SessionId, Update, Updated, Welcome, VERSION,
 };
-use tether_common::tls;
+use tether_common::{report, tls};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agents::{self, LiveSession, NewSession, Published};
+use crate::pace::Pace;
 use crate::places::Place;
 use crate::server::Shared;
 use crate::udp;
@@ -73,6 +75,7 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
                     .refused_handshakes
                     .record(reason, &remote.ip().to_canonical());
             }
+            let error = report::printable(&error.to_string());
             tracing::debug!(%remote, %error, "handshake refused");
             return;
         }
@@ -129,7 +132,8 @@ async fn run_session(
     let (mut send, recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,
         Err(error) => {
-            tracing::warn!(%remote, %error, "session set-up failed");
+            let why = report::printable(&error.to_string());
+            tracing::warn!(%remote, error = %why, "session set-up failed");
             error.close_code().close(&conn);
             return;
         }
@@ -165,7 +169,7 @@ async fn run_session(
         return;
     };
     let _udp = udp::carry(&shared, live.clone());
-    log_results(&hello.forwards, &results);
+    log_results("forwards", &hello.forwards, &results);
     let welcome = RelayMessage::Welcome(Welcome {
         session: id,
         results,
@@ -213,19 +217,42 @@ fn resumable(conn: &quinn::Connection) -> bool {
     )
 }
 
-/// Logs the relay's answer for each forward.
-fn log_results(forwards: &[ForwardRequest], results: &[ForwardResult]) {
-    for (request, result) in forwards.iter().zip(results) {
-        let ports = format!("{}/{}", request.remote, request.proto);
-        match result {
-            ForwardResult::Opened => {
-                tracing::info!(forward = %request.name, %ports, "forward open")
+/// Why a session's connection ended, the agent's own words made safe to log.
+fn ended(error: &quinn::ConnectionError) -> String {
+    report::printable(&error.to_string())
+}
+
+/// Forwards named in the log line of a Hello or an Update; the rest are counted.
+const LOGGED_FORWARDS: usize = 8;
+
+/// Logs the relay's answers to a Hello or an Update in one line, however many forwards it
+/// named: `what` says which.
+fn log_results(what: &str, forwards: &[ForwardRequest], results: &[ForwardResult]) {
+    let refused = results
+        .iter()
+        .filter(|r| **r != ForwardResult::Opened)
+        .count();
+    let mut answers: Vec<String> = forwards
+        .iter()
+        .zip(results)
+        .take(LOGGED_FORWARDS)
+        .map(|(request, result)| {
+            let ports = format!("{}/{}", request.remote, request.proto);
+            match result {
+                ForwardResult::Opened => format!("{} {ports} open", request.name),
+                ForwardResult::Refused(why) => format!("{} {ports} refused: {why}", request.name),
             }
-            ForwardResult::Refused(reason) => {
-                tracing::info!(forward = %request.name, %ports, %reason, "forward refused")
-            }
-        }
+        })
+        .collect();
+    if forwards.len() > LOGGED_FORWARDS {
+        answers.push(format!("and {} more", forwards.len() - LOGGED_FORWARDS));
     }
+    tracing::info!(
+        open = results.len() - refused,
+        refused,
+        "{what}: {}",
+        answers.join("; ")
+    );
 }
 
 /// A session once Welcome is sent.
@@ -242,6 +269,10 @@ impl Session<'_> {
     async fn wait_for_end(&self, send: &mut quinn::SendStream, recv: quinn::RecvStream) -> String {
         let conn = self.conn;
         let (mut frames, _reader) = frames(recv);
+        let limits = &self.shared.limits;
+        let mut updates = Pace::new(limits.update_every, limits.update_burst, Instant::now());
+        // While set, the control stream is not read: the agent sent updates too fast.
+        let mut paused: Option<Instant> = None;
         loop {
             let frame = tokio::select! {
                 biased;
@@ -251,15 +282,19 @@ impl Session<'_> {
                     CloseCode::RelayShutdown.close(conn);
                     return CloseCode::RelayShutdown.reason().to_owned();
                 }
-                error = conn.closed() => return error.to_string(),
+                error = conn.closed() => return ended(&error),
                 batch = self.live.acks.next_batch() => {
                     let frame = RelayMessage::Acks(Acks { streams: batch }).encode();
                     match write_frame(send, &frame).await {
                         Ok(()) => continue,
-                        Err(_) => return conn.closed().await.to_string(),
+                        Err(_) => return ended(&conn.closed().await),
                     }
                 }
-                frame = frames.recv() => frame.unwrap_or(Err(FrameError::Closed)),
+                () = tokio::time::sleep_until(paused.unwrap_or_else(Instant::now)), if paused.is_some() => {
+                    paused = None;
+                    continue;
+                }
+                frame = frames.recv(), if paused.is_none() => frame.unwrap_or(Err(FrameError::Closed)),
             };
             use quinn::{ReadError, ReadExactError};
             let why = match frame {
@@ -273,7 +308,10 @@ impl Session<'_> {
                     }
                     Ok(AgentMessage::Update(update)) => match self.update(update) {
                         Some(answer) => match write_frame(send, &answer).await {
-                            Ok(()) => continue,
+                            Ok(()) => {
+                                paused = updates.take(Instant::now());
+                                continue;
+                            }
                             Err(error) => return format!("cannot answer an update: {error}"),
                         },
                         None => return "replaced or removed during an update".to_owned(),
@@ -290,7 +328,7 @@ impl Session<'_> {
                     "the agent reset its control stream"
                 }
                 // The stream ended with the connection.
-                Err(_) => return conn.closed().await.to_string(),
+                Err(_) => return ended(&conn.closed().await),
             };
             CloseCode::ProtocolError.close(conn);
             return format!("protocol error: {why}");
@@ -312,8 +350,7 @@ impl Session<'_> {
             &update.forwards,
         )?;
         let requests: Vec<ForwardRequest> = update.forwards.into_iter().map(|(_, r)| r).collect();
-        tracing::info!("the agent updated its forwards");
-        log_results(&requests, &results);
+        log_results("the agent updated its forwards", &requests, &results);
         Some(RelayMessage::Updated(Updated { results }).encode())
     }
 }
