@@ -5,9 +5,11 @@
 //! (see each side's `metrics` module), so the two never disagree and the hot paths update
 //! nothing but their own atomic counters.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,8 +18,9 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 /// The content type of the OpenMetrics text format.
@@ -29,28 +32,34 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Scrapes answered at once; more wait for their turn in the kernel's backlog.
-const MAX_SCRAPES: usize = 16;
+/// How long the answer may take to leave: a client that does not read is dropped.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Clients served at once. When all are taken, a new client takes the place of the oldest one
+/// still to send its request: a few idle connections cannot keep a scraper out, since a
+/// scraper sends its request at once.
+const MAX_CLIENTS: usize = 16;
 
 /// Binds the metrics endpoint on `address`; [`serve`] answers on it.
 pub async fn bind(address: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(address).await
 }
 
+/// One client's task, and whether it has its request and is being answered.
+struct Client {
+    task: AbortHandle,
+    answering: Arc<AtomicBool>,
+}
+
 /// Answers scrapes on `listener` with what `registry` encodes, until `shutdown` is cancelled.
 pub async fn serve(listener: TcpListener, registry: Registry, shutdown: CancellationToken) {
     let registry = Arc::new(registry);
-    let places = Arc::new(tokio::sync::Semaphore::new(MAX_SCRAPES));
+    let mut tasks = JoinSet::new();
+    let mut clients: VecDeque<Client> = VecDeque::new();
     loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => return,
-            permit = places.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
-            },
-        };
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(error) => {
@@ -59,18 +68,39 @@ pub async fn serve(listener: TcpListener, registry: Registry, shutdown: Cancella
                 }
             },
         };
+        clients.retain(|client| !client.task.is_finished());
+        if clients.len() >= MAX_CLIENTS {
+            let waiting = clients
+                .iter()
+                .position(|client| !client.answering.load(Ordering::Acquire));
+            match waiting {
+                Some(oldest) => {
+                    if let Some(client) = clients.remove(oldest) {
+                        client.task.abort();
+                    }
+                }
+                // Every place is answering; their answers end within their timeout.
+                None => continue,
+            }
+        }
         let registry = registry.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if let Err(error) = answer(stream, &registry).await {
+        let answering = Arc::new(AtomicBool::new(false));
+        let flag = answering.clone();
+        let task = tasks.spawn(async move {
+            if let Err(error) = answer(stream, &registry, &flag).await {
                 tracing::debug!(%error, "metrics request failed");
             }
         });
+        clients.push_back(Client { task, answering });
     }
 }
 
 /// Reads one HTTP request and answers it, then closes the connection.
-async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
+async fn answer(
+    mut stream: impl AsyncRead + AsyncWrite + Unpin,
+    registry: &Registry,
+    answering: &AtomicBool,
+) -> io::Result<()> {
     let mut request = Vec::with_capacity(512);
     let head = async {
         let mut buf = [0u8; 1024];
@@ -92,6 +122,7 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
     tokio::time::timeout(REQUEST_TIMEOUT, head)
         .await
         .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    answering.store(true, Ordering::Release);
     let line = request.split(|&b| b == b'\r').next().unwrap_or_default();
     let mut words = line.split(|&b| b == b' ');
     let (method, target) = (words.next(), words.next());
@@ -118,9 +149,14 @@ async fn answer(mut stream: TcpStream, registry: &Registry) -> io::Result<()> {
          Connection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    let send = async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body.as_bytes()).await?;
+        stream.shutdown().await
+    };
+    tokio::time::timeout(ANSWER_TIMEOUT, send)
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))?
 }
 
 /// Writes metric families into a collector's encoder, one call per family.
@@ -210,6 +246,7 @@ pub fn reason_label(reason: &str) -> String {
 #[cfg(test)]
 mod tests {
     use prometheus_client::collector::Collector;
+    use tokio::net::TcpStream;
 
     use super::*;
 
@@ -273,6 +310,57 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), test)
             .await
             .expect("the test timed out");
+    }
+
+    #[tokio::test]
+    async fn idle_clients_do_not_keep_a_scrape_waiting() {
+        let test = async {
+            let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let stop = CancellationToken::new();
+            tokio::spawn(serve(listener, Registry::default(), stop.clone()));
+            // Twice as many idle connections as there are places, each sending half a request.
+            let mut idle = Vec::new();
+            for _ in 0..2 * MAX_CLIENTS {
+                let mut stream = TcpStream::connect(address).await.unwrap();
+                stream
+                    .write_all(b"GET /metrics HTTP/1.1\r\n")
+                    .await
+                    .unwrap();
+                idle.push(stream);
+            }
+            let started = tokio::time::Instant::now();
+            let answer = get(address, "GET /metrics HTTP/1.1\r\n\r\n").await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            let waited = started.elapsed();
+            assert!(waited < REQUEST_TIMEOUT / 2, "the scrape waited {waited:?}");
+            stop.cancel();
+        };
+        tokio::time::timeout(Duration::from_secs(10), test)
+            .await
+            .expect("the test timed out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_does_not_read_its_answer_is_given_up_on() {
+        let mut registry = Registry::with_prefix("tether_test");
+        registry.register_collector(Box::new(Fixed));
+        // A connection whose client sent its request and reads nothing: it takes 64 bytes.
+        let (server, mut client) = tokio::io::duplex(64);
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        let answering = AtomicBool::new(false);
+        let started = tokio::time::Instant::now();
+        let answered = answer(server, &registry, &answering);
+        let error = tokio::time::timeout(ANSWER_TIMEOUT * 2, answered)
+            .await
+            .expect("the answer's own timeout")
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(answering.load(Ordering::Acquire));
+        assert_eq!(started.elapsed(), ANSWER_TIMEOUT);
     }
 
     #[test]
