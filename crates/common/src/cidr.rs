@@ -1,5 +1,6 @@
 //! Address blocks in CIDR notation (`203.0.113.0/24`, `2001:db8::/32`), for a forward's
-//! `allow_from` list of visitors.
+//! `allow_from` list of visitors; and the block a visitor's address counts in for the caps per
+//! address.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -67,6 +68,16 @@ fn bits(addr: IpAddr) -> u8 {
     }
 }
 
+/// What the caps per address count a visitor's address as: an IPv4 address alone, an IPv6
+/// address by its /64. One home or one server is given a whole /64, so counting its addresses
+/// apart would let one visitor walk past every cap.
+pub fn address_group(address: IpAddr) -> IpAddr {
+    match address.to_canonical() {
+        v4 @ IpAddr::V4(_) => v4,
+        v6 @ IpAddr::V6(_) => masked(v6, 64),
+    }
+}
+
 fn masked(addr: IpAddr, prefix: u8) -> IpAddr {
     match addr {
         IpAddr::V4(v4) => {
@@ -107,6 +118,16 @@ impl fmt::Display for Cidr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_visitors_count_by_their_64_and_ipv4_ones_alone() {
+        let group = |text: &str| address_group(text.parse().unwrap()).to_string();
+        assert_eq!(group("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(group("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_eq!(group("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(group("203.0.113.7"), "203.0.113.7");
+        assert_eq!(group("::ffff:203.0.113.7"), "203.0.113.7");
+    }
 
     fn ip(text: &str) -> IpAddr {
         text.parse().unwrap()

@@ -1,9 +1,12 @@
-//! A limited number of places, in total and for each address: handshakes under way, visitor
-//! connections open. A place is held until its [`Place`] is dropped.
+//! A limited number of places, in total and for each address: visitor connections open, to a
+//! forward and to the whole relay. A place is held until its [`Place`] is dropped. Addresses are counted by
+//! [`address_group`]: an IPv6 visitor by its /64.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+use tether_common::cidr::address_group;
 
 pub struct Places {
     max: usize,
@@ -41,6 +44,7 @@ impl Places {
 
     /// Takes a place for `address`, if both limits allow.
     pub fn take(self: &Arc<Self>, address: IpAddr) -> Result<Place, Full> {
+        let address = address_group(address);
         let mut taken = self.lock();
         if taken.total >= self.max {
             return Err(Full::Total);
@@ -108,5 +112,18 @@ mod tests {
         drop(_b);
         // An address with no place left is forgotten.
         assert_eq!(places.lock().by_address.len(), 1);
+    }
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_share_its_places() {
+        let places = Arc::new(Places::new(100, 2));
+        let v6 = |text: &str| text.parse::<IpAddr>().unwrap();
+        let _one = places.take(v6("2001:db8:0:1::1")).unwrap();
+        let _two = places.take(v6("2001:db8:0:1::2")).unwrap();
+        assert_eq!(
+            places.take(v6("2001:db8:0:1::3")).err(),
+            Some(Full::Address)
+        );
+        let _other_64 = places.take(v6("2001:db8:0:2::1")).unwrap();
     }
 }

@@ -16,8 +16,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::agents::{self, LiveSession, NewSession, Published};
+use crate::handshakes::Place;
 use crate::pace::Pace;
-use crate::places::Place;
 use crate::server::Shared;
 use crate::udp;
 
@@ -25,6 +25,8 @@ use crate::udp;
 enum SetupError {
     #[error("handshake timed out")]
     HandshakeTimeout,
+    #[error("handshake abandoned to make room for another address's")]
+    Evicted,
     #[error("handshake failed: {0}")]
     Handshake(#[from] quinn::ConnectionError),
     #[error("no Hello in time")]
@@ -47,6 +49,7 @@ impl SetupError {
                 Some("handshake timed out")
             }
             SetupError::Handshake(E::TransportError(_)) => Some("TLS or QUIC handshake failed"),
+            SetupError::Evicted => Some("handshake abandoned for another address's"),
             _ => Some("handshake abandoned by the client"),
         }
     }
@@ -64,7 +67,10 @@ impl SetupError {
 /// the handshake's place among those under way until it is over.
 pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place) {
     let remote = incoming.remote_address();
-    let handshake = handshake(incoming, shared.limits.handshake_timeout).await;
+    let handshake = tokio::select! {
+        handshake = handshake(incoming, shared.limits.handshake_timeout) => handshake,
+        () = place.evicted() => Err(SetupError::Evicted),
+    };
     drop(place);
     let conn = match handshake {
         Ok(conn) => conn,

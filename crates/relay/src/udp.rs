@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
+use tether_common::cidr::address_group;
 use tether_common::datagram::{self, DatagramHeader, DropReason, FlowId, UdpCounters, Violation};
 use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
 use tether_common::flows::{self, FlowTable};
@@ -259,7 +260,7 @@ impl SessionFlows {
                     table: FlowTable::new(
                         self.max_flows,
                         self.max_per_visitor,
-                        |(_, v): &Source| v.ip(),
+                        |(_, v): &Source| address_group(v.ip()),
                     )
                     .protect_active(self.protect_active),
                     idle,
@@ -438,6 +439,26 @@ mod tests {
         assert!(flows.ever_opened(first) && flows.ever_opened(second));
         assert!(!flows.ever_opened(0));
         assert!(!flows.ever_opened(second + 1));
+    }
+
+    #[test]
+    fn the_sources_of_one_ipv6_64_share_the_cap_per_visitor() {
+        let counters = UdpCounters::default();
+        let traffic = ForwardTraffic::default();
+        let flows = SessionFlows::new([(0, Duration::from_secs(120))], &limits(8, 2));
+        let open = |source: &str| {
+            flows
+                .flow_for(0, 60001, visitor(source), &counters, &traffic)
+                .unwrap()
+        };
+        let first = open("[2001:db8:0:1::1]:1000");
+        open("[2001:db8:0:1::2]:1000");
+        // A third address of the same /64 takes the place of its oldest flow.
+        open("[2001:db8:0:1::3]:1000");
+        assert_eq!(flows.visitor_of(first), None);
+        assert_eq!(counters.count().flows_evicted, 1);
+        open("[2001:db8:0:2::1]:1000");
+        assert_eq!(flows.open_flows(0), 3);
     }
 
     #[test]
