@@ -676,12 +676,7 @@ async fn an_agent_that_floods_updates_grows_no_memory_and_slows_no_one() {
         let keys = Keys::new();
         let configs = Configs::write(&keys, echo_service().await);
         let (rogue_identity, _) = keys.identity("rogue");
-        let mut relay_toml = std::fs::read_to_string(&configs.relay).unwrap();
-        relay_toml.push_str(&format!(
-            "[[agent]]\nname = \"rogue\"\nfingerprint = \"{}\"\nports = []\n",
-            rogue_identity.fingerprint()
-        ));
-        std::fs::write(&configs.relay, relay_toml).unwrap();
+        configs.add_agent("rogue", rogue_identity.fingerprint(), &[]);
         let relay_fingerprint = Identity::load(&configs.relay_key).unwrap().fingerprint();
         let mut relay = Process::spawn(
             &binary("tether-relay"),
@@ -757,6 +752,107 @@ async fn an_agent_that_floods_updates_grows_no_memory_and_slows_no_one() {
         assert!(grown <= 16 * 1024 * 1024, "the relay grew {grown} bytes");
         assert!(relay.signal_and_wait("TERM").await.success());
         assert!(agent.signal_and_wait("TERM").await.success());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitors_cannot_take_every_descriptor_of_the_relay() {
+    use tether_tests::lab::binary;
+    use tether_tests::process::{Configs, Process};
+    const OPEN_FILES: u64 = 512;
+    within_for("the whole test", Duration::from_secs(60), async {
+        let keys = Keys::new();
+        let configs = Configs::write(&keys, echo_service().await);
+        // Another agent, in this process, with a forward of its own.
+        let (other_identity, other_key) = keys.identity("other");
+        let other_port = free_port();
+        configs.add_agent(
+            "other",
+            other_identity.fingerprint(),
+            &[format!("{other_port}/tcp")],
+        );
+        let relay_identity = Identity::load(&configs.relay_key).unwrap();
+        // The relay can have OPEN_FILES descriptors, and no more.
+        let mut command = tokio::process::Command::new("prlimit");
+        command
+            .arg(format!("--nofile={OPEN_FILES}:{OPEN_FILES}"))
+            .arg(binary("tether-relay"))
+            .args(["run", "-c", configs.relay.to_str().unwrap()]);
+        let mut relay = Process::start(command);
+        relay.wait_for_line("relay listening").await;
+        let mut agent = Process::spawn(
+            &binary("tether-agent"),
+            &["run", "-c", configs.agent.to_str().unwrap()],
+        );
+        agent.wait_for_line("connected to relay").await;
+        let forwards = vec![tcp_forward("web", other_port, echo_service().await)];
+        let config = agent_config(
+            other_key,
+            configs.listen,
+            relay_identity.fingerprint(),
+            forwards,
+        );
+        let mut other = start_agent(config, &other_identity);
+        other.connected().await;
+
+        // Five addresses open 256 connections each to the first agent's forward, and keep
+        // them: more than the relay has descriptors.
+        let mut flood = Vec::new();
+        for source in 2..7 {
+            for _ in 0..256 {
+                let socket = TcpSocket::new_v4().unwrap();
+                socket
+                    .bind(SocketAddr::new(IpAddr::from([127, 0, 0, source]), 0))
+                    .unwrap();
+                if let Ok(tcp) = socket.connect(public(configs.port)).await {
+                    flood.push(tcp);
+                }
+            }
+        }
+        // The other agent's visitors are served all the same.
+        for _ in 0..5 {
+            let echoed = within("the other forward", round_trip(public(other_port), b"hi")).await;
+            assert_eq!(echoed.unwrap(), b"hi");
+        }
+        assert!(relay.signal_and_wait("TERM").await.success());
+        let log = relay.log.join("\n");
+        assert!(!log.contains("Too many open files"), "{log}");
+        assert!(
+            log.contains("the relay has its most visitor connections")
+                || log.contains("the forward has its most open connections"),
+            "{log}"
+        );
+        drop(flood);
+        other.stop().await;
+        assert!(agent.signal_and_wait("TERM").await.success());
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitors_over_the_caps_are_refused_at_once_while_the_agent_is_away() {
+    within("the whole test", async {
+        let (echo, _) = counting_echo().await;
+        let port = free_port();
+        let limits = Limits {
+            max_visitors_per_address: 2,
+            // Longer than the whole test: a visitor that waits this long fails it.
+            visitor_wait: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let bench = Bench::serving(vec![tcp_forward("web", port, echo)], limits, |_| {}).await;
+        // The agent goes away; the relay keeps its port for its return.
+        bench.agent.stop().await;
+        let _waiting = [
+            connect_from("127.0.0.1", port).await,
+            connect_from("127.0.0.1", port).await,
+        ];
+        let mut third = connect_from("127.0.0.1", port).await;
+        let mut buf = [0u8; 1];
+        let ended = within("the third visitor's refusal", third.read(&mut buf)).await;
+        assert!(matches!(ended, Ok(0) | Err(_)), "{ended:?}");
+        bench.relay.stop().await;
     })
     .await;
 }

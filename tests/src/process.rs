@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use tether_common::identity::Fingerprint;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
 
@@ -141,6 +142,17 @@ pub struct Configs {
 }
 
 impl Configs {
+    /// Lists one more agent in relay.toml, allowed `ports` (such as "2222/tcp").
+    pub fn add_agent(&self, name: &str, fingerprint: Fingerprint, ports: &[String]) {
+        let mut relay = std::fs::read_to_string(&self.relay).expect("relay.toml");
+        let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
+        relay.push_str(&format!(
+            "[[agent]]\nname = \"{name}\"\nfingerprint = \"{fingerprint}\"\nports = [{}]\n",
+            ports.join(", ")
+        ));
+        std::fs::write(&self.relay, relay).expect("relay.toml");
+    }
+
     pub fn write(keys: &Keys, local: SocketAddr) -> Self {
         let (relay_identity, relay_key) = keys.identity("relay");
         let (agent_identity, agent_key) = keys.identity("agent");

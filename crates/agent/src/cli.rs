@@ -144,6 +144,8 @@ fn load(file: &Path, key: Option<&Path>) -> Result<(AgentConfig, Identity), Exit
 }
 
 fn run(file: PathBuf, config: AgentConfig, identity: Identity) -> ExitCode {
+    // Every forwarded connection and UDP flow holds a descriptor here.
+    common::raise_open_files_limit();
     common::run_until_signal(|shutdown| async move {
         let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
         let key = config.key.clone();

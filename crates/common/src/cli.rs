@@ -157,6 +157,26 @@ pub fn init_files(
 
 /// Runs `serve` on a new runtime, cancelling its token at the first SIGINT or SIGTERM.
 ///
+/// Raises this process's soft limit of open files to its hard limit, and returns the soft
+/// limit in force then. Every visitor connection holds a descriptor at the relay, and every
+/// forwarded connection one at the agent; the soft limit is often 1,024, the hard one far more
+/// (systemd's default is 524,288, and the units ask for as much).
+pub fn raise_open_files_limit() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => return limit.maximum.unwrap_or(u64::MAX),
+            Err(error) => tracing::debug!(%error, "cannot raise the limit of open files"),
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
+}
+
 /// The runtime has one thread. A session's packets all pass through its QUIC connection's one
 /// driver task, so more threads add no parallelism to a transfer, only hand-offs between
 /// them: on two cores, relay and agent each on one thread spent a sixth less CPU per byte

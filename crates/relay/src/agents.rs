@@ -402,6 +402,18 @@ impl Table {
         Some(generation)
     }
 
+    /// Who may reach the agent's public TCP `port` now: the admission of the forward that
+    /// holds it, kept while the agent is away so that visitors are turned away before they
+    /// wait for it.
+    pub fn door(&self, agent: &str, port: u16) -> Option<Arc<Admission>> {
+        let slot = self.agents.get(agent)?;
+        let asked = slot
+            .forwards
+            .iter()
+            .find(|a| a.spec.proto == Proto::Tcp && a.spec.range.contains(port))?;
+        asked.admission.clone()
+    }
+
     /// Follows how many agents and forwards the relay serves.
     pub fn summary(&self) -> watch::Receiver<Summary> {
         self.summary.subscribe()

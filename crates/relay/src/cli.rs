@@ -11,7 +11,7 @@ use tether_common::identity::Identity;
 use tether_common::notify;
 
 use crate::status::RelayStatus;
-use crate::Relay;
+use crate::{Limits, Relay};
 
 const DEFAULT_CONFIG: &str = "/etc/tether/relay.toml";
 
@@ -129,7 +129,10 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
         let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
         let key = config.key.clone();
-        match Relay::bind(config, &identity) {
+        // Every visitor connection holds a descriptor: as many as the system lets us have, and
+        // visitors capped below that.
+        let limits = Limits::default().within_open_files(common::raise_open_files_limit());
+        match Relay::bind_with(config, &identity, limits) {
             Ok(relay) => {
                 let control = relay.control();
                 let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::{Summary, Table};
 use crate::handshakes::{Pending, Verdict};
+use crate::places::Places;
 use crate::session;
 use crate::status::RelayStatus;
 use crate::tally::{self, Tally};
@@ -44,6 +45,9 @@ pub struct Limits {
     /// A UDP flow seen this recently is never evicted for another visitor's new flow: under a
     /// flood of new sources the newcomers are refused, and mosh sessions under way go on.
     pub protect_active_flows: Duration,
+    /// Visitor TCP connections the relay carries at once, all forwards together; more are
+    /// refused. Each holds a descriptor: see [`Limits::within_open_files`].
+    pub max_visitors: usize,
     /// Visitor TCP connections one forward carries at once; more are refused.
     pub max_visitors_per_forward: usize,
     /// Visitor TCP connections from one address to one forward at once; more are refused.
@@ -77,6 +81,7 @@ impl Default for Limits {
             max_flows_per_visitor: 32,
             // mosh sends at least every 3 s while a session is open.
             protect_active_flows: Duration::from_secs(5),
+            max_visitors: 16 * 1024,
             max_visitors_per_forward: 1024,
             max_visitors_per_address: 256,
             max_pending_handshakes: 256,
@@ -89,6 +94,22 @@ impl Default for Limits {
             update_burst: 5,
             update_every: Duration::from_secs(1),
         }
+    }
+}
+
+impl Limits {
+    /// These limits, with the visitor caps lowered to fit a process that may have
+    /// `open_files` descriptors: visitors take at most three quarters of them (listeners,
+    /// sessions, the status and metrics sockets need the rest), and one forward at most half
+    /// of the visitors' share, so that a flood of one forward leaves room for the others.
+    pub fn within_open_files(mut self, open_files: u64) -> Self {
+        let share = usize::try_from(open_files / 4 * 3).unwrap_or(usize::MAX);
+        self.max_visitors = self.max_visitors.min(share).max(1);
+        self.max_visitors_per_forward = self
+            .max_visitors_per_forward
+            .min(self.max_visitors / 2)
+            .max(1);
+        self
     }
 }
 
@@ -120,6 +141,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     pub udp: Arc<UdpCounters>,
     pub refused_visitors: Tally,
+    /// Visitor TCP connections open now, all forwards together.
+    pub visitors: Arc<Places>,
     pub refused_handshakes: Arc<Tally>,
 }
 
@@ -192,6 +215,7 @@ impl Relay {
                 address: config.listen,
                 source,
             })?;
+        let visitors = Arc::new(Places::new(limits.max_visitors, usize::MAX));
         let shared = Arc::new(Shared {
             agents: RwLock::new(config.agents.clone().into()),
             pins: pins.clone(),
@@ -202,6 +226,7 @@ impl Relay {
             shutdown: CancellationToken::new(),
             udp: Arc::default(),
             refused_visitors: Tally::new("visitor refused"),
+            visitors,
             refused_handshakes,
         });
         Ok(Self {
@@ -459,5 +484,23 @@ fn admit(shared: &Arc<Shared>, pending: &Pending, incoming: quinn::Incoming) {
                 .record(reason, &remote.ip().to_canonical());
             incoming.ignore();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visitors_are_capped_below_the_descriptors_and_one_forward_below_half_of_them() {
+        let limits = Limits::default().within_open_files(512);
+        assert_eq!(limits.max_visitors, 384);
+        assert_eq!(limits.max_visitors_per_forward, 192);
+        // Plenty of descriptors: the defaults stand.
+        let plenty = Limits::default().within_open_files(1 << 20);
+        assert_eq!(plenty.max_visitors, Limits::default().max_visitors);
+        assert_eq!(plenty.max_visitors_per_forward, 1024);
+        let none = Limits::default().within_open_files(0);
+        assert_eq!((none.max_visitors, none.max_visitors_per_forward), (1, 1));
     }
 }

@@ -18,7 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
+use crate::admission::Admission;
 use crate::agents::{LiveSession, SessionWatch};
+use crate::places::Place;
 use crate::public;
 use crate::server::Shared;
 
@@ -32,16 +34,61 @@ pub fn listen(
     let listener = bind_tcp(shared.config.public_bind, port)?;
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port);
-    shared.tasks.spawn(
-        accept_loop(shared.clone(), listener, port, session, cancel.clone()).instrument(span),
-    );
+    let door = Door {
+        agent: agent.to_owned(),
+        port,
+    };
+    let task = accept_loop(shared.clone(), listener, door, session, cancel.clone());
+    shared.tasks.spawn(task.instrument(span));
     Ok(cancel.drop_guard())
+}
+
+/// Where visitors come in: one agent's public TCP port.
+struct Door {
+    agent: String,
+    port: u16,
+}
+
+/// What an admitted visitor holds until its connection ends: a place among the relay's
+/// visitors and one among its forward's, under the admission that gave it.
+struct Admitted {
+    _relay: Place,
+    forward: Place,
+    admission: Arc<Admission>,
+}
+
+impl Door {
+    /// Takes the visitor's places, or says in the tally why not. Done as the visitor arrives,
+    /// before anything waits for the agent: a visitor the forward would refuse holds nothing.
+    fn admit(&self, shared: &Shared, visitor: SocketAddr) -> Option<Admitted> {
+        let relay = match shared.visitors.take(visitor.ip()) {
+            Ok(place) => place,
+            Err(_) => {
+                let why = "the relay has its most visitor connections";
+                shared.refused_visitors.record(why, &visitor);
+                return None;
+            }
+        };
+        // The agent's latest forwards, kept while it is away; none if the port is closing.
+        let admission = shared.table().door(&self.agent, self.port)?;
+        match admission.admit(visitor.ip()) {
+            Ok(forward) => Some(Admitted {
+                _relay: relay,
+                forward,
+                admission,
+            }),
+            Err(refused) => {
+                shared.refused_visitors.record(refused.reason(), &visitor);
+                None
+            }
+        }
+    }
 }
 
 async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
-    port: u16,
+    door: Door,
     session: SessionWatch,
     cancel: CancellationToken,
 ) {
@@ -60,8 +107,19 @@ async fn accept_loop(
             },
         };
         let visitor = SocketAddr::new(visitor.ip().to_canonical(), visitor.port());
+        let Some(admitted) = door.admit(&shared, visitor) else {
+            splice::reset_tcp(&tcp);
+            continue;
+        };
         let span = tracing::debug_span!("visitor", %visitor);
-        let task = serve(tcp, visitor, port, session.clone(), shared.clone());
+        let task = serve(
+            tcp,
+            visitor,
+            door.port,
+            admitted,
+            session.clone(),
+            shared.clone(),
+        );
         shared.tasks.spawn(task.instrument(span));
     }
     tracing::debug!("closed");
@@ -77,6 +135,7 @@ fn serve(
     tcp: TcpStream,
     visitor: SocketAddr,
     port: u16,
+    admitted: Admitted,
     mut session: SessionWatch,
     shared: Arc<Shared>,
 ) -> impl Future<Output = ()> {
@@ -97,14 +156,27 @@ fn serve(
             tracing::debug!("agent away; visitor closed");
             return;
         };
-        let _ticket = match route.admission.admit(visitor.ip()) {
-            Ok(ticket) => ticket,
-            Err(refused) => {
-                shared.refused_visitors.record(refused.reason(), &visitor);
-                splice::reset_tcp(&tcp);
-                return;
+        let Admitted {
+            _relay,
+            forward: place,
+            admission,
+        } = admitted;
+        // The forward changed while the visitor waited: its new admission decides.
+        let _place = match Arc::ptr_eq(&admission, &route.admission) {
+            true => place,
+            false => {
+                drop(place);
+                match route.admission.admit(visitor.ip()) {
+                    Ok(place) => place,
+                    Err(refused) => {
+                        shared.refused_visitors.record(refused.reason(), &visitor);
+                        splice::reset_tcp(&tcp);
+                        return;
+                    }
+                }
             }
         };
+        drop(admission);
         let (mut send, recv) = match live.conn.open_bi().await {
             Ok(stream) => stream,
             Err(error) => {
