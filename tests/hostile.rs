@@ -103,6 +103,43 @@ async fn a_visitor_outside_allow_from_is_refused_and_one_inside_is_served() {
 }
 
 #[tokio::test]
+async fn narrowing_allow_from_closes_the_visitors_it_no_longer_admits() {
+    within("the whole test", async {
+        let port = free_port();
+        let forward = tcp_forward("ssh", port, echo_service().await);
+        let bench = Bench::serving(vec![forward.clone()], Limits::default(), |_| {}).await;
+        let mut leaving = connect_from("127.0.0.2", port).await;
+        let mut staying = connect_from("127.0.0.3", port).await;
+        assert!(echoes(&mut leaving).await && echoes(&mut staying).await);
+
+        // The agent's reload lets only 127.0.0.3 in from now on.
+        let mut narrowed = forward;
+        narrowed.allow_from = vec!["127.0.0.3/32".parse().unwrap()];
+        let config = agent_config(
+            bench.agent_key.clone(),
+            bench.relay.addr,
+            bench.relay.fingerprint,
+            vec![narrowed],
+        );
+        bench.agent.control.reload(config);
+        let mut buf = [0u8; 1];
+        let cut = within(
+            "the visitor no longer admitted to be closed",
+            leaving.read(&mut buf),
+        );
+        assert!(matches!(cut.await, Ok(0) | Err(_)));
+        assert!(
+            echoes(&mut staying).await,
+            "the one still admitted was closed"
+        );
+        let mut newcomer = connect_from("127.0.0.2", port).await;
+        assert!(!echoes(&mut newcomer).await);
+        bench.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn visitors_over_the_caps_are_refused_and_the_others_served() {
     within("the whole test", async {
         let (echo, accepted) = counting_echo().await;

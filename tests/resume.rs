@@ -20,6 +20,8 @@ struct Scene {
     relay: RelayHandle,
     link: CutLink,
     agent: AgentHandle,
+    /// The agent's config as it started, for a test to reload a changed one.
+    config: AgentConfig,
     port: u16,
     session: u64,
 }
@@ -47,7 +49,7 @@ impl Scene {
         let relay = start_relay(relay_config, &relay_identity);
         let link = CutLink::to(relay.addr).await;
         agent_config.relay.port = link.addr.port();
-        let mut agent = start_agent(agent_config, &agent_identity);
+        let mut agent = start_agent(agent_config.clone(), &agent_identity);
         let session = agent.connected().await.session().unwrap();
         // The keys' folder must outlive the processes that read it at start only.
         std::mem::forget(keys);
@@ -55,6 +57,7 @@ impl Scene {
             relay,
             link,
             agent,
+            config: agent_config,
             port,
             session,
         }
@@ -343,6 +346,45 @@ async fn bytes_reach_the_local_service_at_most_once_when_its_stream_ended_unconf
             "the service got the request twice"
         );
         agent.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_visitor_the_next_session_no_longer_admits_is_not_resumed() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let mut scene = Scene::start(echo_service().await, |_, _| {}).await;
+        let connect_from = |source: [u8; 4]| async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::from((source, 0))).unwrap();
+            socket.connect(public(scene.port)).await.unwrap()
+        };
+        let mut leaving = connect_from([127, 0, 0, 2]).await;
+        let mut staying = connect_from([127, 0, 0, 3]).await;
+        for tcp in [&mut leaving, &mut staying] {
+            tcp.write_all(b"hi").await.unwrap();
+            let mut back = [0u8; 2];
+            tcp.read_exact(&mut back).await.unwrap();
+        }
+        scene.lose_session().await;
+        // While the agent is away, its reload narrows the forward to 127.0.0.3.
+        let mut narrowed = scene.config.clone();
+        narrowed.forwards[0].allow_from = vec!["127.0.0.3/32".parse().unwrap()];
+        scene.agent.control.reload(narrowed);
+        scene.next_session().await;
+        let mut buf = [0u8; 1];
+        let closed = within(
+            "the visitor no longer admitted to be closed",
+            leaving.read(&mut buf),
+        );
+        assert!(matches!(closed.await, Ok(0) | Err(_)));
+        staying.write_all(b"on").await.unwrap();
+        let mut back = [0u8; 2];
+        within("the admitted visitor's echo", staying.read_exact(&mut back))
+            .await
+            .unwrap();
+        assert_eq!(&back, b"on");
+        scene.stop().await;
     })
     .await;
 }

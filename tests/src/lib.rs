@@ -226,6 +226,8 @@ impl RelayHandle {
 /// An agent running in-process until [`AgentHandle::stop`].
 pub struct AgentHandle {
     pub status: watch::Receiver<AgentStatus>,
+    /// Reloads the agent's config, as SIGHUP does.
+    pub control: tether_agent::AgentControl,
     pub udp: Arc<UdpCounters>,
     stop: CancellationToken,
     task: JoinHandle<()>,
@@ -234,11 +236,13 @@ pub struct AgentHandle {
 pub fn start_agent(config: AgentConfig, identity: &Identity) -> AgentHandle {
     let agent = Agent::new(config, identity).expect("agent");
     let status = agent.status();
+    let control = agent.control();
     let udp = agent.udp_counters();
     let stop = CancellationToken::new();
     let task = tokio::spawn(agent.run(stop.clone()));
     AgentHandle {
         status,
+        control,
         udp,
         stop,
         task,

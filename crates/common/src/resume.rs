@@ -138,6 +138,9 @@ pub struct HeldStream {
     /// Woken when the peer confirms and when the stream is handed how it goes on: the task
     /// carrying the stream waits for one or the other, and checks again what it waits for.
     changed: Notify,
+    /// Set, and woken, when the stream must end wherever it is (see [`HeldStream::revoke`]).
+    revoked: AtomicBool,
+    revoke: Notify,
 }
 
 /// Whatever a stream holds goes back to its table's room when the stream goes, however its
@@ -197,6 +200,27 @@ impl HeldStream {
             peer_ended: AtomicBool::new(false),
             next: Mutex::new(None),
             changed: Notify::new(),
+            revoked: AtomicBool::new(false),
+            revoke: Notify::new(),
+        }
+    }
+
+    /// Ends the stream wherever it is, carrying bytes or waiting for a session: its connection
+    /// may no longer go on (the visitor's address is no longer admitted).
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+        self.revoke.notify_waiters();
+    }
+
+    /// Completes once the stream is revoked.
+    pub async fn revoked(&self) {
+        loop {
+            // Made before the flag is read, so that a revocation in between still wakes it.
+            let woken = self.revoke.notified();
+            if self.revoked.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
         }
     }
 
@@ -608,6 +632,15 @@ impl HeldStreams {
         }
     }
 
+    /// Revokes every stream whose header `revoke` picks, wherever it is.
+    pub fn revoke_where(&self, mut revoke: impl FnMut(&StreamHeader) -> bool) {
+        for (stream, _) in self.lock().values() {
+            if revoke(&stream.header) {
+                stream.revoke();
+            }
+        }
+    }
+
     /// Closes every stream held.
     pub fn close_all(&self) {
         for (stream, _) in self.lock().values() {
@@ -813,6 +846,27 @@ mod tests {
         assert!(seen.contains(10_001), "the oldest gap counts as seen");
         let newest_gap = 10_001 + 4 * MAX_GAPS as u64 - 2;
         assert!(!seen.contains(newest_gap));
+    }
+
+    #[tokio::test]
+    async fn a_revoked_stream_is_told_whether_it_waits_already_or_not() {
+        within(async {
+            let streams = Arc::new(HeldStreams::default());
+            let (first, _a) = streams.add(header(1), 7).unwrap();
+            let (second, _b) = streams.add(header(2), 7).unwrap();
+            let waiting = tokio::spawn({
+                let first = first.clone();
+                async move { first.revoked().await }
+            });
+            tokio::task::yield_now().await;
+            assert!(still_waiting(second.revoked()).await);
+            streams.revoke_where(|header| header.id == 1);
+            waiting.await.unwrap();
+            assert!(still_waiting(second.revoked()).await, "only the one picked");
+            second.revoke();
+            second.revoked().await;
+        })
+        .await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -9,6 +9,7 @@
 //!   connection for a complete one. A connection held past the resume window is reset too.
 //! - A lost session is no failure: the TCP connection is held, nothing more is read from it,
 //!   and when the stream is resumed each side sends what the other did not receive.
+//! - A connection revoked (its visitor is no longer admitted) is reset at once, wherever it is.
 //! - A shutdown is no failure either: when this process stops, or the peer closes the session
 //!   because it stops, the TCP connection ends with a FIN, as any server that is stopped closes
 //!   its connections.
@@ -80,6 +81,8 @@ pub enum SpliceError {
     Resume(#[from] ResumeError),
     #[error("closed because this end is stopping")]
     Stopping,
+    #[error("closed: the connection may no longer go on (its address is no longer admitted)")]
+    Revoked,
 }
 
 /// What a splice needs besides its TCP connection and first data stream.
@@ -159,6 +162,7 @@ async fn wait_for_link(held: &Held<'_>) -> Result<Link, SpliceError> {
     let give_up = async {
         tokio::select! {
             () = held.stop.cancelled() => SpliceError::Stopping,
+            () = held.stream.revoked() => SpliceError::Revoked,
             () = tokio::time::sleep_until(deadline) => SpliceError::NotResumed(held.window),
         }
     };
@@ -227,6 +231,7 @@ async fn carry(
             // Checked first: once stopping, the errors of the closing session are no failures.
             biased;
             () = held.stop.cancelled() => return Err(SpliceError::Stopping),
+            () = stream.revoked() => return Err(SpliceError::Revoked),
             // The directions may both be waiting on something other than the session: the
             // session's end must end them.
             error = conn.closed() => return Err(SpliceError::SessionLost(error)),

@@ -17,7 +17,7 @@ use tether_common::config::AgentEntry;
 use tether_common::datagram::DatagramSender;
 use tether_common::ports::{PortSpec, Proto};
 use tether_common::protocol::{
-    CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamId,
+    CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamHeader, StreamId,
 };
 use tether_common::report;
 use tether_common::resume::{AckQueue, HeldStreams};
@@ -338,13 +338,11 @@ impl Table {
         }
         let lost = session.resume.filter(|_| resumes);
         // A visitor of a port the new session no longer has (its forward was dropped, or the
-        // agent's allowlist no longer covers it) is closed.
+        // agent's allowlist no longer covers it), or whose address it no longer admits, is
+        // closed.
         let routes = live.routes();
         let streams = slot.streams.resume(lost, live.id, |stream| {
-            let port = (Proto::Tcp, stream.header.port);
-            routes
-                .contains_key(&port)
-                .then(|| visitor::resume_link(&live, stream))
+            admits(&routes, &stream.header).then(|| visitor::resume_link(&live, stream))
         });
         self.update_summary();
         Some(Published {
@@ -369,6 +367,8 @@ impl Table {
             return None;
         }
         let (results, routes) = self.open_forwards(shared, agent, requests);
+        // A visitor whose forward went, or whose address the forward no longer admits, goes.
+        live.streams.revoke_where(|header| !admits(&routes, header));
         live.set_routes(routes);
         live.flows.set_forwards(udp_forwards(requests, &results));
         if let Some(slot) = self.agents.get(&agent.name) {
@@ -553,6 +553,13 @@ impl Table {
         slot.latest = None;
         tracing::info!(agent, "agent did not come back; its ports are closed");
     }
+}
+
+/// Whether `routes` still let the visitor of data stream `header` in.
+fn admits(routes: &Routes, header: &StreamHeader) -> bool {
+    routes
+        .get(&(Proto::Tcp, header.port))
+        .is_some_and(|route| route.admission.allows(header.visitor.ip()))
 }
 
 /// The UDP forwards that opened, as (id, flow idle time), for the session's flow tables.
