@@ -893,3 +893,40 @@ async fn visitors_over_the_caps_are_refused_at_once_while_the_agent_is_away() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_relay_logs_who_connected_and_what_they_carried() {
+    use tether_tests::lab::binary;
+    use tether_tests::process::{Configs, Process};
+    within_for("the whole test", Duration::from_secs(60), async {
+        let keys = Keys::new();
+        let configs = Configs::write(&keys, echo_service().await);
+        let mut relay = Process::spawn(
+            &binary("tether-relay"),
+            &["run", "-c", configs.relay.to_str().unwrap()],
+        );
+        relay.wait_for_line("relay listening").await;
+        let mut agent = Process::spawn(
+            &binary("tether-agent"),
+            &["run", "-c", configs.agent.to_str().unwrap()],
+        );
+        agent.wait_for_line("connected to relay").await;
+        let mut visitor = connect_from("127.0.0.9", configs.port).await;
+        assert!(echoes(&mut visitor).await);
+        let connected = relay.wait_for_line("visitor connected").await;
+        assert!(
+            connected.contains("INFO") && connected.contains("forward=echo"),
+            "{connected}"
+        );
+        assert!(connected.contains("visitor=127.0.0.9:"), "{connected}");
+        drop(visitor);
+        let closed = relay.wait_for_line("visitor disconnected").await;
+        assert!(closed.contains("visitor=127.0.0.9:"), "{closed}");
+        // "ping" each way.
+        assert!(closed.contains("bytes_in=4 bytes_out=4"), "{closed}");
+        assert!(closed.contains("seconds="), "{closed}");
+        assert!(agent.signal_and_wait("TERM").await.success());
+        assert!(relay.signal_and_wait("TERM").await.success());
+    })
+    .await;
+}

@@ -274,7 +274,8 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
         // The splice ends once the peer confirms this side's bytes and end.
         assert!(!spliced.is_finished());
         assert_eq!(streams.confirm(&[(1, 300_002)]), 0);
-        let moved = spliced.await.unwrap().expect("clean end both ways");
+        let (moved, ended) = spliced.await.unwrap();
+        ended.expect("clean end both ways");
         assert_eq!(
             moved,
             Transferred {

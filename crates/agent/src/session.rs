@@ -524,13 +524,13 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             meter: traffic.at_service(),
         };
         match splice(tcp, link, held).await {
-            Ok(moved) => tracing::debug!(
+            (moved, Ok(())) => tracing::debug!(
                 bytes_in = moved.to_tcp,
                 bytes_out = moved.to_stream,
                 "visitor done"
             ),
-            Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
-            Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
+            (_, Err(error)) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
+            (_, Err(error)) => tracing::debug!(%error, "visitor connection ended abnormally"),
         }
     }
     .instrument(span);

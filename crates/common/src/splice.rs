@@ -97,7 +97,7 @@ pub struct Held<'a> {
 
 /// Carries bytes both ways between `tcp` and the data stream of `link` until both directions
 /// have ended and the peer confirmed this side's bytes, across as many lost and resumed
-/// sessions as it takes.
+/// sessions as it takes; returns what it carried each way, and how it ended.
 ///
 /// One of these waits per forwarded connection, most of them idle, so its size counts: the
 /// body is an `async move` block, whose captures are used in place (an `async fn` would keep
@@ -110,18 +110,18 @@ pub fn splice<'a>(
     mut tcp: TcpStream,
     mut link: Link,
     held: Held<'a>,
-) -> impl Future<Output = Result<Transferred, SpliceError>> + Send + 'a {
+) -> impl Future<Output = (Transferred, Result<(), SpliceError>)> + Send + 'a {
     async move {
         let mut moved = Transferred::default();
-        loop {
+        let result = loop {
             let error = match carry(&mut tcp, &mut link, &held, &mut moved).await {
-                Ok(()) => return Ok(moved),
+                Ok(()) => break Ok(()),
                 Err(error) => error,
             };
             if error.is_shutdown() {
                 let _ = link.send.finish();
                 let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
-                return Err(error);
+                break Err(error);
             }
             if error.is_lost() && !held.window.is_zero() {
                 tracing::debug!(%error, "holding the connection until the session is back");
@@ -137,7 +137,7 @@ pub fn splice<'a>(
                     }
                     Err(error) => {
                         reset_tcp(&tcp);
-                        return Err(error);
+                        break Err(error);
                     }
                 }
             }
@@ -151,8 +151,9 @@ pub fn splice<'a>(
             if !matches!(error, SpliceError::TcpRead(_) | SpliceError::TcpWrite(_)) {
                 reset_tcp(&tcp);
             }
-            return Err(error);
-        }
+            break Err(error);
+        };
+        (moved, result)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod admission;
 pub mod agents;
+mod audit;
 pub mod cli;
 mod handshakes;
 pub mod metrics;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::{Summary, Table};
+use crate::audit::Audit;
 use crate::handshakes::{Pending, Verdict};
 use crate::places::Places;
 use crate::session;
@@ -143,6 +144,8 @@ pub struct Shared {
     pub refused_visitors: Tally,
     /// Visitor TCP connections open now, all forwards together.
     pub visitors: Arc<Places>,
+    /// Who connected, for the log.
+    pub audit: Audit,
     pub refused_handshakes: Arc<Tally>,
 }
 
@@ -227,6 +230,7 @@ impl Relay {
             udp: Arc::default(),
             refused_visitors: Tally::new("visitor refused"),
             visitors,
+            audit: Audit::default(),
             refused_handshakes,
         });
         Ok(Self {
@@ -281,7 +285,14 @@ impl Relay {
         }
         let pending = Pending::new(&shared.limits);
         let tallies = [&*shared.refused_handshakes, &shared.refused_visitors];
-        let summaries = tally::flush_every(shared.limits.log_summary_every, &tallies);
+        let period = shared.limits.log_summary_every;
+        let flush = || {
+            for tally in tallies {
+                tally.flush();
+            }
+            shared.audit.flush(period);
+        };
+        let summaries = tally::flush_every(period, flush);
         tokio::pin!(summaries);
         loop {
             tokio::select! {
@@ -297,6 +308,7 @@ impl Relay {
         for tally in tallies {
             tally.flush();
         }
+        shared.audit.flush(period);
         shared.shutdown.cancel();
         let code = CloseCode::RelayShutdown;
         endpoint.close(code.code(), code.reason().as_bytes());

@@ -94,14 +94,12 @@ impl Tally {
     }
 }
 
-/// Flushes `tallies` every `period` until the future is dropped.
-pub async fn flush_every(period: Duration, tallies: &[&Tally]) {
+/// Calls `flush` every `period` until the future is dropped.
+pub async fn flush_every(period: Duration, flush: impl Fn()) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         tick.tick().await;
-        for tally in tallies {
-            tally.flush();
-        }
+        flush();
     }
 }
 

@@ -194,7 +194,8 @@ fn serve(
             return; // Ids are never given twice; nothing to carry if one were.
         };
         let _open = route.traffic.visitor();
-        tracing::debug!(forward = %route.name, stream = header.id, "visitor connected");
+        tracing::debug!(forward = %route.name, stream = header.id, "data stream open");
+        let logged = shared.audit.accepted(&route.name, visitor);
         if let Err(error) = send.write_all(&header.encode()).await {
             tracing::debug!(%error, "cannot write the stream header");
             splice::reset_tcp(&tcp);
@@ -214,14 +215,10 @@ fn serve(
             stop: &shared.shutdown,
             meter: route.traffic.at_visitor(),
         };
-        match splice(tcp, link, held).await {
-            Ok(moved) => tracing::debug!(
-                bytes_in = moved.to_stream,
-                bytes_out = moved.to_tcp,
-                "visitor done"
-            ),
-            Err(error) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
-            Err(error) => tracing::debug!(%error, "visitor connection ended abnormally"),
+        let (moved, result) = splice(tcp, link, held).await;
+        match logged {
+            Some(logged) => logged.closed(&route.name, visitor, moved, &result),
+            None => tracing::debug!(?result, "visitor disconnected"),
         }
     }
 }
