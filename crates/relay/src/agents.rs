@@ -22,9 +22,10 @@ use tether_common::protocol::{
 use tether_common::report;
 use tether_common::resume::{AckQueue, HeldStreams};
 use tether_common::traffic::ForwardTraffic;
+use tokio::net::TcpListener;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
 use crate::registry::PortRegistry;
@@ -82,10 +83,21 @@ pub struct Route {
     pub udp: Option<Arc<UdpSocket>>,
 }
 
-/// A public port the agent holds: its listener runs until the guard is dropped.
+/// A public port the agent holds: its listener runs until this is dropped, and a TCP port
+/// stops taking connections there and then, so that a reload that closed it says so truly.
 struct Held {
-    _listener: DropGuard,
+    cancel: CancellationToken,
+    tcp: Option<Arc<TcpListener>>,
     udp: Option<Arc<UdpSocket>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(listener) = &self.tcp {
+            visitor::stop_listening(listener);
+        }
+    }
 }
 
 /// A session about to be published, with what the relay opened for it.
@@ -594,14 +606,16 @@ fn open_ports(
         }
         let opened = match spec.proto {
             Proto::Tcp => {
-                visitor::listen(shared, agent, port, live.subscribe()).map(|guard| Held {
-                    _listener: guard,
+                visitor::listen(shared, agent, port, live.subscribe()).map(|(cancel, tcp)| Held {
+                    cancel,
+                    tcp: Some(tcp),
                     udp: None,
                 })
             }
             Proto::Udp => {
-                udp::listen(shared, agent, port, live.subscribe()).map(|(guard, socket)| Held {
-                    _listener: guard,
+                udp::listen(shared, agent, port, live.subscribe()).map(|(cancel, socket)| Held {
+                    cancel,
+                    tcp: None,
                     udp: Some(socket),
                 })
             }

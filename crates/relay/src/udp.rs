@@ -30,14 +30,14 @@ use crate::agents::{LiveSession, SessionWatch};
 use crate::public;
 use crate::server::{Limits, Shared};
 
-/// Opens public UDP `port` for `agent` and carries what arrives on it until the returned guard is
-/// dropped. The socket is returned too: answers to visitors leave from it.
+/// Opens public UDP `port` for `agent` and carries what arrives on it until the returned token is
+/// cancelled. The socket is returned too: answers to visitors leave from it.
 pub fn listen(
     shared: &Arc<Shared>,
     agent: &str,
     port: u16,
     session: SessionWatch,
-) -> io::Result<(DropGuard, Arc<UdpSocket>)> {
+) -> io::Result<(CancellationToken, Arc<UdpSocket>)> {
     let socket = Arc::new(bind_udp(shared.config.public_bind, port)?);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port, proto = "udp");
@@ -49,7 +49,7 @@ pub fn listen(
         cancel.clone(),
     );
     shared.tasks.spawn(task.instrument(span));
-    Ok((cancel.drop_guard(), socket))
+    Ok((cancel, socket))
 }
 
 /// Reads visitors' datagrams on one public port and sends each to the agent's live session.

@@ -15,7 +15,7 @@ use tether_common::protocol::{ResumeHeader, StreamHeader};
 use tether_common::resume::{HeldStream, Link, Resume, ResumeError};
 use tether_common::splice::{self, splice, Held};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::Admission;
@@ -24,23 +24,38 @@ use crate::places::Place;
 use crate::public;
 use crate::server::Shared;
 
-/// Opens public TCP `port` for `agent` and serves it until the returned guard is dropped.
+/// Opens public TCP `port` for `agent` and serves it until the returned token is cancelled;
+/// the listener is returned too, for [`stop_listening`].
 pub fn listen(
     shared: &Arc<Shared>,
     agent: &str,
     port: u16,
     session: SessionWatch,
-) -> io::Result<DropGuard> {
-    let listener = bind_tcp(shared.config.public_bind, port)?;
+) -> io::Result<(CancellationToken, Arc<TcpListener>)> {
+    let listener = Arc::new(bind_tcp(shared.config.public_bind, port)?);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port);
     let door = Door {
         agent: agent.to_owned(),
         port,
     };
-    let task = accept_loop(shared.clone(), listener, door, session, cancel.clone());
+    let task = accept_loop(
+        shared.clone(),
+        listener.clone(),
+        door,
+        session,
+        cancel.clone(),
+    );
     shared.tasks.spawn(task.instrument(span));
-    Ok(cancel.drop_guard())
+    Ok((cancel, listener))
+}
+
+/// Stops `listener` taking connections at once, before its accept loop has seen that it was
+/// cancelled: a connection attempt to the port is refused from now on.
+pub fn stop_listening(listener: &TcpListener) {
+    if let Err(error) = SockRef::from(listener).shutdown(std::net::Shutdown::Both) {
+        tracing::debug!(%error, "cannot stop listening");
+    }
 }
 
 /// Where visitors come in: one agent's public TCP port.
@@ -87,7 +102,7 @@ impl Door {
 
 async fn accept_loop(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listener: Arc<TcpListener>,
     door: Door,
     session: SessionWatch,
     cancel: CancellationToken,
@@ -95,6 +110,8 @@ async fn accept_loop(
     tracing::debug!("listening");
     loop {
         let (tcp, visitor) = tokio::select! {
+            // First: a listener stopped by `stop_listening` fails to accept.
+            biased;
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
