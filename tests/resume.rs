@@ -388,3 +388,19 @@ async fn a_visitor_the_next_session_no_longer_admits_is_not_resumed() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_relay_shows_where_an_agent_is_now_after_its_nat_moved_it() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let scene = Scene::start(echo_service().await, |_, _| {}).await;
+        let address = |scene: &Scene| scene.relay.control.status().agents[0].address.clone();
+        assert_eq!(address(&scene), Some(scene.link.source().to_string()));
+        // The home NAT maps the agent to another port; the session follows it.
+        scene.link.move_source().await;
+        assert_eq!(round_trip(public(scene.port), b"hi").await.unwrap(), b"hi");
+        assert_eq!(address(&scene), Some(scene.link.source().to_string()));
+        assert_eq!(scene.agent.status.borrow().session(), Some(scene.session));
+        scene.stop().await;
+    })
+    .await;
+}

@@ -187,6 +187,8 @@ pub fn udp_forward(name: &str, remote: PortRange, host: &str, local: PortRange) 
 /// A relay running in-process until [`RelayHandle::stop`].
 pub struct RelayHandle {
     pub addr: SocketAddr,
+    /// Reads the relay's status and reloads its config, as the status socket and SIGHUP do.
+    pub control: tether_relay::Control,
     pub fingerprint: Fingerprint,
     pub udp: Arc<UdpCounters>,
     stop: CancellationToken,
@@ -201,11 +203,13 @@ pub fn start_relay(config: RelayConfig, identity: &Identity) -> RelayHandle {
 pub fn start_relay_with(config: RelayConfig, identity: &Identity, limits: Limits) -> RelayHandle {
     let relay = Relay::bind_with(config, identity, limits).expect("relay binds");
     let addr = relay.local_addr().expect("relay address");
+    let control = relay.control();
     let udp = relay.udp_counters();
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
     RelayHandle {
         addr,
+        control,
         fingerprint: identity.fingerprint(),
         udp,
         stop,

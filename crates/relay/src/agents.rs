@@ -172,7 +172,7 @@ struct Slot {
     sessions: u64,
     /// When the agent's latest session began, or ended if it is away.
     since: Option<SystemTime>,
-    /// Where the latest session came from.
+    /// Where the latest session came from; a live session's address may have moved since.
     address: Option<SocketAddr>,
     /// The listener of each held port.
     ports: HashMap<(Proto, u16), Held>,
@@ -404,7 +404,9 @@ impl Table {
         if !ours {
             return None;
         }
-        slot.live.send_replace(None);
+        if let Some(live) = slot.live.send_replace(None) {
+            slot.address = Some(live.conn.remote_address());
+        }
         slot.since = Some(SystemTime::now());
         if !resumable {
             slot.latest = None;
@@ -540,7 +542,12 @@ impl Table {
                     name: entry.name.clone(),
                     fingerprint: entry.fingerprint.to_string(),
                     connected: live.is_some(),
-                    address: slot.and_then(|s| s.address).map(|a| a.to_string()),
+                    // Where the session is now: QUIC follows the agent when its NAT moves it.
+                    address: live
+                        .as_ref()
+                        .map(|l| l.conn.remote_address())
+                        .or_else(|| slot.and_then(|s| s.address))
+                        .map(|a| a.to_string()),
                     since: slot.and_then(|s| s.since).map(report::timestamp),
                     rtt_ms: live.as_ref().map(|l| report::millis(l.conn.rtt())),
                     sessions,
