@@ -168,3 +168,62 @@ async fn downloads_reset_unread_do_not_use_up_the_budget() {
     })
     .await;
 }
+
+/// Waits until the relay has carried `carried` visitor connections in all and has none open:
+/// each has given back its places.
+async fn until_all_closed(relay: &RelayHandle, carried: u64) {
+    within("the relay to close every visitor connection", async {
+        loop {
+            let traffic = relay.control.status().agents[0].forwards[0].traffic;
+            if traffic.visitors == carried && traffic.visitors_open == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn visitor_places_come_back_however_the_connection_ends() {
+    use tether_relay::Limits;
+    within_for("the whole test", Duration::from_secs(120), async {
+        const PLACES: usize = 4;
+        let limits = Limits {
+            max_visitors: PLACES,
+            max_visitors_per_forward: PLACES,
+            max_visitors_per_address: PLACES,
+            ..Limits::default()
+        };
+        let port = free_port();
+        let forwards = vec![tcp_forward("dl", port, echo_or_download().await)];
+        let bench = Bench::serving(forwards, limits, |_| {}).await;
+        let mut carried = 0;
+        for _ in 0..25 {
+            // A clean end, a reset before any byte, a reset in the middle of a download: ten
+            // times as many connections as there are places, each ended before the next.
+            assert_eq!(round_trip(public(port), b"Eh").await.unwrap(), b"Eh");
+            reset(TcpStream::connect(public(port)).await.unwrap());
+            let mut download = TcpStream::connect(public(port)).await.unwrap();
+            download.write_all(b"D").await.unwrap();
+            let mut first = [0u8; 1];
+            within("the download", download.read_exact(&mut first))
+                .await
+                .unwrap();
+            reset(download);
+            carried += 3;
+            until_all_closed(&bench.relay, carried).await;
+        }
+        // Every place is free again: PLACES visitors at once are served.
+        let mut open = Vec::new();
+        for _ in 0..PLACES {
+            let mut tcp = TcpStream::connect(public(port)).await.unwrap();
+            tcp.write_all(b"E!").await.unwrap();
+            let mut back = [0u8; 2];
+            within("an echo", tcp.read_exact(&mut back)).await.unwrap();
+            open.push(tcp);
+        }
+        bench.stop().await;
+    })
+    .await;
+}
