@@ -419,7 +419,7 @@ impl Table {
     /// Who may reach the agent's public TCP `port` now: the admission of the forward that
     /// holds it, kept while the agent is away so that visitors are turned away before they
     /// wait for it.
-    pub fn door(&self, agent: &str, port: u16) -> Option<Arc<Admission>> {
+    pub fn admission_of(&self, agent: &str, port: u16) -> Option<Arc<Admission>> {
         let slot = self.agents.get(agent)?;
         let asked = slot
             .forwards

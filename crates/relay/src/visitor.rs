@@ -85,7 +85,7 @@ impl Door {
             }
         };
         // The agent's latest forwards, kept while it is away; none if the port is closing.
-        let admission = shared.table().door(&self.agent, self.port)?;
+        let admission = shared.table().admission_of(&self.agent, self.port)?;
         match admission.admit(visitor.ip()) {
             Ok(forward) => Some(Admitted {
                 _relay: relay,
