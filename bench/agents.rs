@@ -27,7 +27,7 @@ use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
 use tether_agent::Agent;
 use tether_common::config::AgentConfig;
-use tether_common::identity::Identity;
+use tether_common::trust::identity::Identity;
 use tether_relay::status::RelayStatus;
 use tokio::net::UnixDatagram;
 use tokio::process::{Child, Command};
@@ -355,7 +355,7 @@ impl RelayProcess {
 
     /// What the relay's status socket says, as `tether-relay status --json` prints it.
     async fn status(&self) -> Result<RelayStatus> {
-        let answer = tether_common::status_socket::query(&self.status_socket)
+        let answer = tether_common::service::status_socket::query(&self.status_socket)
             .await
             .context("asking the relay's status socket")?;
         serde_json::from_str(&answer).context("the relay's status")

@@ -39,7 +39,7 @@ where
 
 /// Closes `tcp` with a RST.
 fn reset(tcp: TcpStream) {
-    tether_common::splice::reset_tcp(&tcp);
+    tether_common::carry::splice::reset_tcp(&tcp);
 }
 
 /// Checks that 4 MiB still echo through `port`, every byte in order.

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 
 use tether_common::config::{Forward, LocalTarget, DEFAULT_FLOW_IDLE};
-use tether_common::ports::{PortRange, PortSpec, Proto};
+use tether_common::net::ports::{PortRange, PortSpec, Proto};
 use tether_tests::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;

@@ -235,7 +235,7 @@ async fn past_the_resume_window_both_connections_are_reset_and_new_visitors_are_
 
 #[tokio::test]
 async fn a_udp_flow_goes_on_from_the_same_local_socket_after_a_resume() {
-    use tether_common::ports::{PortSpec, Proto};
+    use tether_common::net::ports::{PortSpec, Proto};
     use tether_tests::udp::{consecutive_udp_ports, udp_whoami, visitor, whoami};
 
     within_for("the whole test", Duration::from_secs(60), async {
@@ -268,7 +268,7 @@ async fn a_udp_flow_goes_on_from_the_same_local_socket_after_a_resume() {
 
 #[tokio::test]
 async fn bytes_reach_the_local_service_at_most_once_when_its_stream_ended_unconfirmed() {
-    use tether_common::protocol::{
+    use tether_common::wire::protocol::{
         CloseCode, ForwardResult, ResumeHeader, StreamCode, StreamHeader, Welcome,
     };
     use tether_tests::raw::RawRelay;
@@ -283,7 +283,7 @@ async fn bytes_reach_the_local_service_at_most_once_when_its_stream_ended_unconf
                 if tcp.read_exact(&mut request).await.is_ok() {
                     let _ = took.send(request.to_vec());
                 }
-                tether_common::splice::reset_tcp(&tcp);
+                tether_common::carry::splice::reset_tcp(&tcp);
             }
         })
         .await;

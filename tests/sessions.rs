@@ -3,9 +3,9 @@
 
 use std::time::{Duration, Instant};
 
-use tether_common::identity::Identity;
-use tether_common::ports::{PortRange, PortSpec, Proto};
-use tether_common::protocol::{CloseCode, ForwardRequest, ForwardResult, Refusal};
+use tether_common::net::ports::{PortRange, PortSpec, Proto};
+use tether_common::trust::identity::Identity;
+use tether_common::wire::protocol::{CloseCode, ForwardRequest, ForwardResult, Refusal};
 use tether_relay::Limits;
 use tether_tests::raw::RawAgent;
 use tether_tests::*;

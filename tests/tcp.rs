@@ -196,10 +196,10 @@ async fn time_to_first_byte_of_a_new_visitor_connection() {
 #[tokio::test]
 async fn the_copy_loop_counts_the_bytes_each_way() {
     use std::sync::Arc;
-    use tether_common::resume::{AckQueue, HeldStreams, Link};
-    use tether_common::splice::{splice, Held, Transferred};
-    use tether_common::tls::{self, AgentPins};
-    use tether_common::traffic::ForwardTraffic;
+    use tether_common::carry::resume::{AckQueue, HeldStreams, Link};
+    use tether_common::carry::splice::{splice, Held, Transferred};
+    use tether_common::carry::traffic::ForwardTraffic;
+    use tether_common::trust::tls::{self, AgentPins};
 
     within("the whole test", async {
         let keys = Keys::new();
@@ -234,7 +234,7 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
         let traffic = Arc::new(ForwardTraffic::default());
         let meter = traffic.clone();
         let streams = Arc::new(HeldStreams::default());
-        let header = tether_common::protocol::StreamHeader {
+        let header = tether_common::wire::protocol::StreamHeader {
             id: 1,
             forward: 0,
             port: 1,

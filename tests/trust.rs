@@ -7,8 +7,8 @@ use rustls::client::ResolvesClientCert;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::SignatureScheme;
-use tether_common::identity::Identity;
-use tether_common::tls::{self, AgentPins};
+use tether_common::trust::identity::Identity;
+use tether_common::trust::tls::{self, AgentPins};
 use tether_tests::*;
 
 /// Shows `shown`'s certificate but signs with `signer`'s key.

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tether_common::config::Forward;
-use tether_common::datagram::MAX_PAYLOAD;
-use tether_common::ports::{PortRange, PortSpec, Proto};
+use tether_common::net::ports::{PortRange, PortSpec, Proto};
+use tether_common::wire::datagram::MAX_PAYLOAD;
 use tether_relay::Limits;
 use tether_tests::gate::UdpGate;
 use tether_tests::udp::*;
@@ -197,7 +197,7 @@ async fn a_visitor_address_over_its_cap_loses_its_longest_idle_flow() {
 async fn a_forward_over_its_cap_loses_its_longest_idle_flow() {
     within("the whole test", async {
         // Every flow here was seen a moment ago; which one goes is the question when none is
-        // protected (tests/hostile.rs has the protection of active flows).
+        // protected (tests/strangers.rs has the protection of active flows).
         let limits = Limits {
             max_flows_per_forward: 3,
             protect_active_flows: Duration::ZERO,

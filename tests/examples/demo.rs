@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tether_agent::Agent;
 use tether_common::config::{AgentConfig, RelayConfig};
-use tether_common::identity::Identity;
+use tether_common::trust::identity::Identity;
 use tether_relay::Relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tether_common::cli::init_logging(0);
+    tether_common::service::cli::init_logging(0);
     let dir = tempfile::Builder::new().prefix("tether-demo-").tempdir()?;
     let service = web_service().await?;
     let public_port = std::net::TcpListener::bind("127.0.0.1:0")?

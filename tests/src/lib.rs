@@ -8,12 +8,14 @@ pub mod lab;
 pub mod mosh;
 pub mod process;
 pub mod raw;
+pub mod status;
 pub mod tools;
 pub mod udp;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,12 +23,12 @@ use tether_agent::{Agent, AgentStatus};
 use tether_common::config::{
     AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig, DEFAULT_FLOW_IDLE,
 };
-use tether_common::datagram::UdpCounters;
-use tether_common::identity::{Fingerprint, Identity};
-use tether_common::ports::{PortRange, PortSpec, Proto};
+use tether_common::net::ports::{PortRange, PortSpec, Proto};
+use tether_common::trust::identity::{Fingerprint, Identity};
+use tether_common::wire::datagram::UdpCounters;
 use tether_relay::{Limits, Relay};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -109,7 +111,7 @@ pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
         key: key.clone(),
         public_bind: Some("127.0.0.1".parse().unwrap()),
         tcp_keepalive: Some(Duration::from_secs(30)),
-        resume_window: tether_common::resume::DEFAULT_RESUME_WINDOW,
+        resume_window: tether_common::carry::resume::DEFAULT_RESUME_WINDOW,
         agents,
         status_socket: key.with_file_name("relay.sock"),
         metrics: None,
@@ -147,7 +149,7 @@ pub fn agent_config(
         key,
         keepalive: Some(Duration::from_secs(10)),
         idle_timeout: Duration::from_secs(30),
-        resume_window: tether_common::resume::DEFAULT_RESUME_WINDOW,
+        resume_window: tether_common::carry::resume::DEFAULT_RESUME_WINDOW,
         forwards,
         metrics: None,
     }
@@ -440,4 +442,40 @@ pub async fn assert_port_closed(port: u16) {
 /// The public address of relay port `port` on loopback.
 pub fn public(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A visitor TCP connection from `source`, one of loopback's addresses.
+pub async fn connect_from(source: &str, port: u16) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::new(source.parse().unwrap(), 0))
+        .unwrap();
+    socket.connect(public(port)).await.expect("connect")
+}
+
+/// Whether an echo through `tcp` comes back.
+pub async fn echoes(tcp: &mut TcpStream) -> bool {
+    if tcp.write_all(b"ping").await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 4];
+    match within("the echo", tcp.read_exact(&mut buf)).await {
+        Ok(_) => &buf == b"ping",
+        Err(_) => false,
+    }
+}
+
+/// An echo service that counts the connections it accepted.
+pub async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>) {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let addr = serve(move |mut tcp| {
+        count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let (mut read, mut write) = tcp.split();
+            let _ = tokio::io::copy(&mut read, &mut write).await;
+        }
+    })
+    .await;
+    (addr, accepted)
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use tether_common::identity::Fingerprint;
+use tether_common::trust::identity::Fingerprint;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStderr, Command};
 
@@ -142,6 +142,20 @@ pub struct Configs {
 }
 
 impl Configs {
+    /// Starts the relay binary, then the agent binary, on these configs, and waits until the
+    /// agent is connected.
+    pub async fn run_both(&self) -> (Process, Process) {
+        let run = |binary_name: &str, config: &Path| {
+            let config = config.to_str().expect("a UTF-8 path").to_owned();
+            Process::spawn(&crate::lab::binary(binary_name), &["run", "-c", &config])
+        };
+        let mut relay = run("tether-relay", &self.relay);
+        relay.wait_for_line("relay listening").await;
+        let mut agent = run("tether-agent", &self.agent);
+        agent.wait_for_line("connected to relay").await;
+        (relay, agent)
+    }
+
     /// Lists one more agent in relay.toml, allowed `ports` (such as "2222/tcp").
     pub fn add_agent(&self, name: &str, fingerprint: Fingerprint, ports: &[String]) {
         let mut relay = std::fs::read_to_string(&self.relay).expect("relay.toml");

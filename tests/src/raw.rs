@@ -1,11 +1,14 @@
 //! An agent, or a relay, driven by hand: it says exactly what a test wants, right or wrong.
 
-use tether_common::control::{read_frame, write_frame};
-use tether_common::identity::Identity;
-use tether_common::protocol::{
+use std::time::Duration;
+use tether_common::wire::control::{read_frame, write_frame};
+
+use tether_common::net::ports::{PortRange, Proto};
+use tether_common::trust::identity::Identity;
+use tether_common::trust::tls;
+use tether_common::wire::protocol::{
     AgentMessage, CloseCode, ForwardRequest, ForwardResult, Hello, RelayMessage, Welcome, VERSION,
 };
-use tether_common::tls;
 
 use crate::{within, RelayHandle};
 
@@ -28,7 +31,7 @@ impl RawAgent {
     pub async fn connect_to(
         identity: &Identity,
         addr: std::net::SocketAddr,
-        fingerprint: tether_common::identity::Fingerprint,
+        fingerprint: tether_common::trust::identity::Fingerprint,
     ) -> Self {
         let (client, _) = tls::client_config(identity, fingerprint).unwrap();
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -80,15 +83,15 @@ impl RawAgent {
 /// so that a test can stage what a real relay does only by chance of timing.
 pub struct RawRelay {
     pub endpoint: quinn::Endpoint,
-    pub fingerprint: tether_common::identity::Fingerprint,
+    pub fingerprint: tether_common::trust::identity::Fingerprint,
 }
 
 impl RawRelay {
     /// Listens on loopback with `identity`'s key, admitting only `agent`'s.
-    pub fn bind(identity: &Identity, agent: tether_common::identity::Fingerprint) -> Self {
+    pub fn bind(identity: &Identity, agent: tether_common::trust::identity::Fingerprint) -> Self {
         let pins = std::sync::Arc::new(tls::AgentPins::new([agent]));
         let mut server = tls::server_config(identity, pins).unwrap();
-        server.transport_config(tether_common::transport::relay());
+        server.transport_config(tether_common::transport::quic::relay());
         let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
         Self {
             endpoint,
@@ -131,4 +134,15 @@ pub struct RawSession {
     pub hello: Hello,
     /// Kept so that the control stream lives as long as the session.
     pub control: (quinn::SendStream, quinn::RecvStream),
+}
+
+/// A forward request as an agent would send it, for one port.
+pub fn request(name: &str, proto: Proto, port: u16) -> ForwardRequest {
+    ForwardRequest {
+        name: name.into(),
+        proto,
+        remote: PortRange::single(port).unwrap(),
+        flow_idle: Duration::from_secs(120),
+        allow_from: vec![],
+    }
 }

@@ -3,7 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tether_common::ports::PortRange;
+use tether_common::net::ports::PortRange;
 use tokio::net::UdpSocket;
 
 use crate::consecutive;

@@ -4,10 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::{AgentConfig, HostPort, AGENT_STATUS_SOCKET};
-use tether_common::identity::{Fingerprint, Identity};
-use tether_common::notify;
+use tether_common::service::cli::{self as common, failure, usage_error};
+use tether_common::service::notify;
+use tether_common::trust::identity::{Fingerprint, Identity};
 
 use crate::status::AgentReport;
 use crate::{Agent, AgentStatus};
@@ -240,7 +240,7 @@ fn host_name() -> String {
         .trim()
         .chars()
         .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
-        .take(tether_common::protocol::MAX_NAME_LEN)
+        .take(tether_common::wire::protocol::MAX_NAME_LEN)
         .collect();
     if name.is_empty() {
         "home".into()

@@ -12,23 +12,24 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use quinn::EndpointConfig;
+use tether_common::carry::resume::HeldStreams;
 use tether_common::config::AgentConfig;
-use tether_common::datagram::{DropReason, UdpCounters};
-use tether_common::identity::{Fingerprint, Identity};
-use tether_common::protocol::{CloseCode, ForwardResult, SessionId};
-use tether_common::quic_socket;
-use tether_common::report;
-use tether_common::resume::HeldStreams;
-use tether_common::tls::{self, RelayPin, TlsError};
-use tether_common::transport;
+use tether_common::service::report;
+use tether_common::transport::quic;
+use tether_common::transport::socket;
+use tether_common::trust::identity::{Fingerprint, Identity};
+use tether_common::trust::tls::{self, RelayPin, TlsError};
+use tether_common::wire::datagram::{DropReason, UdpCounters};
+use tether_common::wire::protocol::{ForwardResult, SessionId};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
 use crate::backoff::Backoff;
+use crate::forwards::Offered;
 use crate::probe;
-use crate::session::{self, Context, Offered, SessionEnd};
+use crate::session::{self, Context, SessionEnd};
 use crate::status::{AgentReport, AgentStatus, ForwardReport, Tracker};
 
 /// How long one attempt to reach the relay may take, name lookup and handshake included.
@@ -125,7 +126,7 @@ pub struct Agent {
 impl Agent {
     pub fn new(config: AgentConfig, identity: &Identity) -> Result<Self, AgentError> {
         let (mut client, pin) = tls::client_config(identity, config.relay_fingerprint)?;
-        let transport = transport::agent(config.keepalive, config.idle_timeout)
+        let transport = quic::agent(config.keepalive, config.idle_timeout)
             .map_err(|_| AgentError::IdleTimeout)?;
         client.transport_config(transport);
         Ok(Self {
@@ -321,14 +322,14 @@ impl Agent {
                 SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
                 SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
             };
-            let socket = transport::udp_socket(local).map_err(ConnectError::Socket)?;
+            let socket = quic::udp_socket(local).map_err(ConnectError::Socket)?;
             let endpoint = match reused {
                 Some(endpoint) => {
                     endpoint.rebind(socket).map_err(ConnectError::Socket)?;
                     endpoint.clone()
                 }
                 None => {
-                    let runtime = Arc::new(quic_socket::Runtime);
+                    let runtime = Arc::new(socket::Runtime);
                     let config = EndpointConfig::default();
                     let endpoint = quinn::Endpoint::new(config, None, socket, runtime)
                         .map_err(ConnectError::Socket)?;
@@ -492,23 +493,6 @@ impl AgentControl {
                 .map(|&reason| (reason.label().to_owned(), self.udp.dropped(reason)))
                 .collect(),
         }
-    }
-}
-
-/// Why a lost session calls for reconnecting at once, if it does: the relay said goodbye
-/// because it is restarting or its config for this agent changed, or it answered with a stateless reset, which only a relay holding
-/// the same key can make (it restarted and no longer knows the session).
-pub(crate) fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
-    match error {
-        quinn::ConnectionError::ApplicationClosed(close) => {
-            match CloseCode::from_code(close.error_code)? {
-                CloseCode::RelayShutdown => Some("relay is restarting"),
-                CloseCode::Reconfigured => Some("the relay's config for this agent changed"),
-                _ => None,
-            }
-        }
-        quinn::ConnectionError::Reset => Some("relay restarted and no longer knows this session"),
-        _ => None,
     }
 }
 

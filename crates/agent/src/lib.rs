@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod cli;
 pub mod client;
+pub mod forwards;
 pub mod metrics;
 pub mod probe;
 pub mod session;

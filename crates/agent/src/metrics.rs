@@ -6,13 +6,13 @@ use std::fmt;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::{Registry, Unit};
-use tether_common::metrics::Families;
-use tether_common::traffic::TrafficCount;
+use tether_common::carry::traffic::TrafficCount;
+use tether_common::service::metrics::Families;
 
 use crate::client::AgentControl;
 use crate::status::ForwardReport;
 
-/// A registry with the agent's metrics, for [`tether_common::metrics::serve`].
+/// A registry with the agent's metrics, for [`tether_common::service::metrics::serve`].
 pub fn registry(control: AgentControl) -> Registry {
     let mut registry = Registry::with_prefix("tether_agent");
     registry.register_collector(Box::new(control));

@@ -5,25 +5,24 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tether_common::carry::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
+use tether_common::carry::splice::{splice, Held};
 use tether_common::config::Forward;
-use tether_common::control::{frames, read_frame, write_frame, FrameError};
-use tether_common::datagram::{DatagramSender, UdpCounters};
-use tether_common::protocol::{
+use tether_common::service::report;
+use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
+use tether_common::wire::datagram::{DatagramSender, UdpCounters};
+use tether_common::wire::protocol::{
     Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
     ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated, Welcome,
     VERSION,
 };
-use tether_common::report;
-use tether_common::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
-use tether_common::splice::{splice, Held};
-use tether_common::traffic::ForwardTraffic;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
 
-use crate::client::relay_restarting;
+use crate::forwards::Offered;
 use crate::status::{AgentStatus, Tracker};
 use crate::udp;
 
@@ -33,22 +32,6 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long connecting to a local service may take.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A forward from agent.toml, with what it carried since the agent started.
-#[derive(Debug, Clone)]
-pub struct Offered {
-    pub forward: Forward,
-    pub traffic: Arc<ForwardTraffic>,
-}
-
-impl Offered {
-    pub fn new(forward: Forward) -> Self {
-        Self {
-            forward,
-            traffic: Arc::default(),
-        }
-    }
-}
 
 /// What a session reports to and counts into, besides its connection.
 pub struct Context<'a> {
@@ -99,6 +82,23 @@ impl SessionEnd {
                 error: report::printable(&error),
             },
         }
+    }
+}
+
+/// Why a lost session calls for reconnecting at once, if it does: the relay said goodbye
+/// because it is restarting or its config for this agent changed, or it answered with a stateless reset, which only a relay holding
+/// the same key can make (it restarted and no longer knows the session).
+fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
+    match error {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            match CloseCode::from_code(close.error_code)? {
+                CloseCode::RelayShutdown => Some("relay is restarting"),
+                CloseCode::Reconfigured => Some("the relay's config for this agent changed"),
+                _ => None,
+            }
+        }
+        quinn::ConnectionError::Reset => Some("relay restarted and no longer knows this session"),
+        _ => None,
     }
 }
 

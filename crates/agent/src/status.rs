@@ -7,10 +7,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use tether_common::cli::count;
-use tether_common::protocol::{ForwardResult, SessionId};
-use tether_common::report::{self, age};
-use tether_common::traffic::TrafficCount;
+use tether_common::carry::traffic::TrafficCount;
+use tether_common::service::cli::count;
+use tether_common::service::report::{self, age};
+use tether_common::wire::protocol::{ForwardResult, SessionId};
 
 use crate::udp::Flows;
 
@@ -271,7 +271,7 @@ impl AgentReport {
 
 #[cfg(test)]
 mod tests {
-    use tether_common::protocol::Refusal;
+    use tether_common::wire::protocol::Refusal;
 
     use super::*;
 

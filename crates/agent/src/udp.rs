@@ -14,17 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
-use tether_common::datagram::UdpCounters;
-use tether_common::datagram::{self, DatagramHeader, DatagramSender, DropReason, FlowId};
-use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
-use tether_common::flows::{self, FlowTable};
-use tether_common::ports::{PortRange, Proto};
-use tether_common::traffic::ForwardTraffic;
+use tether_common::carry::flows::{self, FlowTable};
+use tether_common::carry::traffic::ForwardTraffic;
+use tether_common::net::ports::{PortRange, Proto};
+use tether_common::wire::datagram::UdpCounters;
+use tether_common::wire::datagram::{self, DatagramHeader, DatagramSender, DropReason, FlowId};
+use tether_common::wire::datagram::{HEADER_LEN, MAX_PAYLOAD};
 use tokio::net::UdpSocket;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use crate::session::Offered;
+use crate::forwards::Offered;
 
 /// Flows one forward carries at once; a new one evicts the longest idle. Each holds a socket
 /// and a 64 KiB receive buffer.

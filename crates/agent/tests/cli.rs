@@ -4,7 +4,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use tether_common::identity::Fingerprint;
+use tether_common::trust::identity::Fingerprint;
 use tether_tests::process::{run, Process};
 use tether_tests::*;
 

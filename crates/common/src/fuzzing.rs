@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use crate::config::{AgentConfig, RelayConfig};
-use crate::datagram::DatagramHeader;
-use crate::protocol::{
+use crate::wire::datagram::DatagramHeader;
+use crate::wire::protocol::{
     decode_frame_header, AgentMessage, RelayMessage, ResumeHeader, StreamHeader, FRAME_HEADER_LEN,
 };
 

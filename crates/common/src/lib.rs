@@ -1,23 +1,13 @@
-//! What tether's relay and agent share: the wire protocol, identities and TLS pinning, config
-//! types, the one TCP copy loop, and the UDP datagram format and flow table.
+//! What tether's relay and agent share, one folder a concern: the wire protocol (`wire`), trust
+//! (`trust`), the connection under a session (`transport`), ports and addresses (`net`), how
+//! bytes are carried (`carry`), the configs (`config`) and running as a service (`service`).
+//! ARCHITECTURE.md at the root of the repository is the map.
 
-pub mod cidr;
-pub mod cli;
+pub mod carry;
 pub mod config;
-pub mod control;
-pub mod datagram;
-pub mod flows;
 pub mod fuzzing;
-pub mod identity;
-pub mod metrics;
-pub mod notify;
-pub mod ports;
-pub mod protocol;
-pub mod quic_socket;
-pub mod report;
-pub mod resume;
-pub mod splice;
-pub mod status_socket;
-pub mod tls;
-pub mod traffic;
+pub mod net;
+pub mod service;
 pub mod transport;
+pub mod trust;
+pub mod wire;

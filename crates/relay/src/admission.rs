@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use tether_common::cidr::Cidr;
+use tether_common::net::cidr::Cidr;
 
 use crate::places::{Full, Place, Places};
 

@@ -3,7 +3,7 @@
 //!
 //! Ports belong to the agent, not to one session: a new session of the same agent takes them
 //! over at once, without closing the listeners, and an agent that went away keeps them for
-//! [`crate::server::Limits::port_hold`] so that it finds them again when it reconnects.
+//! [`crate::limits::Limits::port_hold`] so that it finds them again when it reconnects.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -12,16 +12,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use tether_common::cli::count;
+use tether_common::carry::resume::{AckQueue, HeldStreams};
+use tether_common::carry::traffic::ForwardTraffic;
 use tether_common::config::AgentEntry;
-use tether_common::datagram::DatagramSender;
-use tether_common::ports::{PortSpec, Proto};
-use tether_common::protocol::{
+use tether_common::net::ports::{PortSpec, Proto};
+use tether_common::service::cli::count;
+use tether_common::service::report;
+use tether_common::wire::datagram::DatagramSender;
+use tether_common::wire::protocol::{
     CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamHeader, StreamId,
 };
-use tether_common::report;
-use tether_common::resume::{AckQueue, HeldStreams};
-use tether_common::traffic::ForwardTraffic;
 use tokio::net::TcpListener;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -363,7 +363,7 @@ impl Table {
         })
     }
 
-    /// Applies an agent's [`Update`](tether_common::protocol::Update) to its live session
+    /// Applies an agent's [`Update`](tether_common::wire::protocol::Update) to its live session
     /// `id`: the routes and the UDP flow tables become those of the new set, and visitors
     /// waiting for a port that just opened are let through. `None` if `id` is no longer the
     /// agent's live session.
@@ -484,7 +484,7 @@ impl Table {
                 .keys()
                 .copied()
                 .filter(|&(proto, port)| {
-                    let range = tether_common::ports::PortRange::single(port);
+                    let range = tether_common::net::ports::PortRange::single(port);
                     !range.is_some_and(|range| agent.allows(PortSpec { proto, range }))
                 })
                 .collect();

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tether_common::splice::{SpliceError, Transferred};
+use tether_common::carry::splice::{SpliceError, Transferred};
 
 /// Visitor connections logged one by one in a period at most.
 pub const LINES_PER_PERIOD: usize = 64;

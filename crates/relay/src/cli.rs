@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tether_common::cli::{self as common, failure, usage_error};
 use tether_common::config::{RelayConfig, RELAY_STATUS_SOCKET};
-use tether_common::identity::Identity;
-use tether_common::notify;
+use tether_common::service::cli::{self as common, failure, usage_error};
+use tether_common::service::notify;
+use tether_common::trust::identity::Identity;
 
 use crate::status::RelayStatus;
 use crate::{Limits, Relay};

@@ -12,10 +12,10 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tether_common::cidr::address_group;
+use tether_common::net::cidr::address_group;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::server::Limits;
+use crate::limits::Limits;
 
 /// What to do with a new connection attempt.
 pub enum Verdict {

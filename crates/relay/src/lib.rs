@@ -6,6 +6,7 @@ pub mod agents;
 mod audit;
 pub mod cli;
 mod handshakes;
+pub mod limits;
 pub mod metrics;
 mod pace;
 mod places;
@@ -18,7 +19,8 @@ mod tally;
 pub mod udp;
 pub mod visitor;
 
-pub use server::{Control, Limits, Relay, RelayError};
+pub use limits::Limits;
+pub use server::{Control, Relay, RelayError};
 
 #[cfg(test)]
 mod testing {

@@ -6,13 +6,13 @@ use std::fmt;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use prometheus_client::registry::{Registry, Unit};
-use tether_common::metrics::{reason_label, Families};
-use tether_common::traffic::TrafficCount;
+use tether_common::carry::traffic::TrafficCount;
+use tether_common::service::metrics::{reason_label, Families};
 
 use crate::server::Control;
 use crate::status::{AgentState, ForwardState};
 
-/// A registry with the relay's metrics, for [`tether_common::metrics::serve`].
+/// A registry with the relay's metrics, for [`tether_common::service::metrics::serve`].
 pub fn registry(control: Control) -> Registry {
     let mut registry = Registry::with_prefix("tether_relay");
     registry.register_collector(Box::new(control));

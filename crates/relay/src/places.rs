@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use tether_common::cidr::address_group;
+use tether_common::net::cidr::address_group;
 
 pub struct Places {
     max: usize,

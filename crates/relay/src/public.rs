@@ -5,7 +5,7 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tether_common::ports::Proto;
+use tether_common::net::ports::Proto;
 
 /// A bound, non-blocking socket for public `port`; TCP ones are listening.
 pub fn bind(address: Option<IpAddr>, port: u16, proto: Proto) -> io::Result<Socket> {

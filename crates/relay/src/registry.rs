@@ -7,8 +7,8 @@
 use std::collections::HashMap;
 
 use tether_common::config::AgentEntry;
-use tether_common::ports::{PortSpec, Proto};
-use tether_common::protocol::Refusal;
+use tether_common::net::ports::{PortSpec, Proto};
+use tether_common::wire::protocol::Refusal;
 
 #[derive(Debug, Default)]
 pub struct PortRegistry {
@@ -58,7 +58,7 @@ impl PortRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tether_common::identity::Fingerprint;
+    use tether_common::trust::identity::Fingerprint;
 
     fn agent(name: &str, ports: &[&str]) -> AgentEntry {
         AgentEntry {

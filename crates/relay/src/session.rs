@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tether_common::control::{frames, read_frame, write_frame, FrameError};
-use tether_common::datagram::DatagramSender;
-use tether_common::protocol::{
+use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
+use tether_common::wire::datagram::DatagramSender;
+use tether_common::wire::protocol::{
     Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
     SessionId, Update, Updated, Welcome, VERSION,
 };
-use tether_common::{report, tls};
+use tether_common::{service::report, trust::tls};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -133,7 +133,7 @@ async fn run_session(
     conn: quinn::Connection,
     remote: SocketAddr,
     id: SessionId,
-    agent: tether_common::identity::Fingerprint,
+    agent: tether_common::trust::identity::Fingerprint,
 ) {
     let (mut send, recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,

@@ -6,9 +6,9 @@ use std::fmt::Write;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use tether_common::cli::count;
-use tether_common::report::{self, age};
-use tether_common::traffic::TrafficCount;
+use tether_common::carry::traffic::TrafficCount;
+use tether_common::service::cli::count;
+use tether_common::service::report::{self, age};
 
 /// The relay's state at one moment, as `status --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

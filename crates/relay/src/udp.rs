@@ -14,21 +14,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use socket2::SockRef;
-use tether_common::cidr::address_group;
-use tether_common::datagram::{self, DatagramHeader, DropReason, FlowId, UdpCounters, Violation};
-use tether_common::datagram::{HEADER_LEN, MAX_PAYLOAD};
-use tether_common::flows::{self, FlowTable};
-use tether_common::ports::Proto;
-use tether_common::protocol::CloseCode;
-use tether_common::traffic::ForwardTraffic;
+use tether_common::carry::flows::{self, FlowTable};
+use tether_common::carry::traffic::ForwardTraffic;
+use tether_common::net::cidr::address_group;
+use tether_common::net::ports::Proto;
+use tether_common::wire::datagram::{
+    self, DatagramHeader, DropReason, FlowId, UdpCounters, Violation,
+};
+use tether_common::wire::datagram::{HEADER_LEN, MAX_PAYLOAD};
+use tether_common::wire::protocol::CloseCode;
 use tokio::net::UdpSocket;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::Instrument;
 
 use crate::admission::Refused;
 use crate::agents::{LiveSession, SessionWatch};
+use crate::limits::Limits;
 use crate::public;
-use crate::server::{Limits, Shared};
+use crate::server::Shared;
 
 /// Opens public UDP `port` for `agent` and carries what arrives on it until the returned token is
 /// cancelled. The socket is returned too: answers to visitors leave from it.

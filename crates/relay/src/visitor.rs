@@ -10,10 +10,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tether_common::ports::Proto;
-use tether_common::protocol::{ResumeHeader, StreamHeader};
-use tether_common::resume::{HeldStream, Link, Resume, ResumeError};
-use tether_common::splice::{self, splice, Held};
+use tether_common::carry::resume::{HeldStream, Link, Resume, ResumeError};
+use tether_common::carry::splice::{self, splice, Held};
+use tether_common::net::ports::Proto;
+use tether_common::wire::protocol::{ResumeHeader, StreamHeader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;

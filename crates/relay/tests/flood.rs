@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, RngCore};
-use tether_common::ports::PortRange;
-use tether_common::tls;
+use tether_common::net::ports::PortRange;
+use tether_common::trust::tls;
 use tether_tests::udp::{ask, consecutive_udp_ports, udp_echo};
 use tether_tests::*;
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};

@@ -12,10 +12,10 @@ use super::{
     duration, fingerprint, metrics_address, name, optional_duration, path_in, port_range, read,
     resume_window, split_host, ConfigError, Problems,
 };
-use crate::cidr::Cidr;
-use crate::identity::Fingerprint;
-use crate::ports::{PortRange, Proto};
-use crate::protocol::MAX_ALLOW_FROM;
+use crate::net::cidr::Cidr;
+use crate::net::ports::{PortRange, Proto};
+use crate::trust::identity::Fingerprint;
+use crate::wire::protocol::MAX_ALLOW_FROM;
 
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 
-use crate::identity::Fingerprint;
-use crate::ports::PortRange;
+use crate::net::ports::PortRange;
+use crate::trust::identity::Fingerprint;
 
 pub use agent::{
     AgentConfig, Forward, HostPort, LocalTarget, AGENT_STATUS_SOCKET, DEFAULT_FLOW_IDLE,
@@ -145,7 +145,7 @@ fn optional_duration(text: &str) -> Result<Option<Duration>, String> {
 /// `resume_window`: a duration, `"off"` or zero for none; five minutes if absent.
 fn resume_window(text: Option<&str>, p: &mut Problems) -> Option<Duration> {
     match text {
-        None => Some(crate::resume::DEFAULT_RESUME_WINDOW),
+        None => Some(crate::carry::resume::DEFAULT_RESUME_WINDOW),
         Some(text) => p.check(
             "resume_window",
             optional_duration(text).map(Option::unwrap_or_default),
@@ -184,12 +184,12 @@ fn path_in(dir: &Path, text: &str) -> Result<PathBuf, String> {
 
 /// Names of agents and forwards: short, and safe to print in logs and status tables.
 fn name(text: &str) -> Result<String, String> {
-    if crate::protocol::is_valid_name(text) {
+    if crate::wire::protocol::is_valid_name(text) {
         Ok(text.to_owned())
     } else {
         Err(format!(
             "expected 1 to {} letters, digits, '-', '_' or '.', got \"{text}\"",
-            crate::protocol::MAX_NAME_LEN
+            crate::wire::protocol::MAX_NAME_LEN
         ))
     }
 }

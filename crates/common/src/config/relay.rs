@@ -10,8 +10,8 @@ use super::{
     fingerprint, metrics_address, name, optional_duration, path_in, read, resume_window,
     ConfigError, Problems,
 };
-use crate::identity::Fingerprint;
-use crate::ports::PortSpec;
+use crate::net::ports::PortSpec;
+use crate::trust::identity::Fingerprint;
 
 pub const DEFAULT_TCP_KEEPALIVE: Duration = Duration::from_secs(30);
 

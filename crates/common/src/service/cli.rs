@@ -15,9 +15,9 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::ConfigError;
-use crate::identity::Identity;
-use crate::metrics;
-use crate::status_socket::{self, StatusSocket};
+use crate::service::metrics;
+use crate::service::status_socket::{self, StatusSocket};
+use crate::trust::identity::Identity;
 
 /// Exit code for bad usage or a bad config (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
-use crate::traffic::TrafficCount;
+use crate::carry::traffic::TrafficCount;
 
 /// `text` with its control characters escaped (a newline as `\n`, an escape as `\u{1b}`), for
 /// text from the network on its way to a log or a terminal, such as a peer's reason for closing

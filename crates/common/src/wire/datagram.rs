@@ -28,7 +28,7 @@ use bytes::Bytes;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
-use crate::protocol::DecodeError;
+use crate::wire::protocol::DecodeError;
 
 /// The bytes in front of every payload.
 pub const HEADER_LEN: usize = 8;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::splice::Meter;
+use crate::carry::splice::Meter;
 
 #[derive(Debug, Default)]
 pub struct ForwardTraffic {

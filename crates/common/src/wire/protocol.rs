@@ -41,7 +41,7 @@
 //!    |<-------------------------------------------------|
 //!    |                                                  |
 //!    | QUIC datagram: one per visitor UDP datagram,     | a visitor's datagram reaches
-//!    | either way (see crate::datagram)                 | a public UDP port
+//!    | either way (see crate::wire::datagram)                 | a public UDP port
 //!    |   DatagramHeader { flow, forward, port }, payload|
 //!    |<------------------------------------------------>|
 //!    | unidirectional stream: the same, for a datagram  |
@@ -75,8 +75,8 @@ use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::cidr::Cidr;
-use crate::ports::{PortRange, Proto};
+use crate::net::cidr::Cidr;
+use crate::net::ports::{PortRange, Proto};
 
 /// The version carried in [`Hello`]. ALPN already selects it; the field lets a relay explain a
 /// mismatch instead of failing the handshake.
@@ -117,7 +117,7 @@ pub type StreamId = u64;
 
 /// Streams one [`Welcome`] resumes at most, and offsets one [`Acks`] carries at most: as many
 /// data streams as a session has open at once.
-pub const MAX_STREAMS_PER_FRAME: usize = crate::transport::MAX_DATA_STREAMS as usize;
+pub const MAX_STREAMS_PER_FRAME: usize = crate::transport::quic::MAX_DATA_STREAMS as usize;
 
 /// A forward's number within a session: its index in [`Hello`], or the id the agent gave it in
 /// an [`Update`]. Data streams and datagrams name their forward by it.

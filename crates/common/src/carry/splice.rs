@@ -1,6 +1,6 @@
 //! The one TCP copy loop, used by the relay for visitors and by the agent for local services:
 //! a TCP connection spliced to a QUIC data stream, both directions at once, held across a lost
-//! session until a new one resumes it (see [`crate::resume`]).
+//! session until a new one resumes it (see [`crate::carry::resume`]).
 //!
 //! - Half-close: EOF from TCP finishes the stream, the end of the stream shuts down TCP's
 //!   write side; the other direction goes on until it ends too.
@@ -39,8 +39,8 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{CloseCode, StreamCode};
-use crate::resume::{HeldStream, Link, Resume, ResumeError, ACK_EVERY};
+use crate::carry::resume::{HeldStream, Link, Resume, ResumeError, ACK_EVERY};
+use crate::wire::protocol::{CloseCode, StreamCode};
 
 /// The most bytes read from either side at once.
 pub const CHUNK: usize = 16 * 1024;
@@ -358,7 +358,7 @@ async fn stream_to_tcp(
     recv: &mut RecvStream,
     tcp: &TcpStream,
     stream: &HeldStream,
-    acks: &crate::resume::AckQueue,
+    acks: &crate::carry::resume::AckQueue,
     mut counts: Counts<'_>,
 ) -> Result<(), SpliceError> {
     let mut unconfirmed = 0u64;

@@ -1,6 +1,6 @@
 //! What lets a data stream outlive its session: per stream, the bytes sent and not yet confirmed
 //! by the peer and the count of bytes received; per session, the confirmations to send (see
-//! [`crate::protocol`], "Resuming"); per side, the table of streams held.
+//! [`crate::wire::protocol`], "Resuming"); per side, the table of streams held.
 //!
 //! Offsets count the bytes of one direction of a stream from its start, across every session it
 //! lived in. The end of a direction counts as one more byte, so that "received everything" and
@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::protocol::{SessionId, StreamHeader, StreamId, MAX_STREAMS_PER_FRAME};
-use crate::transport::{SESSION_WINDOW, STREAM_WINDOW};
+use crate::transport::quic::{SESSION_WINDOW, STREAM_WINDOW};
+use crate::wire::protocol::{SessionId, StreamHeader, StreamId, MAX_STREAMS_PER_FRAME};
 
 /// Unconfirmed bytes one data stream keeps at most.
 pub const HELD_PER_STREAM: usize = STREAM_WINDOW as usize;
@@ -385,7 +385,7 @@ impl HeldStream {
 }
 
 /// The received offsets of one session's streams, waiting to be confirmed to the peer in
-/// [`crate::protocol::Acks`] frames.
+/// [`crate::wire::protocol::Acks`] frames.
 #[derive(Default)]
 pub struct AckQueue {
     state: Mutex<AckState>,

@@ -10,8 +10,8 @@ use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt, VarIntBoundsEx
 use quinn_proto::HashedConnectionIdGenerator;
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::datagram::MAX_STREAMED;
-use crate::identity::Identity;
+use crate::trust::identity::Identity;
+use crate::wire::datagram::MAX_STREAMED;
 
 /// Visitor TCP connections one session carries at once; more wait for a free stream.
 pub const MAX_DATA_STREAMS: u32 = 1024;

@@ -1,10 +1,10 @@
-//! Control frames on a QUIC stream: [`crate::protocol`]'s pure codec, read and written.
+//! Control frames on a QUIC stream: [`crate::wire::protocol`]'s pure codec, read and written.
 
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-use crate::protocol::{decode_frame_header, DecodeError, FRAME_HEADER_LEN};
+use crate::wire::protocol::{decode_frame_header, DecodeError, FRAME_HEADER_LEN};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {

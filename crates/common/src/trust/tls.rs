@@ -11,10 +11,10 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{Fingerprint, Identity};
+use crate::trust::identity::{Fingerprint, Identity};
 
 /// The one application protocol both sides speak; the version of the wire format in
-/// [`crate::protocol`].
+/// [`crate::wire::protocol`].
 pub const ALPN: &[u8] = b"tether/1";
 
 /// The name the agent asks for. The relay's certificate is trusted by its key, so the name is
