@@ -7,12 +7,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
-use tether_common::carry::resume::{AckQueue, HeldStreams};
+use tether_common::carry::resume::{HeldStream, HeldStreams, Resume};
 use tether_common::carry::traffic::ForwardTraffic;
 use tether_common::config::AgentEntry;
 use tether_common::net::ports::{PortSpec, Proto};
@@ -22,83 +23,34 @@ use tether_common::wire::datagram::DatagramSender;
 use tether_common::wire::protocol::{
     CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamHeader, StreamId,
 };
-use tokio::net::TcpListener;
-use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use crate::admission::Admission;
+use crate::flows::SessionFlows;
+use crate::limits::Limits;
+use crate::live::{LiveSession, Route, Routes, SessionWatch};
+use crate::public::Listening;
 use crate::registry::PortRegistry;
-use crate::server::Shared;
 use crate::status::{AgentState, ForwardState};
-use crate::udp::{self, SessionFlows};
-use crate::visitor;
 
-/// Which forward serves each public port.
-pub type Routes = HashMap<(Proto, u16), Route>;
-
-/// One authenticated session, as visitors need it.
-pub struct LiveSession {
-    pub id: SessionId,
-    pub conn: quinn::Connection,
-    /// Replaced as a whole when the agent updates its forwards.
-    routes: RwLock<Arc<Routes>>,
-    /// The flows of the session's UDP forwards; a resumed session goes on with the lost one's.
-    pub flows: Arc<SessionFlows>,
-    pub datagrams: DatagramSender,
-    next_stream: Arc<AtomicU64>,
-    /// The agent's visitor connections, held across its sessions.
-    pub streams: Arc<HeldStreams>,
-    /// The received offsets of the session's data streams, to confirm to the agent.
-    pub acks: Arc<AckQueue>,
+/// What opens the agent's public ports and resumes its visitors: the listeners of `visitor.rs`
+/// and `udp.rs`, which serve visitors through the sessions this table publishes. The caller
+/// hands them in, so that the table, below them, does not know them.
+pub trait Doors {
+    /// Opens public `port` for `agent`, its visitors served through the agent's `session`.
+    fn open(
+        &self,
+        agent: &str,
+        proto: Proto,
+        port: u16,
+        session: SessionWatch,
+    ) -> io::Result<Listening>;
+    /// How a held visitor connection goes on in the new session `live`.
+    fn resume_link(&self, live: &LiveSession, stream: &HeldStream) -> Resume;
 }
 
-impl LiveSession {
-    pub fn next_stream_id(&self) -> StreamId {
-        self.next_stream.fetch_add(1, Ordering::Relaxed)
-    }
-
-    /// Which forward serves each public port now.
-    pub fn routes(&self) -> Arc<Routes> {
-        self.routes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    fn set_routes(&self, routes: Routes) {
-        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
-    }
-}
-
-#[derive(Clone)]
-pub struct Route {
-    pub forward: ForwardId,
-    pub name: Arc<str>,
-    /// What the forward carried, since the relay started.
-    pub traffic: Arc<ForwardTraffic>,
-    /// Which visitors may reach the forward, and how many at once.
-    pub admission: Arc<Admission>,
-    /// A UDP port's socket, where answers to its visitors leave from.
-    pub udp: Option<Arc<UdpSocket>>,
-}
-
-/// A public port the agent holds: its listener runs until this is dropped, and a TCP port
-/// stops taking connections there and then, so that a reload that closed it says so truly.
-struct Held {
-    cancel: CancellationToken,
-    tcp: Option<Arc<TcpListener>>,
-    udp: Option<Arc<UdpSocket>>,
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-        if let Some(listener) = &self.tcp {
-            visitor::stop_listening(listener);
-        }
-    }
-}
+/// A public port the agent holds.
+type Held = Listening;
 
 /// A session about to be published, with what the relay opened for it.
 pub struct NewSession {
@@ -118,9 +70,6 @@ pub struct Published {
     /// `Some` if the relay still held the session Hello named: the streams that go on.
     pub resumed: Option<Vec<StreamId>>,
 }
-
-/// What listeners watch: the agent's live session, `None` while it is away.
-pub type SessionWatch = watch::Receiver<Option<Arc<LiveSession>>>;
 
 #[derive(Default)]
 pub struct Table {
@@ -210,7 +159,8 @@ impl Table {
     /// visitors; ports the agent held but no longer asks for are released.
     pub fn open_forwards(
         &mut self,
-        shared: &Arc<Shared>,
+        doors: &dyn Doors,
+        limits: &Limits,
         agent: &AgentEntry,
         requests: &[(ForwardId, ForwardRequest)],
     ) -> (Vec<ForwardResult>, Routes) {
@@ -238,7 +188,7 @@ impl Table {
             } else {
                 self.registry.claim(agent, spec).and_then(|()| {
                     let opened =
-                        open_ports(shared, &agent.name, spec, &slot.live, &mut held, &mut ports);
+                        open_ports(doors, &agent.name, spec, &slot.live, &mut held, &mut ports);
                     if opened.is_err() {
                         // Only a claim that succeeded has ports to give back; a refused one
                         // claimed none, whatever its range.
@@ -260,8 +210,8 @@ impl Table {
             let admission = unchanged.unwrap_or_else(|| {
                 Arc::new(Admission::new(
                     request.allow_from.clone(),
-                    shared.limits.max_visitors_per_forward,
-                    shared.limits.max_visitors_per_address,
+                    limits.max_visitors_per_forward,
+                    limits.max_visitors_per_address,
                 ))
             });
             asked.push(Asked {
@@ -311,7 +261,8 @@ impl Table {
     /// visitor connections and UDP flows; the connections of any other session are closed.
     pub fn publish(
         &mut self,
-        shared: &Shared,
+        doors: &dyn Doors,
+        limits: &Limits,
         agent: &str,
         session: NewSession,
     ) -> Option<Published> {
@@ -327,7 +278,7 @@ impl Table {
                 flows.set_forwards(session.udp_forwards);
                 flows
             }
-            _ => Arc::new(SessionFlows::new(session.udp_forwards, &shared.limits)),
+            _ => Arc::new(SessionFlows::new(session.udp_forwards, limits)),
         };
         slot.latest = Some((session.id, flows.clone()));
         let live = Arc::new(LiveSession {
@@ -354,7 +305,7 @@ impl Table {
         // closed.
         let routes = live.routes();
         let streams = slot.streams.resume(lost, live.id, |stream| {
-            admits(&routes, &stream.header).then(|| visitor::resume_link(&live, stream))
+            admits(&routes, &stream.header).then(|| doors.resume_link(&live, stream))
         });
         self.update_summary();
         Some(Published {
@@ -369,7 +320,8 @@ impl Table {
     /// agent's live session.
     pub fn update_forwards(
         &mut self,
-        shared: &Arc<Shared>,
+        doors: &dyn Doors,
+        limits: &Limits,
         agent: &AgentEntry,
         id: SessionId,
         requests: &[(ForwardId, ForwardRequest)],
@@ -378,7 +330,7 @@ impl Table {
         if live.id != id {
             return None;
         }
-        let (results, routes) = self.open_forwards(shared, agent, requests);
+        let (results, routes) = self.open_forwards(doors, limits, agent, requests);
         // A visitor whose forward went, or whose address the forward no longer admits, goes.
         live.streams.revoke_where(|header| !admits(&routes, header));
         live.set_routes(routes);
@@ -598,7 +550,7 @@ pub fn udp_forwards<'a>(
 /// Moves the listeners of `spec` that the agent already holds into `ports`, and opens the ones
 /// it does not. On failure, listeners opened here are closed again.
 fn open_ports(
-    shared: &Arc<Shared>,
+    doors: &dyn Doors,
     agent: &str,
     spec: PortSpec,
     live: &watch::Sender<Option<Arc<LiveSession>>>,
@@ -611,22 +563,7 @@ fn open_ports(
             ports.insert(key, listener);
             continue;
         }
-        let opened = match spec.proto {
-            Proto::Tcp => {
-                visitor::listen(shared, agent, port, live.subscribe()).map(|(cancel, tcp)| Held {
-                    cancel,
-                    tcp: Some(tcp),
-                    udp: None,
-                })
-            }
-            Proto::Udp => {
-                udp::listen(shared, agent, port, live.subscribe()).map(|(cancel, socket)| Held {
-                    cancel,
-                    tcp: None,
-                    udp: Some(socket),
-                })
-            }
-        };
+        let opened = doors.open(agent, spec.proto, port, live.subscribe());
         match opened {
             Ok(listener) => {
                 ports.insert(key, listener);

@@ -1,11 +1,35 @@
-//! Binding public ports, TCP and UDP alike. With no `public_bind`, one dual-stack socket takes
-//! IPv4 and IPv6 visitors; a host without IPv6 gets IPv4 alone.
+//! Binding public ports, TCP and UDP alike, and what holds one open. With no `public_bind`, one
+//! dual-stack socket takes IPv4 and IPv6 visitors; a host without IPv6 gets IPv4 alone.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::sync::Arc;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tether_common::net::ports::Proto;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+/// A public port open: its listener runs until this is dropped, and a TCP port stops taking
+/// connections there and then, before its accept loop has seen that it was cancelled, so that
+/// a reload that closed the port says so truly.
+pub struct Listening {
+    pub cancel: CancellationToken,
+    pub tcp: Option<Arc<TcpListener>>,
+    /// A UDP port's socket, where answers to its visitors leave from.
+    pub udp: Option<Arc<UdpSocket>>,
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(listener) = &self.tcp {
+            if let Err(error) = SockRef::from(&**listener).shutdown(Shutdown::Both) {
+                tracing::debug!(%error, "cannot stop listening");
+            }
+        }
+    }
+}
 
 /// A bound, non-blocking socket for public `port`; TCP ones are listening.
 pub fn bind(address: Option<IpAddr>, port: u16, proto: Proto) -> io::Result<Socket> {

@@ -2,10 +2,10 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use tether_common::config::{AgentEntry, RelayConfig};
+use tether_common::config::RelayConfig;
 use tether_common::transport::quic;
 use tether_common::transport::socket;
 use tether_common::trust::identity::{Fingerprint, Identity};
@@ -16,12 +16,13 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::{Summary, Table};
+use crate::agents::Summary;
 use crate::audit::Audit;
 use crate::handshakes::{Pending, Verdict};
 use crate::limits::Limits;
 use crate::places::Places;
 use crate::session;
+use crate::shared::Shared;
 use crate::status::RelayStatus;
 use crate::tally::{self, Tally};
 
@@ -37,50 +38,6 @@ pub enum RelayError {
         address: SocketAddr,
         source: io::Error,
     },
-}
-
-/// What every task of the relay shares.
-pub struct Shared {
-    /// The config the relay started with; its agents are [`Shared::agents`], which a reload
-    /// replaces.
-    pub config: RelayConfig,
-    agents: RwLock<Arc<[AgentEntry]>>,
-    pins: Arc<AgentPins>,
-    pub limits: Limits,
-    table: Mutex<Table>,
-    pub tasks: TaskTracker,
-    /// Cancelled when the relay drains: listeners close, sessions end.
-    pub shutdown: CancellationToken,
-    pub udp: Arc<UdpCounters>,
-    pub refused_visitors: Tally,
-    /// Visitor TCP connections open now, all forwards together.
-    pub visitors: Arc<Places>,
-    /// Who connected, for the log.
-    pub audit: Audit,
-    pub refused_handshakes: Arc<Tally>,
-}
-
-impl Shared {
-    pub fn table(&self) -> MutexGuard<'_, Table> {
-        // A panic while holding the lock leaves the table as consistent as any step left it.
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The agents the relay serves now.
-    pub fn agents(&self) -> Arc<[AgentEntry]> {
-        self.agents
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-
-    /// The listed agent with this key, if any.
-    pub fn agent_with(&self, fingerprint: Fingerprint) -> Option<AgentEntry> {
-        self.agents()
-            .iter()
-            .find(|a| a.fingerprint == fingerprint)
-            .cloned()
-    }
 }
 
 /// A relay bound to its QUIC address, ready to [`Relay::run`].

@@ -5,6 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tether_common::carry::resume::{HeldStream, Resume};
+use tether_common::net::ports::Proto;
 use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::wire::datagram::DatagramSender;
 use tether_common::wire::protocol::{
@@ -15,11 +17,14 @@ use tether_common::{service::report, trust::tls};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::agents::{self, LiveSession, NewSession, Published};
+use crate::agents::{self, Doors, NewSession, Published};
 use crate::handshakes::Place;
+use crate::live::{LiveSession, SessionWatch};
 use crate::pace::Pace;
-use crate::server::Shared;
+use crate::public::Listening;
+use crate::shared::Shared;
 use crate::udp;
+use crate::visitor;
 
 #[derive(Debug, thiserror::Error)]
 enum SetupError {
@@ -157,7 +162,8 @@ async fn run_session(
         };
         let requests: Vec<(ForwardId, ForwardRequest)> =
             (0..).zip(hello.forwards.iter().cloned()).collect();
-        let (results, routes) = table.open_forwards(&shared, &agent, &requests);
+        let doors = PublicPorts(&shared);
+        let (results, routes) = table.open_forwards(&doors, &shared.limits, &agent, &requests);
         let session = NewSession {
             id,
             conn: conn.clone(),
@@ -166,7 +172,7 @@ async fn run_session(
             datagrams: DatagramSender::new(conn.clone(), shared.udp.clone()),
             resume: hello.resume,
         };
-        let published = table.publish(&shared, &agent.name, session);
+        let published = table.publish(&doors, &shared.limits, &agent.name, session);
         (agent, results, published)
     };
     let Some(Published { live, resumed }) = published else {
@@ -350,7 +356,8 @@ impl Session<'_> {
             .find(|a| a.name == self.agent)
             .cloned()?;
         let results = self.shared.table().update_forwards(
-            self.shared,
+            &PublicPorts(self.shared),
+            &self.shared.limits,
             &agent,
             self.live.id,
             &update.forwards,
@@ -358,6 +365,28 @@ impl Session<'_> {
         let requests: Vec<ForwardRequest> = update.forwards.into_iter().map(|(_, r)| r).collect();
         log_results("the agent updated its forwards", &requests, &results);
         Some(RelayMessage::Updated(Updated { results }).encode())
+    }
+}
+
+/// The relay's public ports, as the table of agents opens them.
+struct PublicPorts<'a>(&'a Arc<Shared>);
+
+impl Doors for PublicPorts<'_> {
+    fn open(
+        &self,
+        agent: &str,
+        proto: Proto,
+        port: u16,
+        session: SessionWatch,
+    ) -> std::io::Result<Listening> {
+        match proto {
+            Proto::Tcp => visitor::listen(self.0, agent, port, session),
+            Proto::Udp => udp::listen(self.0, agent, port, session),
+        }
+    }
+
+    fn resume_link(&self, live: &LiveSession, stream: &HeldStream) -> Resume {
+        visitor::resume_link(live, stream)
     }
 }
 

@@ -19,19 +19,18 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::Admission;
-use crate::agents::{LiveSession, SessionWatch};
+use crate::live::{LiveSession, SessionWatch};
 use crate::places::Place;
-use crate::public;
-use crate::server::Shared;
+use crate::public::{self, Listening};
+use crate::shared::Shared;
 
-/// Opens public TCP `port` for `agent` and serves it until the returned token is cancelled;
-/// the listener is returned too, for [`stop_listening`].
+/// Opens public TCP `port` for `agent` and serves it for as long as the returned port is held.
 pub fn listen(
     shared: &Arc<Shared>,
     agent: &str,
     port: u16,
     session: SessionWatch,
-) -> io::Result<(CancellationToken, Arc<TcpListener>)> {
+) -> io::Result<Listening> {
     let listener = Arc::new(bind_tcp(shared.config.public_bind, port)?);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port);
@@ -47,15 +46,11 @@ pub fn listen(
         cancel.clone(),
     );
     shared.tasks.spawn(task.instrument(span));
-    Ok((cancel, listener))
-}
-
-/// Stops `listener` taking connections at once, before its accept loop has seen that it was
-/// cancelled: a connection attempt to the port is refused from now on.
-pub fn stop_listening(listener: &TcpListener) {
-    if let Err(error) = SockRef::from(listener).shutdown(std::net::Shutdown::Both) {
-        tracing::debug!(%error, "cannot stop listening");
-    }
+    Ok(Listening {
+        cancel,
+        tcp: Some(listener),
+        udp: None,
+    })
 }
 
 /// Where visitors come in: one agent's public TCP port.
@@ -110,7 +105,7 @@ async fn accept_loop(
     tracing::debug!("listening");
     loop {
         let (tcp, visitor) = tokio::select! {
-            // First: a listener stopped by `stop_listening` fails to accept.
+            // First: a listener stopped when its port was dropped fails to accept.
             biased;
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {

@@ -1,0 +1,62 @@
+//! What every task of the relay shares: the config it started with and the agents a reload
+//! lists now, the table of agents, the tasks and the token that ends them, and the counters and
+//! places that every public port uses.
+
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tether_common::config::{AgentEntry, RelayConfig};
+use tether_common::trust::identity::Fingerprint;
+use tether_common::trust::tls::AgentPins;
+use tether_common::wire::datagram::UdpCounters;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agents::Table;
+use crate::audit::Audit;
+use crate::limits::Limits;
+use crate::places::Places;
+use crate::tally::Tally;
+
+/// What every task of the relay shares.
+pub struct Shared {
+    /// The config the relay started with; its agents are [`Shared::agents`], which a reload
+    /// replaces.
+    pub config: RelayConfig,
+    pub(crate) agents: RwLock<Arc<[AgentEntry]>>,
+    pub(crate) pins: Arc<AgentPins>,
+    pub limits: Limits,
+    pub(crate) table: Mutex<Table>,
+    pub tasks: TaskTracker,
+    /// Cancelled when the relay drains: listeners close, sessions end.
+    pub shutdown: CancellationToken,
+    pub udp: Arc<UdpCounters>,
+    pub refused_visitors: Tally,
+    /// Visitor TCP connections open now, all forwards together.
+    pub visitors: Arc<Places>,
+    /// Who connected, for the log.
+    pub audit: Audit,
+    pub refused_handshakes: Arc<Tally>,
+}
+
+impl Shared {
+    pub fn table(&self) -> MutexGuard<'_, Table> {
+        // A panic while holding the lock leaves the table as consistent as any step left it.
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The agents the relay serves now.
+    pub fn agents(&self) -> Arc<[AgentEntry]> {
+        self.agents
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The listed agent with this key, if any.
+    pub fn agent_with(&self, fingerprint: Fingerprint) -> Option<AgentEntry> {
+        self.agents()
+            .iter()
+            .find(|a| a.fingerprint == fingerprint)
+            .cloned()
+    }
+}
