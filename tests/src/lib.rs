@@ -8,6 +8,7 @@ pub mod lab;
 pub mod mosh;
 pub mod process;
 pub mod raw;
+pub mod scene;
 pub mod status;
 pub mod tools;
 pub mod udp;
