@@ -12,9 +12,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::trust::identity::Identity;
 use crate::wire::datagram::MAX_STREAMED;
-
-/// Visitor TCP connections one session carries at once; more wait for a free stream.
-pub const MAX_DATA_STREAMS: u32 = 1024;
+use crate::wire::protocol::MAX_DATA_STREAMS;
 
 /// Bytes one data stream may have in flight, and a whole session: the memory bound per session.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;

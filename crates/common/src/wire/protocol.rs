@@ -115,9 +115,13 @@ pub type SessionId = u64;
 /// agent's lost session may start over.
 pub type StreamId = u64;
 
+/// Visitor TCP connections one session carries at once (QUIC's limit of open streams); more
+/// wait for a free stream.
+pub const MAX_DATA_STREAMS: u32 = 1024;
+
 /// Streams one [`Welcome`] resumes at most, and offsets one [`Acks`] carries at most: as many
 /// data streams as a session has open at once.
-pub const MAX_STREAMS_PER_FRAME: usize = crate::transport::quic::MAX_DATA_STREAMS as usize;
+pub const MAX_STREAMS_PER_FRAME: usize = MAX_DATA_STREAMS as usize;
 
 /// A forward's number within a session: its index in [`Hello`], or the id the agent gave it in
 /// an [`Update`]. Data streams and datagrams name their forward by it.
