@@ -188,7 +188,7 @@ pub struct ForwardReport {
     /// The public port or range on the relay.
     pub remote: String,
     pub local: String,
-    /// "open", "refused: <why>", or "not connected".
+    /// "open", `"refused: <why>"`, or "not connected".
     pub state: String,
     /// UDP flows open now.
     pub flows_open: u64,

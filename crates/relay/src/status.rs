@@ -49,7 +49,7 @@ pub struct ForwardState {
     pub proto: String,
     /// The public port or range.
     pub ports: String,
-    /// "open", "refused: <why>", or "agent away".
+    /// "open", `"refused: <why>"`, or "agent away".
     pub state: String,
     /// UDP flows open now.
     pub flows_open: u64,
