@@ -15,10 +15,11 @@
 //! bytes until the peer wrote them out costs little more memory than QUIC alone.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -87,6 +88,10 @@ struct Outbox {
     reserved: u64,
     /// Whether the TCP connection's end was read: it follows the held bytes.
     ended: bool,
+    /// The task to wake when the stream is revoked. A waker, not a `Notify`: the wait for it
+    /// sits in every forwarded connection's future, and a `Notify`'s waiter would grow each
+    /// by a hundred bytes, where this costs a reference.
+    on_revoke: Option<Waker>,
     /// The highest offset the peer confirmed.
     confirmed: u64,
 }
@@ -138,9 +143,8 @@ pub struct HeldStream {
     /// Woken when the peer confirms and when the stream is handed how it goes on: the task
     /// carrying the stream waits for one or the other, and checks again what it waits for.
     changed: Notify,
-    /// Set, and woken, when the stream must end wherever it is (see [`HeldStream::revoke`]).
+    /// Set when the stream must end wherever it is (see [`HeldStream::revoke`]).
     revoked: AtomicBool,
-    revoke: Notify,
 }
 
 /// Whatever a stream holds goes back to its table's room when the stream goes, however its
@@ -201,7 +205,6 @@ impl HeldStream {
             next: Mutex::new(None),
             changed: Notify::new(),
             revoked: AtomicBool::new(false),
-            revoke: Notify::new(),
         }
     }
 
@@ -209,19 +212,33 @@ impl HeldStream {
     /// may no longer go on (the visitor's address is no longer admitted).
     pub fn revoke(&self) {
         self.revoked.store(true, Ordering::Release);
-        self.revoke.notify_waiters();
+        let waiting = self.outbox().on_revoke.take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
     }
 
-    /// Completes once the stream is revoked.
-    pub async fn revoked(&self) {
-        loop {
-            // Made before the flag is read, so that a revocation in between still wakes it.
-            let woken = self.revoke.notified();
+    /// Completes once the stream is revoked. Only one task waits for it: the one that carries
+    /// the stream.
+    pub fn revoked(&self) -> impl Future<Output = ()> + '_ {
+        poll_fn(|cx| {
             if self.revoked.load(Ordering::Acquire) {
-                return;
+                return Poll::Ready(());
             }
-            woken.await;
-        }
+            let mut outbox = self.outbox();
+            match &mut outbox.on_revoke {
+                Some(waker) if waker.will_wake(cx.waker()) => {}
+                waiting => *waiting = Some(cx.waker().clone()),
+            }
+            drop(outbox);
+            // Read again under the lock's ordering: a revocation between the first read and
+            // the waker's storing found no waker to wake.
+            if self.revoked.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
     }
 
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
