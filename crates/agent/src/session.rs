@@ -532,9 +532,12 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             (_, Err(error)) if error.is_shutdown() => tracing::debug!(%error, "visitor closed"),
             (_, Err(error)) => tracing::debug!(%error, "visitor connection ended abnormally"),
         }
-    }
-    .instrument(span);
-    tasks.spawn(carry);
+    };
+    // A span takes room in every connection's task: only when it is on.
+    match span.is_disabled() {
+        true => tasks.spawn(carry),
+        false => tasks.spawn(carry.instrument(span)),
+    };
 }
 
 /// What a data stream starts with.

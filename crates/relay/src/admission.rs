@@ -50,6 +50,11 @@ impl Admission {
         self.allow_from.is_empty() || self.allow_from.iter().any(|b| b.contains(address))
     }
 
+    /// Whether `place` was given by this admission.
+    pub fn gave(&self, place: &Place) -> bool {
+        place.is_of(&self.open)
+    }
+
     /// Takes a place for a new connection from `address`, held until the place is dropped.
     pub fn admit(&self, address: IpAddr) -> Result<Place, Refused> {
         if !self.allows(address) {

@@ -5,6 +5,7 @@
 //! when the period ends, so that a flood of connections cannot flood the log.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU64;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,19 @@ use tether_common::carry::splice::{SpliceError, Transferred};
 /// Visitor connections logged one by one in a period at most.
 pub const LINES_PER_PERIOD: usize = 64;
 
-#[derive(Default)]
 pub struct Audit {
     period: Mutex<Period>,
+    /// What [`Logged`] counts from.
+    began: Instant,
+}
+
+impl Default for Audit {
+    fn default() -> Self {
+        Self {
+            period: Mutex::default(),
+            began: Instant::now(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -25,10 +36,10 @@ struct Period {
     last: Option<SocketAddr>,
 }
 
-/// A visitor connection logged when it was accepted: its close is logged too.
-pub struct Logged {
-    since: Instant,
-}
+/// A visitor connection logged when it was accepted: its close is logged too. It is held by
+/// every such connection, so it is 8 bytes: when the connection was accepted, in milliseconds
+/// after the audit began, plus one.
+pub struct Logged(NonZeroU64);
 
 impl Audit {
     /// Notes an accepted connection, logging it if the period has lines left; `Some` if it did.
@@ -42,9 +53,8 @@ impl Audit {
         period.logged += 1;
         drop(period);
         tracing::info!(%forward, %visitor, "visitor connected");
-        Some(Logged {
-            since: Instant::now(),
-        })
+        let since = u64::try_from(self.began.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Some(Logged(NonZeroU64::MIN.saturating_add(since)))
     }
 
     /// Sums up what was not logged in the period that ends now, and starts a new one; returns
@@ -66,18 +76,19 @@ impl Audit {
     fn lock(&self) -> MutexGuard<'_, Period> {
         self.period.lock().unwrap_or_else(|e| e.into_inner())
     }
-}
 
-impl Logged {
-    /// Logs how the connection ended, with what it carried.
+    /// Logs how the connection `logged` ended, with what it carried.
     pub fn closed(
-        self,
+        &self,
+        logged: Logged,
         forward: &str,
         visitor: SocketAddr,
         moved: Transferred,
         result: &Result<(), SpliceError>,
     ) {
-        let seconds = format!("{:.1}", self.since.elapsed().as_secs_f64());
+        let since = Duration::from_millis(logged.0.get() - 1);
+        let lasted = self.began.elapsed().saturating_sub(since);
+        let seconds = format!("{:.1}", lasted.as_secs_f64());
         let (bytes_in, bytes_out) = (moved.to_stream, moved.to_tcp);
         match result {
             Ok(()) => {

@@ -1,9 +1,11 @@
-//! A limited number of places, in total and for each address: visitor connections open, to a
-//! forward and to the whole relay. A place is held until its [`Place`] is dropped. Addresses are counted by
-//! [`address_group`]: an IPv6 visitor by its /64.
+//! A limited number of places: [`Places`] in total and for each address (a forward's visitor
+//! connections), [`Seats`] in total only (the whole relay's). A place is held until its
+//! [`Place`] or [`Seat`] is dropped. Addresses are counted by [`address_group`]: an IPv6
+//! visitor by its /64.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tether_common::net::cidr::address_group;
@@ -17,7 +19,18 @@ pub struct Places {
 #[derive(Default)]
 struct Taken {
     total: usize,
-    by_address: HashMap<IpAddr, usize>,
+    by_address: HashMap<Group, usize>,
+}
+
+/// An address's group ([`address_group`]), an IPv4 one mapped into IPv6: 16 bytes, where an
+/// `IpAddr` takes 17 and, beside a reference, 24 in every visitor's future.
+type Group = Ipv6Addr;
+
+fn group_of(address: IpAddr) -> Group {
+    match address_group(address) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    }
 }
 
 /// Which limit a refused place met.
@@ -30,7 +43,14 @@ pub enum Full {
 /// One place, given back when dropped.
 pub struct Place {
     places: Arc<Places>,
-    address: IpAddr,
+    address: Group,
+}
+
+impl Place {
+    /// Whether the place is one of `places`.
+    pub fn is_of(&self, places: &Arc<Places>) -> bool {
+        Arc::ptr_eq(&self.places, places)
+    }
 }
 
 impl Places {
@@ -44,7 +64,7 @@ impl Places {
 
     /// Takes a place for `address`, if both limits allow.
     pub fn take(self: &Arc<Self>, address: IpAddr) -> Result<Place, Full> {
-        let address = address_group(address);
+        let address = group_of(address);
         let mut taken = self.lock();
         if taken.total >= self.max {
             return Err(Full::Total);
@@ -61,14 +81,9 @@ impl Places {
         })
     }
 
-    /// Places taken now.
-    pub fn taken(&self) -> usize {
+    #[cfg(test)]
+    fn taken(&self) -> usize {
         self.lock().total
-    }
-
-    /// Whether every place is taken.
-    pub fn full(&self) -> bool {
-        self.taken() >= self.max
     }
 
     fn lock(&self) -> MutexGuard<'_, Taken> {
@@ -89,9 +104,62 @@ impl Drop for Place {
     }
 }
 
+/// A number of places with no limit per address. One is held by every visitor connection, so
+/// it is a counter and a reference: no lock, no entry per address.
+pub struct Seats {
+    max: usize,
+    taken: AtomicUsize,
+}
+
+/// One of the [`Seats`], given back when dropped.
+pub struct Seat(Arc<Seats>);
+
+impl Seats {
+    pub fn new(max: usize) -> Self {
+        Self {
+            max,
+            taken: AtomicUsize::new(0),
+        }
+    }
+
+    /// Takes a seat, if one is free.
+    pub fn take(self: &Arc<Self>) -> Option<Seat> {
+        self.taken
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |taken| {
+                (taken < self.max).then_some(taken + 1)
+            })
+            .ok()?;
+        Some(Seat(self.clone()))
+    }
+
+    #[cfg(test)]
+    fn taken(&self) -> usize {
+        self.taken.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.taken.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seats_stop_at_their_number_and_come_back_on_drop() {
+        let seats = Arc::new(Seats::new(2));
+        let first = seats.take().unwrap();
+        let _second = seats.take().unwrap();
+        assert!(seats.take().is_none());
+        assert_eq!(seats.taken(), 2);
+        drop(first);
+        assert_eq!(seats.taken(), 1);
+        let _third = seats.take().unwrap();
+        assert!(seats.take().is_none());
+    }
 
     fn ip(last: u8) -> IpAddr {
         IpAddr::from([192, 0, 2, last])

@@ -20,7 +20,7 @@ use crate::agents::Summary;
 use crate::audit::Audit;
 use crate::handshakes::{Pending, Verdict};
 use crate::limits::Limits;
-use crate::places::Places;
+use crate::places::Seats;
 use crate::session;
 use crate::shared::Shared;
 use crate::status::RelayStatus;
@@ -86,7 +86,7 @@ impl Relay {
                 address: config.listen,
                 source,
             })?;
-        let visitors = Arc::new(Places::new(limits.max_visitors, usize::MAX));
+        let visitors = Arc::new(Seats::new(limits.max_visitors));
         let shared = Arc::new(Shared {
             agents: RwLock::new(config.agents.clone().into()),
             pins: pins.clone(),

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::agents::Table;
 use crate::audit::Audit;
 use crate::limits::Limits;
-use crate::places::Places;
+use crate::places::Seats;
 use crate::tally::Tally;
 
 /// What every task of the relay shares.
@@ -32,7 +32,7 @@ pub struct Shared {
     pub udp: Arc<UdpCounters>,
     pub refused_visitors: Tally,
     /// Visitor TCP connections open now, all forwards together.
-    pub visitors: Arc<Places>,
+    pub visitors: Arc<Seats>,
     /// Who connected, for the log.
     pub audit: Audit,
     pub refused_handshakes: Arc<Tally>,

@@ -18,9 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Refused};
 use crate::live::{LiveSession, SessionWatch};
-use crate::places::Place;
+use crate::places::{Place, Seat};
 use crate::public::{self, Listening};
 use crate::shared::Shared;
 
@@ -59,33 +59,43 @@ struct Door {
     port: u16,
 }
 
-/// What an admitted visitor holds until its connection ends: a place among the relay's
-/// visitors and one among its forward's, under the admission that gave it.
+/// What an admitted visitor holds until its connection ends: a seat among the relay's
+/// visitors and a place among its forward's. Kept where the visitor's future first stores it
+/// and changed in place: a part moved out would take room of its own in every connection's
+/// future.
 struct Admitted {
-    _relay: Place,
-    forward: Place,
-    admission: Arc<Admission>,
+    _relay: Seat,
+    forward: Option<Place>,
+}
+
+impl Admitted {
+    /// Holds on to the visitor's place if `now` is the admission that gave it; else gives the
+    /// place back and asks `now` for one (the forward changed while the visitor waited).
+    fn confirm(&mut self, now: &Admission, visitor: IpAddr) -> Result<(), Refused> {
+        if self.forward.as_ref().is_some_and(|place| now.gave(place)) {
+            return Ok(());
+        }
+        self.forward = None;
+        self.forward = Some(now.admit(visitor)?);
+        Ok(())
+    }
 }
 
 impl Door {
     /// Takes the visitor's places, or says in the tally why not. Done as the visitor arrives,
     /// before anything waits for the agent: a visitor the forward would refuse holds nothing.
     fn admit(&self, shared: &Shared, visitor: SocketAddr) -> Option<Admitted> {
-        let relay = match shared.visitors.take(visitor.ip()) {
-            Ok(place) => place,
-            Err(_) => {
-                let why = "the relay has its most visitor connections";
-                shared.refused_visitors.record(why, &visitor);
-                return None;
-            }
+        let Some(seat) = shared.visitors.take() else {
+            let why = "the relay has its most visitor connections";
+            shared.refused_visitors.record(why, &visitor);
+            return None;
         };
         // The agent's latest forwards, kept while it is away; none if the port is closing.
         let admission = shared.table().admission_of(&self.agent, self.port)?;
         match admission.admit(visitor.ip()) {
             Ok(forward) => Some(Admitted {
-                _relay: relay,
-                forward,
-                admission,
+                _relay: seat,
+                forward: Some(forward),
             }),
             Err(refused) => {
                 shared.refused_visitors.record(refused.reason(), &visitor);
@@ -132,7 +142,11 @@ async fn accept_loop(
             session.clone(),
             shared.clone(),
         );
-        shared.tasks.spawn(task.instrument(span));
+        // A span takes room in every visitor's task: only when it is on.
+        match span.is_disabled() {
+            true => shared.tasks.spawn(task),
+            false => shared.tasks.spawn(task.instrument(span)),
+        };
     }
     tracing::debug!("closed");
 }
@@ -147,7 +161,7 @@ fn serve(
     tcp: TcpStream,
     visitor: SocketAddr,
     port: u16,
-    admitted: Admitted,
+    mut admitted: Admitted,
     mut session: SessionWatch,
     shared: Arc<Shared>,
 ) -> impl Future<Output = ()> {
@@ -168,27 +182,11 @@ fn serve(
             tracing::debug!("agent away; visitor closed");
             return;
         };
-        let Admitted {
-            _relay,
-            forward: place,
-            admission,
-        } = admitted;
-        // The forward changed while the visitor waited: its new admission decides.
-        let _place = match Arc::ptr_eq(&admission, &route.admission) {
-            true => place,
-            false => {
-                drop(place);
-                match route.admission.admit(visitor.ip()) {
-                    Ok(place) => place,
-                    Err(refused) => {
-                        shared.refused_visitors.record(refused.reason(), &visitor);
-                        splice::reset_tcp(&tcp);
-                        return;
-                    }
-                }
-            }
-        };
-        drop(admission);
+        if let Err(refused) = admitted.confirm(&route.admission, visitor.ip()) {
+            shared.refused_visitors.record(refused.reason(), &visitor);
+            splice::reset_tcp(&tcp);
+            return;
+        }
         let (mut send, recv) = match live.conn.open_bi().await {
             Ok(stream) => stream,
             Err(error) => {
@@ -229,7 +227,9 @@ fn serve(
         };
         let (moved, result) = splice(tcp, link, held).await;
         match logged {
-            Some(logged) => logged.closed(&route.name, visitor, moved, &result),
+            Some(logged) => shared
+                .audit
+                .closed(logged, &route.name, visitor, moved, &result),
             None => tracing::debug!(?result, "visitor disconnected"),
         }
     }
