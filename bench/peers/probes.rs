@@ -170,26 +170,36 @@ pub async fn iperf3(
 }
 
 /// Starts iperf3's server on a free port; it serves one test at a time, for as long as the
-/// returned child lives.
+/// returned child lives. A port found free may be taken before iperf3 binds it (by one of the
+/// many connections a run makes): iperf3 then exits, and another port is tried.
 pub async fn iperf3_server(iperf3: &Path) -> Result<(tokio::process::Child, u16)> {
-    let port = crate::systems::free_port()?;
-    let child = Command::new(iperf3)
-        .args(["-s", "-p", &port.to_string()])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting iperf3 -s")?;
-    let start = Instant::now();
-    // iperf3 says nothing when it is ready: ask until it accepts, within 10 s.
-    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-        if start.elapsed() > Duration::from_secs(10) {
-            bail!("iperf3 -s did not start");
+    const TRIES: usize = 5;
+    for _ in 0..TRIES {
+        let port = crate::systems::free_port()?;
+        let mut child = Command::new(iperf3)
+            .args(["-s", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting iperf3 -s")?;
+        let start = Instant::now();
+        // iperf3 says nothing when it is ready: ask until it accepts, within 10 s.
+        while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            if child.try_wait()?.is_some() {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("iperf3 -s did not start on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        if child.try_wait()?.is_none() {
+            return Ok((child, port));
+        }
     }
-    Ok((child, port))
+    bail!("iperf3 -s exited at once on {TRIES} free ports")
 }
 
 /// The sum over `pids` of `measure`.
