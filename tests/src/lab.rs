@@ -96,6 +96,11 @@ pub enum Impairment {
     Loss(f64),
     /// Only packets from the relay to home are dropped: a half-open path.
     RelayToHomeLost,
+    /// Every UDP packet either way is dropped; TCP passes.
+    UdpBlocked,
+    /// Only TCP to and from this port on the relay passes, as out of an office whose firewall
+    /// lets nothing out but HTTPS.
+    OnlyTcpTo(u16),
 }
 
 /// What the impairment shim (`lab-shim`) does to each packet, either way: see its usage.
@@ -267,6 +272,17 @@ impl Lab {
                 drop(&["-m", "statistic", "--mode", "random", "--probability", &p]);
             }
             Impairment::RelayToHomeLost => drop(&["-i", "n0"]),
+            Impairment::UdpBlocked => drop(&["-p", "udp"]),
+            Impairment::OnlyTcpTo(port) => {
+                let port = port.to_string();
+                for direction in ["--dport", "--sport"] {
+                    let pass = [
+                        "-A", "IMPAIR", "-p", "tcp", direction, &port, "-j", "RETURN",
+                    ];
+                    self.nat.run("iptables", &pass);
+                }
+                drop(&[]);
+            }
         }
     }
 

@@ -2,6 +2,7 @@
 //! running in-process on loopback, and local services to forward to. Everything binds port 0
 //! or asks the kernel for a free port, and every wait has a deadline.
 
+pub mod connect_proxy;
 pub mod cut;
 pub mod gate;
 pub mod lab;
@@ -22,7 +23,8 @@ use std::time::Duration;
 
 use tether_agent::{Agent, AgentStatus};
 use tether_common::config::{
-    AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig, DEFAULT_FLOW_IDLE,
+    AgentConfig, AgentEntry, Forward, HostPort, LocalTarget, RelayConfig, Transport,
+    DEFAULT_FLOW_IDLE,
 };
 use tether_common::net::ports::{PortRange, PortSpec, Proto};
 use tether_common::trust::identity::{Fingerprint, Identity};
@@ -109,6 +111,7 @@ pub fn consecutive<T>(count: u16, bind: impl Fn((&str, u16)) -> Option<T>) -> (u
 pub fn relay_config(key: PathBuf, agents: Vec<AgentEntry>) -> RelayConfig {
     RelayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        listen_tcp: None,
         key: key.clone(),
         public_bind: Some("127.0.0.1".parse().unwrap()),
         tcp_keepalive: Some(Duration::from_secs(30)),
@@ -140,12 +143,16 @@ pub fn agent_config(
     relay_fingerprint: Fingerprint,
     forwards: Vec<Forward>,
 ) -> AgentConfig {
+    let relay = HostPort {
+        host: relay.ip().to_string(),
+        port: relay.port(),
+    };
     AgentConfig {
-        relay: HostPort {
-            host: relay.ip().to_string(),
-            port: relay.port(),
-        },
+        relay_tcp: relay.clone(),
+        relay,
         relay_fingerprint,
+        transport: Transport::Auto,
+        proxy: None,
         status_socket: key.with_file_name("agent.sock"),
         key,
         keepalive: Some(Duration::from_secs(10)),
@@ -190,6 +197,8 @@ pub fn udp_forward(name: &str, remote: PortRange, host: &str, local: PortRange) 
 /// A relay running in-process until [`RelayHandle::stop`].
 pub struct RelayHandle {
     pub addr: SocketAddr,
+    /// The TCP address agents connect to when UDP does not pass, if `listen_tcp` is set.
+    pub tcp_addr: Option<SocketAddr>,
     /// Reads the relay's status and reloads its config, as the status socket and SIGHUP do.
     pub control: tether_relay::Control,
     pub fingerprint: Fingerprint,
@@ -206,12 +215,14 @@ pub fn start_relay(config: RelayConfig, identity: &Identity) -> RelayHandle {
 pub fn start_relay_with(config: RelayConfig, identity: &Identity, limits: Limits) -> RelayHandle {
     let relay = Relay::bind_with(config, identity, limits).expect("relay binds");
     let addr = relay.local_addr().expect("relay address");
+    let tcp_addr = relay.tcp_addr();
     let control = relay.control();
     let udp = relay.udp_counters();
     let stop = CancellationToken::new();
     let task = tokio::spawn(relay.run(stop.clone()));
     RelayHandle {
         addr,
+        tcp_addr,
         control,
         fingerprint: identity.fingerprint(),
         udp,

@@ -12,16 +12,19 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use quinn::EndpointConfig;
+use rustls::pki_types::ServerName;
 use tether_common::carry::resume::HeldStreams;
-use tether_common::config::AgentConfig;
+use tether_common::config::{AgentConfig, HostPort};
 use tether_common::service::report;
-use tether_common::transport::quic;
-use tether_common::transport::socket;
+use tether_common::transport::choose::{Chooser, Silence, RETRY_MOVE_AFTER, STALLED_AFTER};
+use tether_common::transport::{carrier, proxy, quic, socket, Path};
 use tether_common::trust::identity::{Fingerprint, Identity};
 use tether_common::trust::tls::{self, RelayPin, TlsError};
 use tether_common::wire::datagram::{DropReason, UdpCounters};
-use tether_common::wire::protocol::{ForwardResult, SessionId};
+use tether_common::wire::protocol::{CloseCode, ForwardResult, SessionId};
+use tokio::net::TcpStream;
 use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tracing::Instrument;
@@ -95,6 +98,44 @@ pub enum ConnectError {
     },
     #[error("cannot start a connection: {0}")]
     Connect(#[from] quinn::ConnectError),
+    #[error("cannot connect over TCP to {relay}: {source}")]
+    Tcp { relay: String, source: io::Error },
+    #[error("no answer over TCP from the relay at {relay} within {CONNECT_TIMEOUT:?}")]
+    TcpTimeout { relay: String },
+    #[error("TLS over TCP with {address} failed: {source}")]
+    TlsOverTcp {
+        address: SocketAddr,
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Proxy(#[from] proxy::ProxyError),
+    /// Both paths were tried, and neither answered.
+    #[error("{quic}; over TCP: {tcp}")]
+    Neither {
+        quic: Box<ConnectError>,
+        tcp: Box<ConnectError>,
+    },
+}
+
+impl ConnectError {
+    /// Whether the relay gave no answer at all over QUIC: the link may be back any moment, so
+    /// the next attempt starts at once.
+    fn unanswered(&self) -> bool {
+        match self {
+            ConnectError::Timeout { .. } => true,
+            ConnectError::Neither { quic, .. } => quic.unanswered(),
+            _ => false,
+        }
+    }
+}
+
+/// A connection to the relay, ready for a session.
+pub struct Connected {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    path: Path,
+    /// On TCP: completes when the carrier's TCP connection ends.
+    broken: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 /// What the connect loop does after a session.
@@ -110,7 +151,12 @@ enum Next {
 pub struct Agent {
     config: AgentConfig,
     fingerprint: Fingerprint,
+    /// QUIC's client configuration, for the UDP path.
     client: quinn::ClientConfig,
+    /// The same, for a session over a carrier: TCP's packet size.
+    tcp_client: quinn::ClientConfig,
+    /// TLS over TCP, with the same key and pin.
+    tcp_tls: TlsConnector,
     pin: Arc<RelayPin>,
     /// The forwards to offer the relay, as the config (or its latest reload) says.
     forwards: Arc<watch::Sender<Arc<[Offered]>>>,
@@ -126,12 +172,18 @@ pub struct Agent {
 impl Agent {
     pub fn new(config: AgentConfig, identity: &Identity) -> Result<Self, AgentError> {
         let (mut client, pin) = tls::client_config(identity, config.relay_fingerprint)?;
-        let transport = quic::agent(config.keepalive, config.idle_timeout)
-            .map_err(|_| AgentError::IdleTimeout)?;
-        client.transport_config(transport);
+        let transport = || {
+            quic::agent(config.keepalive, config.idle_timeout).map_err(|_| AgentError::IdleTimeout)
+        };
+        let mut tcp_client = client.clone();
+        tcp_client.transport_config(Arc::new(carrier::transport(transport()?)));
+        client.transport_config(Arc::new(transport()?));
+        let tcp_tls = TlsConnector::from(tls::tcp_client_config(identity, &pin)?);
         Ok(Self {
             fingerprint: identity.fingerprint(),
             client,
+            tcp_client,
+            tcp_tls,
             pin,
             forwards: Arc::new(watch::Sender::new(
                 config.forwards.iter().cloned().map(Offered::new).collect(),
@@ -178,32 +230,52 @@ impl Agent {
         let mut probe = None;
         let mut unanswered = Unanswered::default();
         let mut reused = None;
+        let mut chooser = Chooser::new(self.config.transport);
+        // A connection on another path, made during the last session to move there.
+        let mut moved: Option<Connected> = None;
         // Why the last attempt or session failed, shown while the next attempt runs.
         let mut last_error = None;
-        tracing::info!(relay = %self.config.relay, fingerprint = %self.fingerprint, "agent starting");
+        tracing::info!(
+            relay = %self.config.relay,
+            transport = %self.config.transport,
+            fingerprint = %self.fingerprint,
+            "agent starting"
+        );
         while !shutdown.is_cancelled() {
-            self.status.send_replace(AgentStatus::Connecting {
-                last_error: last_error.take(),
-            });
-            let attempt = tokio::select! {
-                () = shutdown.cancelled() => break,
-                attempt = self.connect(&mut reused, probe.take()) => attempt,
+            let attempt = match moved.take() {
+                Some(connected) => Ok(connected),
+                None => {
+                    self.status.send_replace(AgentStatus::Connecting {
+                        last_error: last_error.take(),
+                    });
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        attempt = self.connect(&mut reused, probe.take(), &chooser) => attempt,
+                    }
+                }
             };
             let error = match attempt {
-                Ok((endpoint, conn)) => {
+                Ok(connected) => {
                     unanswered.answered();
+                    chooser.connected(connected.path);
                     let started = Instant::now();
-                    let next = self
-                        .session(&conn, &mut last_session, &mut latest_flows, &shutdown)
-                        .await;
+                    let run = Running {
+                        last_session: &mut last_session,
+                        latest_flows: &mut latest_flows,
+                        reused: &mut reused,
+                        chooser: &mut chooser,
+                        shutdown: &shutdown,
+                    };
+                    let (next, next_path) = self.session_on(connected, run).await;
                     if started.elapsed() >= STABLE_AFTER {
                         backoff.reset();
                     }
+                    if next_path.is_some() && !matches!(next, Next::Stop) {
+                        moved = next_path;
+                        continue;
+                    }
                     match next {
-                        Next::Stop => {
-                            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
-                            break;
-                        }
+                        Next::Stop => break,
                         Next::AtOnce => {
                             backoff.reset();
                             probe = Some(RESTART_PROBE);
@@ -212,7 +284,7 @@ impl Agent {
                         Next::AfterBackoff(error) => error,
                     }
                 }
-                Err(error @ ConnectError::Timeout { .. }) => {
+                Err(error) if error.unanswered() => {
                     let error = error.to_string();
                     unanswered.log(&error);
                     self.status.send_replace(AgentStatus::Waiting {
@@ -243,6 +315,132 @@ impl Agent {
         self.tasks.wait().await;
         self.status.send_replace(AgentStatus::Stopped);
         tracing::info!("agent stopped");
+    }
+
+    /// Runs a session on `connected` until it ends, and says what to do next. With `auto`, it
+    /// moves to the other path when that one serves better (see [`Chooser`]): the session is
+    /// closed, and the connection on the other path is returned, for the next session to
+    /// resume this one at once.
+    async fn session_on(
+        &self,
+        connected: Connected,
+        run: Running<'_>,
+    ) -> (Next, Option<Connected>) {
+        let Connected {
+            endpoint,
+            conn,
+            path,
+            broken,
+        } = connected;
+        let Running {
+            last_session,
+            latest_flows,
+            reused,
+            chooser,
+            shutdown,
+        } = run;
+        let why = chooser.why(path);
+        self.tracker.on_path(path, why);
+        match why {
+            Some(why) => tracing::info!(%path, "connected over TCP: {why}"),
+            None => tracing::debug!(%path, "connected"),
+        }
+        let session = self.session(&conn, last_session, latest_flows, shutdown);
+        let better = self.better_path(&conn, path, chooser, reused);
+        let broken = async {
+            match broken {
+                Some(broken) => broken.await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(session);
+        let (next, moved) = tokio::select! {
+            next = &mut session => (next, None),
+            moved = better => {
+                tracing::info!(from = %path, to = %moved.path, "moving the session to the other path");
+                self.tracker.moved();
+                CloseCode::PathChanged.close(&conn);
+                (session.await, Some(moved))
+            }
+            () = broken => {
+                CloseCode::PathLost.close(&conn);
+                (session.await, None)
+            }
+        };
+        // What the session said last (its goodbye, on a stop) goes out before its endpoint
+        // goes; the UDP endpoint stays for the next attempt.
+        if matches!(next, Next::Stop) || path == Path::Tcp {
+            let _ = tokio::time::timeout(CLOSE_GRACE, endpoint.wait_idle()).await;
+        }
+        (next, moved)
+    }
+
+    /// Completes with a connection on the other path once the agent should move there: on
+    /// QUIC, when the relay stopped answering over UDP and TCP reaches it; on TCP, when QUIC
+    /// answers again. Never, unless `transport` is `auto`.
+    async fn better_path(
+        &self,
+        conn: &quinn::Connection,
+        path: Path,
+        chooser: &mut Chooser,
+        reused: &mut Option<quinn::Endpoint>,
+    ) -> Connected {
+        if chooser.watches_udp(path) {
+            let stats = conn.stats();
+            let mut silence = Silence::new(stats.udp_tx.datagrams, stats.udp_rx.datagrams);
+            let mut tick = tokio::time::interval(WATCH_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failures = 0u32;
+            loop {
+                tick.tick().await;
+                let stalled = |silence: &mut Silence| {
+                    let stats = conn.stats();
+                    silence.stalled(
+                        Instant::now(),
+                        stats.udp_tx.datagrams,
+                        stats.udp_rx.datagrams,
+                    )
+                };
+                if !stalled(&mut silence) {
+                    continue;
+                }
+                tracing::info!(
+                    "the relay has not answered over UDP for {STALLED_AFTER:?}; trying TCP"
+                );
+                match self.connect_tcp().await {
+                    Ok(tcp) if stalled(&mut silence) => {
+                        chooser.udp_stalled();
+                        return tcp;
+                    }
+                    Ok(tcp) => {
+                        tracing::info!("the relay answers over UDP again; staying on QUIC");
+                        tcp.conn.close(0u32.into(), b"");
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        // Said once: during an outage TCP fails as UDP does.
+                        if failures == 1 {
+                            tracing::info!(%error, "cannot move to TCP; trying again every {RETRY_MOVE_AFTER:?}");
+                        } else {
+                            tracing::debug!(%error, "cannot move to TCP");
+                        }
+                        tokio::time::sleep(RETRY_MOVE_AFTER).await;
+                    }
+                }
+            }
+        }
+        if let Some(every) = chooser.probes_quic(path) {
+            loop {
+                tokio::time::sleep(every).await;
+                match self.connect_quic(reused, None).await {
+                    Ok(quic) => return quic,
+                    Err(error) => {
+                        tracing::debug!(%error, "QUIC still gets no answer; staying on TCP")
+                    }
+                }
+            }
+        }
+        std::future::pending().await
     }
 
     /// Runs one session on `conn` and says what to do once it ends. `last_session` is the id
@@ -295,29 +493,59 @@ impl Agent {
         }
     }
 
-    /// One attempt: resolve the relay's name afresh and handshake from a fresh UDP socket. With
-    /// `probe`, a fresh handshake starts that often until one gets an answer.
-    ///
-    /// The agent keeps one endpoint for its life in `reused`, moved to each attempt's socket: a
-    /// new endpoint would allocate its receive buffer (about 3 MiB) again, from memory the
-    /// allocator may have to zero in full, where the first one is only touched as packets come.
+    /// One attempt to reach the relay, on the paths [`Chooser::plan`] says, each from its
+    /// moment: the first connection made wins, and the other attempt is dropped.
     async fn connect(
         &self,
         reused: &mut Option<quinn::Endpoint>,
         probe: Option<Duration>,
-    ) -> Result<(quinn::Endpoint, quinn::Connection), ConnectError> {
+        chooser: &Chooser,
+    ) -> Result<Connected, ConnectError> {
+        let plan = chooser.plan();
+        match (plan.quic, plan.tcp) {
+            (Some(_), None) => self.connect_quic(reused, probe).await,
+            (None, Some(_)) | (None, None) => self.connect_tcp().await,
+            (Some(quic_after), Some(tcp_after)) => {
+                let quic = after(quic_after, self.connect_quic(reused, probe));
+                let tcp = after(tcp_after, self.connect_tcp());
+                tokio::pin!(quic, tcp);
+                tokio::select! {
+                    quic_result = &mut quic => match quic_result {
+                        Ok(connected) => Ok(connected),
+                        // The relay answered over UDP, with a refusal (a relay that drains
+                        // refuses new sessions): UDP passes, and TCP would hear the same.
+                        Err(quic_error) if !quic_error.unanswered() => Err(quic_error),
+                        Err(quic_error) => tcp.await.map_err(|tcp_error| ConnectError::Neither {
+                            quic: Box::new(quic_error),
+                            tcp: Box::new(tcp_error),
+                        }),
+                    },
+                    tcp_result = &mut tcp => match tcp_result {
+                        Ok(connected) => Ok(connected),
+                        Err(tcp_error) => quic.await.map_err(|quic_error| ConnectError::Neither {
+                            quic: Box::new(quic_error),
+                            tcp: Box::new(tcp_error),
+                        }),
+                    },
+                }
+            }
+        }
+    }
+
+    /// One attempt over QUIC: resolve the relay's name afresh and handshake from a fresh UDP
+    /// socket. With `probe`, a fresh handshake starts that often until one gets an answer.
+    ///
+    /// The agent keeps one endpoint for its life in `reused`, moved to each attempt's socket: a
+    /// new endpoint would allocate its receive buffer (about 3 MiB) again, from memory the
+    /// allocator may have to zero in full, where the first one is only touched as packets come.
+    async fn connect_quic(
+        &self,
+        reused: &mut Option<quinn::Endpoint>,
+        probe: Option<Duration>,
+    ) -> Result<Connected, ConnectError> {
         let relay = &self.config.relay;
         let attempt = async {
-            let address = tokio::net::lookup_host((relay.host.as_str(), relay.port))
-                .await
-                .map_err(|source| ConnectError::Resolve {
-                    relay: relay.to_string(),
-                    source,
-                })?
-                .next()
-                .ok_or_else(|| ConnectError::NoAddress {
-                    relay: relay.to_string(),
-                })?;
+            let address = resolve(&relay.host, relay.port).await?;
             let local: SocketAddr = match address {
                 SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
                 SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -353,9 +581,73 @@ impl Agent {
             relay: relay.to_string(),
         })??;
         match result {
-            Ok(conn) => Ok((endpoint, conn)),
+            Ok(conn) => Ok(Connected {
+                endpoint,
+                conn,
+                path: Path::Quic,
+                broken: None,
+            }),
             Err(source) => Err(self.explain(address, source)),
         }
+    }
+
+    /// One attempt over TCP: connect to `relay_tcp` (through `proxy`, if set), TLS with the
+    /// pinned keys, then the QUIC handshake on the carrier.
+    async fn connect_tcp(&self) -> Result<Connected, ConnectError> {
+        let relay = &self.config.relay_tcp;
+        let attempt = async {
+            let tcp = match &self.config.proxy {
+                Some(proxy) => proxy::connect(proxy, &relay.host, relay.port).await?,
+                None => {
+                    let address = resolve(&relay.host, relay.port).await?;
+                    TcpStream::connect(address)
+                        .await
+                        .map_err(|source| ConnectError::Tcp {
+                            relay: relay.to_string(),
+                            source,
+                        })?
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let addresses = tcp.local_addr().and_then(|l| Ok((l, tcp.peer_addr()?)));
+            let (local, peer) = addresses.map_err(|source| ConnectError::Tcp {
+                relay: relay.to_string(),
+                source,
+            })?;
+            let name = ServerName::try_from(tls::SERVER_NAME).expect("a valid server name");
+            let tls = self
+                .tcp_tls
+                .connect(name, tcp)
+                .await
+                .map_err(|source| self.explain_tls(peer, source))?;
+            let carrier = carrier::CarrierSocket::new(tls, local, peer);
+            let broken = carrier.broken();
+            let endpoint = carrier::endpoint(EndpointConfig::default(), None, carrier.clone())
+                .map_err(ConnectError::Socket)?;
+            let connecting =
+                endpoint.connect_with(self.tcp_client.clone(), peer, tls::SERVER_NAME)?;
+            let conn = tokio::select! {
+                conn = connecting => conn.map_err(|source| self.explain(peer, source))?,
+                // The relay ended the TLS connection: its alert says why.
+                () = carrier.broken() => {
+                    let failure = carrier.take_failure().unwrap_or_else(|| {
+                        io::Error::new(io::ErrorKind::ConnectionAborted, "the relay closed the connection")
+                    });
+                    return Err(self.explain_tls(peer, failure));
+                }
+            };
+            Ok(Connected {
+                endpoint,
+                conn,
+                path: Path::Tcp,
+                broken: Some(Box::pin(broken)),
+            })
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, attempt)
+            .await
+            .map_err(|_| ConnectError::TcpTimeout {
+                relay: relay.to_string(),
+            })?
     }
 
     fn explain(&self, address: SocketAddr, source: quinn::ConnectionError) -> ConnectError {
@@ -376,6 +668,64 @@ impl Agent {
         }
         ConnectError::Handshake { address, source }
     }
+
+    /// [`Agent::explain`] for the TLS handshake over TCP.
+    fn explain_tls(&self, address: SocketAddr, source: io::Error) -> ConnectError {
+        if let Some(got) = self.pin.take_mismatch() {
+            return ConnectError::WrongRelay {
+                address,
+                expected: self.pin.expected(),
+                got,
+            };
+        }
+        let alert = source
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::AlertReceived(rustls::AlertDescription::AccessDenied)) = alert {
+            return ConnectError::KeyRefused {
+                address,
+                fingerprint: self.fingerprint,
+            };
+        }
+        ConnectError::TlsOverTcp { address, source }
+    }
+}
+
+/// What a session needs of the connect loop's state.
+struct Running<'a> {
+    last_session: &'a mut Option<SessionId>,
+    latest_flows: &'a mut Option<Arc<crate::udp::Flows>>,
+    reused: &'a mut Option<quinn::Endpoint>,
+    chooser: &'a mut Chooser,
+    shutdown: &'a CancellationToken,
+}
+
+/// How often a session on QUIC checks that the relay still answers.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+
+/// `attempt`, once `delay` is over.
+async fn after<F: Future>(delay: Duration, attempt: F) -> F::Output {
+    tokio::time::sleep(delay).await;
+    attempt.await
+}
+
+/// The first address `host` resolves to.
+async fn resolve(host: &str, port: u16) -> Result<SocketAddr, ConnectError> {
+    let relay = || {
+        HostPort {
+            host: host.to_owned(),
+            port,
+        }
+        .to_string()
+    };
+    tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|source| ConnectError::Resolve {
+            relay: relay(),
+            source,
+        })?
+        .next()
+        .ok_or_else(|| ConnectError::NoAddress { relay: relay() })
 }
 
 /// Reads the state of a running agent, and reloads its forwards.
@@ -412,6 +762,9 @@ impl AgentControl {
                 "relay_fingerprint",
                 old.relay_fingerprint != config.relay_fingerprint,
             ),
+            ("transport", old.transport != config.transport),
+            ("relay_tcp", old.relay_tcp != config.relay_tcp),
+            ("proxy", old.proxy != config.proxy),
             ("key", old.key != config.key),
             ("keepalive", old.keepalive != config.keepalive),
             ("idle_timeout", old.idle_timeout != config.idle_timeout),
@@ -442,6 +795,11 @@ impl AgentControl {
             .filter(|(_, changed)| *changed)
             .map(|(key, _)| *key)
             .collect()
+    }
+
+    /// Sessions on each path since the agent started, and moves between them.
+    pub fn paths(&self) -> ([(Path, u64); 2], u64) {
+        self.tracker.paths()
     }
 
     /// The session, the forwards and what they carried.
@@ -481,6 +839,14 @@ impl AgentControl {
             connected: live.is_some(),
             session: status.session(),
             relay_address: live.as_ref().map(|l| l.conn.remote_address().to_string()),
+            transport: live
+                .as_ref()
+                .and(self.tracker.path())
+                .map(|(path, _)| path.to_string()),
+            transport_why: live
+                .as_ref()
+                .and(self.tracker.path())
+                .and_then(|(_, why)| why.map(str::to_owned)),
             since: live.as_ref().map(|l| report::timestamp(l.since)),
             rtt_ms: live.as_ref().map(|l| report::millis(l.conn.rtt())),
             sessions,

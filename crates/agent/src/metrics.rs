@@ -39,6 +39,20 @@ impl Collector for AgentControl {
             "Sessions set up after the first.",
             status.reconnects,
         )?;
+        let (by_path, moves) = self.paths();
+        f.counter(
+            "transport_sessions",
+            "Sessions set up with the relay, by path: quic (UDP) or tcp.",
+            None,
+            by_path
+                .iter()
+                .map(|(path, n)| ([("transport", path.to_string())], *n)),
+        )?;
+        f.counter_of(
+            "transport_moves",
+            "Sessions moved to the other path (UDP to TCP or back) while up.",
+            moves,
+        )?;
         f.gauge_of(
             "rtt",
             "Round-trip time of the live session.",

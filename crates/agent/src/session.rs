@@ -8,7 +8,6 @@ use std::time::Duration;
 use tether_common::carry::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
 use tether_common::carry::splice::{splice, Held};
 use tether_common::config::Forward;
-use tether_common::service::report;
 use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::wire::datagram::{DatagramSender, UdpCounters};
 use tether_common::wire::protocol::{
@@ -16,6 +15,7 @@ use tether_common::wire::protocol::{
     ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated, Welcome,
     VERSION,
 };
+use tether_common::wire::text;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -79,7 +79,7 @@ impl SessionEnd {
             // The relay's reason for closing is in it: its words, made safe to print.
             None => SessionEnd::Lost {
                 session,
-                error: report::printable(&error),
+                error: text::printable(&error),
             },
         }
     }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use tether_common::carry::traffic::TrafficCount;
 use tether_common::service::cli::count;
 use tether_common::service::report::{self, age};
+use tether_common::transport::Path;
 use tether_common::wire::protocol::{ForwardResult, SessionId};
 
 use crate::udp::Flows;
@@ -101,6 +102,10 @@ struct Tracked {
     live: Option<Live>,
     sessions: u64,
     last_error: Option<(String, SystemTime)>,
+    /// The path of the latest session, and why it is not QUIC.
+    path: Option<(Path, Option<&'static str>)>,
+    sessions_by_path: [u64; 2],
+    moves: u64,
 }
 
 #[derive(Clone)]
@@ -136,6 +141,30 @@ impl Tracker {
         LiveGuard(self)
     }
 
+    /// Notes the path the next session runs on, and why, unless it is QUIC.
+    pub fn on_path(&self, path: Path, why: Option<&'static str>) {
+        let mut tracked = self.lock();
+        tracked.path = Some((path, why));
+        tracked.sessions_by_path[path_index(path)] += 1;
+    }
+
+    /// Counts a move of the session to the other path.
+    pub fn moved(&self) {
+        self.lock().moves += 1;
+    }
+
+    /// The path of the latest session, and why it is not QUIC.
+    pub fn path(&self) -> Option<(Path, Option<&'static str>)> {
+        self.lock().path
+    }
+
+    /// Sessions on each path since the agent started, and moves between them.
+    pub fn paths(&self) -> ([(Path, u64); 2], u64) {
+        let tracked = self.lock();
+        let by_path = [Path::Quic, Path::Tcp].map(|p| (p, tracked.sessions_by_path[path_index(p)]));
+        (by_path, tracked.moves)
+    }
+
     /// Keeps `error` as the last one, for the status.
     pub fn failed(&self, error: &str) {
         self.lock().last_error = Some((error.to_owned(), SystemTime::now()));
@@ -154,6 +183,13 @@ impl Tracker {
     }
 }
 
+fn path_index(path: Path) -> usize {
+    match path {
+        Path::Quic => 0,
+        Path::Tcp => 1,
+    }
+}
+
 /// The agent's state at one moment, as `status --json` prints it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentReport {
@@ -168,6 +204,12 @@ pub struct AgentReport {
     pub session: Option<SessionId>,
     /// The address the live session goes to.
     pub relay_address: Option<String>,
+    /// The live session's path: "quic" (UDP) or "tcp".
+    #[serde(default)]
+    pub transport: Option<String>,
+    /// Why the live session is not on QUIC.
+    #[serde(default)]
+    pub transport_why: Option<String>,
     /// When the live session began; RFC 3339.
     pub since: Option<String>,
     pub rtt_ms: Option<f64>,
@@ -220,6 +262,18 @@ impl AgentReport {
             }
             parts.push(count(self.reconnects as usize, "reconnect"));
             let _ = writeln!(out, "{}", parts.join(", "));
+            match (self.transport.as_deref(), &self.transport_why) {
+                (Some("tcp"), Some(why)) => {
+                    let _ = writeln!(out, "over TCP: {why}");
+                }
+                (Some("tcp"), None) => {
+                    let _ = writeln!(out, "over TCP");
+                }
+                (Some(other), _) => {
+                    let _ = writeln!(out, "over {}", other.to_uppercase());
+                }
+                (None, _) => {}
+            }
         }
         if let Some(error) = &self.last_error {
             let ago = self.last_error_at.as_deref().and_then(|at| age(at, now));

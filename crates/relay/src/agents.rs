@@ -19,6 +19,7 @@ use tether_common::config::AgentEntry;
 use tether_common::net::ports::{PortSpec, Proto};
 use tether_common::service::cli::count;
 use tether_common::service::report;
+use tether_common::transport::Path;
 use tether_common::wire::datagram::DatagramSender;
 use tether_common::wire::protocol::{
     CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamHeader, StreamId,
@@ -56,6 +57,7 @@ type Held = Listening;
 pub struct NewSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
+    pub path: Path,
     pub routes: Routes,
     /// The UDP forwards that opened, as (id, flow idle time).
     pub udp_forwards: Vec<(ForwardId, std::time::Duration)>,
@@ -284,6 +286,7 @@ impl Table {
         let live = Arc::new(LiveSession {
             id: session.id,
             conn: session.conn,
+            path: session.path,
             routes: RwLock::new(Arc::new(session.routes)),
             flows,
             datagrams: session.datagrams,
@@ -502,6 +505,7 @@ impl Table {
                         .map(|a| a.to_string()),
                     since: slot.and_then(|s| s.since).map(report::timestamp),
                     rtt_ms: live.as_ref().map(|l| report::millis(l.conn.rtt())),
+                    transport: live.as_ref().map(|l| l.path.to_string()),
                     sessions,
                     reconnects: sessions.saturating_sub(1),
                     forwards,

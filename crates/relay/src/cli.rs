@@ -208,9 +208,10 @@ fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
     );
     println!();
     println!(
-        "Firewall: open {}/udp (agents connect there), and the public ports each agent is",
-        listen.port()
+        "Firewall: open {port}/udp and {port}/tcp (agents connect there: over TCP when UDP",
+        port = listen.port()
     );
+    println!("does not pass), and the public ports each agent is");
     println!("allowed in relay.toml (such as 2222/tcp for ssh, 60000-60010/udp for mosh).");
     ExitCode::SUCCESS
 }
@@ -219,6 +220,7 @@ fn config_template(listen: SocketAddr) -> String {
     format!(
         r#"# tether relay
 listen = "{listen}"        # UDP, where agents connect
+listen_tcp = "{listen}"    # TCP, where agents connect when UDP does not pass; "off" for none
 key = "relay.key"
 # public_bind = "0.0.0.0"      # where public ports are opened; default: every address, IPv4 and IPv6
 # tcp_keepalive = "30s"        # probes on visitor TCP connections, keeps their NATs open; "off" for none

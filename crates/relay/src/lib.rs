@@ -4,6 +4,7 @@
 mod admission;
 pub mod agents;
 mod audit;
+mod carriers;
 pub mod cli;
 mod flows;
 mod handshakes;

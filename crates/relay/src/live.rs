@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use tether_common::carry::resume::{AckQueue, HeldStreams};
 use tether_common::carry::traffic::ForwardTraffic;
 use tether_common::net::ports::Proto;
+use tether_common::transport::Path;
 use tether_common::wire::datagram::DatagramSender;
 use tether_common::wire::protocol::{ForwardId, SessionId, StreamId};
 use tokio::net::UdpSocket;
@@ -24,6 +25,8 @@ pub type Routes = HashMap<(Proto, u16), Route>;
 pub struct LiveSession {
     pub id: SessionId,
     pub conn: quinn::Connection,
+    /// UDP or TCP.
+    pub path: Path,
     /// Replaced as a whole when the agent updates its forwards.
     pub(crate) routes: RwLock<Arc<Routes>>,
     /// The flows of the session's UDP forwards; a resumed session goes on with the lost one's.

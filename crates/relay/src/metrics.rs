@@ -44,6 +44,17 @@ impl Collector for Control {
             agents().map(|a| (agent(a), a.reconnects)),
         )?;
         f.gauge(
+            "transport_sessions",
+            "Live sessions, by path: quic (UDP) or tcp.",
+            None,
+            ["quic", "tcp"].into_iter().map(|path| {
+                let live = agents()
+                    .filter(|a| a.transport.as_deref() == Some(path))
+                    .count();
+                ([("transport", path.to_string())], live as f64)
+            }),
+        )?;
+        f.gauge(
             "rtt",
             "Round-trip time of the agent's live session.",
             Some(Unit::Seconds),

@@ -6,18 +6,19 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tether_common::config::RelayConfig;
-use tether_common::transport::quic;
-use tether_common::transport::socket;
+use tether_common::transport::{carrier, quic, socket, Path};
 use tether_common::trust::identity::{Fingerprint, Identity};
 use tether_common::trust::tls::{self, AgentPins, TlsError};
 use tether_common::wire::datagram::{DropReason, UdpCounters};
 use tether_common::wire::protocol::CloseCode;
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::Summary;
 use crate::audit::Audit;
+use crate::carriers::{self, TcpPath};
 use crate::handshakes::{Pending, Verdict};
 use crate::limits::Limits;
 use crate::places::Seats;
@@ -38,11 +39,17 @@ pub enum RelayError {
         address: SocketAddr,
         source: io::Error,
     },
+    #[error("cannot listen on {address}/tcp (listen_tcp): {source}")]
+    BindTcp {
+        address: SocketAddr,
+        source: io::Error,
+    },
 }
 
-/// A relay bound to its QUIC address, ready to [`Relay::run`].
+/// A relay bound to its QUIC address (and its TCP one, if it has one), ready to [`Relay::run`].
 pub struct Relay {
     endpoint: quinn::Endpoint,
+    tcp: Option<TcpPath>,
     shared: Arc<Shared>,
     fingerprint: tether_common::trust::identity::Fingerprint,
 }
@@ -69,6 +76,11 @@ impl Relay {
             Arc::new(AgentPins::with_on_refused(known, Box::new(on_refused)))
         };
         let mut server = tls::server_config(identity, pins.clone())?;
+        let tcp_server = {
+            let mut server = server.clone();
+            server.transport_config(Arc::new(carrier::transport(quic::relay_transport())));
+            server
+        };
         server
             .transport_config(quic::relay())
             // Attempts the accept loop has not decided on yet: it decides on each at once, so
@@ -86,6 +98,16 @@ impl Relay {
                 address: config.listen,
                 source,
             })?;
+        let tcp = match config.listen_tcp {
+            None => None,
+            Some(address) => Some(TcpPath {
+                listener: carriers::bind(address)
+                    .map_err(|source| RelayError::BindTcp { address, source })?,
+                tls: TlsAcceptor::from(tls::tcp_server_config(identity, pins.clone())?),
+                endpoint: quic::relay_endpoint(identity),
+                server: tcp_server,
+            }),
+        };
         let visitors = Arc::new(Seats::new(limits.max_visitors));
         let shared = Arc::new(Shared {
             agents: RwLock::new(config.agents.clone().into()),
@@ -103,6 +125,7 @@ impl Relay {
         });
         Ok(Self {
             endpoint,
+            tcp,
             shared,
             fingerprint: identity.fingerprint(),
         })
@@ -111,6 +134,11 @@ impl Relay {
     /// The UDP address agents connect to (useful when `listen` had port 0).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The TCP address agents connect to when UDP does not pass, if the relay listens on one.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref()?.listener.local_addr().ok()
     }
 
     /// Follows how many agents and forwards the relay serves.
@@ -137,13 +165,16 @@ impl Relay {
     /// closes every session with [`CloseCode::RelayShutdown`] so agents reconnect at once, and
     /// returns within [`Limits::shutdown_grace`].
     pub async fn run(self, shutdown: CancellationToken) {
+        let listen_tcp = self.tcp_addr().map_or("off".into(), |a| a.to_string());
         let Relay {
             endpoint,
+            tcp,
             shared,
             fingerprint,
         } = self;
         tracing::info!(
             listen = %endpoint.local_addr().map_or("?".into(), |a| a.to_string()),
+            %listen_tcp,
             %fingerprint,
             agents = shared.config.agents.len(),
             "relay listening"
@@ -170,6 +201,18 @@ impl Relay {
                     Some(incoming) => admit(&shared, &pending, incoming),
                     None => break,
                 },
+                accepted = accept_tcp(tcp.as_ref()) => match accepted {
+                    Ok((tcp_stream, peer)) => {
+                        if let Some(path) = &tcp {
+                            path.admit(&shared, &pending, tcp_stream, peer);
+                        }
+                    }
+                    Err(error) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(%error, "accepting an agent over TCP failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
             }
         }
         // What was counted since the last summary is logged before the relay stops.
@@ -177,6 +220,8 @@ impl Relay {
             tally.flush();
         }
         shared.audit.flush(period);
+        // No new agent over TCP; those connected are closed with their sessions.
+        drop(tcp);
         shared.shutdown.cancel();
         let code = CloseCode::RelayShutdown;
         endpoint.close(code.code(), code.reason().as_bytes());
@@ -265,6 +310,7 @@ impl Control {
         let mut reloaded = Reloaded::default();
         let restart_only = [
             ("listen", old.listen != config.listen),
+            ("listen_tcp", old.listen_tcp != config.listen_tcp),
             ("key", old.key != config.key),
             ("public_bind", old.public_bind != config.public_bind),
             ("tcp_keepalive", old.tcp_keepalive != config.tcp_keepalive),
@@ -339,6 +385,14 @@ impl Control {
     }
 }
 
+/// The next agent connection on the TCP listener; never, without one.
+async fn accept_tcp(tcp: Option<&TcpPath>) -> io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some(path) => path.listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Starts the handshake of a connection attempt, asks it to prove its address, or drops it.
 fn admit(shared: &Arc<Shared>, pending: &Pending, incoming: quinn::Incoming) {
     let remote = incoming.remote_address();
@@ -351,7 +405,7 @@ fn admit(shared: &Arc<Shared>, pending: &Pending, incoming: quinn::Incoming) {
         Verdict::Accept(place) => {
             shared
                 .tasks
-                .spawn(session::serve(shared.clone(), incoming, place));
+                .spawn(session::serve(shared.clone(), incoming, place, Path::Quic));
         }
         Verdict::Retry => {
             if let Err(error) = incoming.retry() {

@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use tether_common::carry::resume::{HeldStream, Resume};
 use tether_common::net::ports::Proto;
+use tether_common::transport::Path;
 use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::wire::datagram::DatagramSender;
 use tether_common::wire::protocol::{
     Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
     SessionId, Update, Updated, Welcome, VERSION,
 };
-use tether_common::{service::report, trust::tls};
+use tether_common::{trust::tls, wire::text};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -68,9 +69,9 @@ impl SetupError {
     }
 }
 
-/// Serves one incoming connection from the handshake to the end of its session. `place` holds
-/// the handshake's place among those under way until it is over.
-pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place) {
+/// Serves one incoming connection, on `path`, from the handshake to the end of its session.
+/// `place` holds the handshake's place among those under way until it is over.
+pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place, path: Path) {
     let remote = incoming.remote_address();
     let handshake = tokio::select! {
         handshake = handshake(incoming, shared.limits.handshake_timeout) => handshake,
@@ -86,7 +87,7 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
                     .refused_handshakes
                     .record(reason, &remote.ip().to_canonical());
             }
-            let error = report::printable(&error.to_string());
+            let error = text::printable(&error.to_string());
             tracing::debug!(%remote, %error, "handshake refused");
             return;
         }
@@ -104,7 +105,14 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place)
     };
     let id: SessionId = rand::random();
     let span = tracing::info_span!("session", agent = %agent.name, session = id);
-    let session = run_session(shared.clone(), conn.clone(), remote, id, agent.fingerprint);
+    let session = run_session(
+        shared.clone(),
+        conn.clone(),
+        remote,
+        id,
+        agent.fingerprint,
+        path,
+    );
     let panicked = isolate(session.instrument(span.clone())).await;
     if panicked {
         // A bug of ours, not the agent's doing: end this session as any other end would, and
@@ -139,11 +147,12 @@ async fn run_session(
     remote: SocketAddr,
     id: SessionId,
     agent: tether_common::trust::identity::Fingerprint,
+    path: Path,
 ) {
     let (mut send, recv, hello) = match read_hello(&conn, shared.limits.hello_timeout).await {
         Ok(setup) => setup,
         Err(error) => {
-            let why = report::printable(&error.to_string());
+            let why = text::printable(&error.to_string());
             tracing::warn!(%remote, error = %why, "session set-up failed");
             error.close_code().close(&conn);
             return;
@@ -167,6 +176,7 @@ async fn run_session(
         let session = NewSession {
             id,
             conn: conn.clone(),
+            path,
             routes,
             udp_forwards: agents::udp_forwards(&requests, &results).collect(),
             datagrams: DatagramSender::new(conn.clone(), shared.udp.clone()),
@@ -193,16 +203,18 @@ async fn run_session(
             match (&hello.resume, &resumed) {
                 (Some(lost), Some(streams)) => tracing::info!(
                     %remote,
+                    %path,
                     resumed = lost,
                     streams = streams.len(),
                     "agent connected; its lost session resumed"
                 ),
                 (Some(lost), None) => tracing::info!(
                     %remote,
+                    %path,
                     lost,
                     "agent connected; its lost session is not held here, not resumed"
                 ),
-                (None, _) => tracing::info!(%remote, "agent connected"),
+                (None, _) => tracing::info!(%remote, %path, "agent connected"),
             }
             let session = Session {
                 shared: &shared,
@@ -231,7 +243,7 @@ fn resumable(conn: &quinn::Connection) -> bool {
 
 /// Why a session's connection ended, the agent's own words made safe to log.
 fn ended(error: &quinn::ConnectionError) -> String {
-    report::printable(&error.to_string())
+    text::printable(&error.to_string())
 }
 
 /// Forwards named in the log line of a Hello or an Update; the rest are counted.

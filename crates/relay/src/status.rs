@@ -36,6 +36,9 @@ pub struct AgentState {
     /// When the latest session began (connected) or ended (away); RFC 3339.
     pub since: Option<String>,
     pub rtt_ms: Option<f64>,
+    /// The path of the session up now: "quic" (UDP) or "tcp".
+    #[serde(default)]
+    pub transport: Option<String>,
     /// Sessions since the relay started; every one after the first was a reconnect.
     pub sessions: u64,
     pub reconnects: u64,
@@ -85,6 +88,7 @@ impl RelayStatus {
                     a.name.clone(),
                     state,
                     a.address.clone().unwrap_or_else(dash),
+                    a.transport.clone().unwrap_or_else(dash),
                     a.rtt_ms.map_or_else(dash, |ms| format!("{ms:.1} ms")),
                     a.reconnects.to_string(),
                     a.fingerprint.clone(),
@@ -96,6 +100,7 @@ impl RelayStatus {
                 "AGENT",
                 "STATE",
                 "ADDRESS",
+                "TRANSPORT",
                 "RTT",
                 "RECONNECTS",
                 "FINGERPRINT",
@@ -163,6 +168,7 @@ mod tests {
                     address: Some("203.0.113.7:50123".into()),
                     since: Some(report::timestamp(then)),
                     rtt_ms: Some(12.3),
+                    transport: Some("tcp".into()),
                     sessions: 3,
                     reconnects: 2,
                     forwards: vec![
@@ -197,6 +203,7 @@ mod tests {
                     address: None,
                     since: None,
                     rtt_ms: None,
+                    transport: None,
                     sessions: 0,
                     reconnects: 0,
                     forwards: vec![],
@@ -211,9 +218,9 @@ mod tests {
 relay 0.0.0.0:4433, key SHA256:relay
 1 agent connected of 2 listed
 
-AGENT  STATE            ADDRESS            RTT      RECONNECTS  FINGERPRINT
-dorm   up 1m 5s         203.0.113.7:50123  12.3 ms  2           SHA256:dorm
-spare  never connected  -                  -        0           SHA256:spare
+AGENT  STATE            ADDRESS            TRANSPORT  RTT      RECONNECTS  FINGERPRINT
+dorm   up 1m 5s         203.0.113.7:50123  tcp        12.3 ms  2           SHA256:dorm
+spare  never connected  -                  -          -        0           SHA256:spare
 
 AGENT  FORWARD  PORTS            STATE                                     VISITORS  FLOWS  IN       OUT
 dorm   ssh      2222/tcp         open                                      1         -      2.0 KiB  3.0 MiB

@@ -14,6 +14,8 @@ use super::{
 };
 use crate::net::cidr::Cidr;
 use crate::net::ports::{PortRange, Proto};
+use crate::transport::choose::Transport;
+use crate::transport::proxy::Proxy;
 use crate::trust::identity::Fingerprint;
 use crate::wire::protocol::MAX_ALLOW_FROM;
 
@@ -33,6 +35,12 @@ pub struct AgentConfig {
     /// Resolved again on every connection attempt.
     pub relay: HostPort,
     pub relay_fingerprint: Fingerprint,
+    /// Which paths to the relay the agent takes.
+    pub transport: Transport,
+    /// The relay's TCP listener, for the TCP path: by default `relay`'s host and port.
+    pub relay_tcp: HostPort,
+    /// An HTTP CONNECT proxy on the way to `relay_tcp`.
+    pub proxy: Option<Proxy>,
     pub key: PathBuf,
     /// `None`: no keepalives (only useful to prove that they matter).
     pub keepalive: Option<Duration>,
@@ -110,6 +118,9 @@ impl fmt::Display for LocalTarget {
 struct RawAgentConfig {
     relay: String,
     relay_fingerprint: String,
+    transport: Option<String>,
+    relay_tcp: Option<String>,
+    proxy: Option<String>,
     key: Option<String>,
     keepalive: Option<String>,
     idle_timeout: Option<String>,
@@ -174,6 +185,31 @@ impl AgentConfig {
         let mut p = Problems::default();
         let relay = p.check("relay", host_port(&raw.relay));
         let relay_fingerprint = p.check("relay_fingerprint", fingerprint(&raw.relay_fingerprint));
+        let transport = match raw.transport.as_deref() {
+            None => Some(Transport::Auto),
+            Some(text) => p.check("transport", text.parse()),
+        };
+        let relay_tcp = match (&raw.relay_tcp, &relay) {
+            (Some(text), _) => p.check("relay_tcp", host_port(text)),
+            (None, relay) => relay.clone(),
+        };
+        let proxy = match &raw.proxy {
+            None => Some(None),
+            Some(text) => p.check("proxy", text.parse::<Proxy>().map(Some)),
+        };
+        if transport == Some(Transport::Quic) {
+            for (key, set) in [
+                ("relay_tcp", raw.relay_tcp.is_some()),
+                ("proxy", raw.proxy.is_some()),
+            ] {
+                if set {
+                    p.add(
+                        key,
+                        "is for the TCP path, which transport = \"quic\" never takes",
+                    );
+                }
+            }
+        }
         let key = p.check(
             "key",
             path_in(dir, raw.key.as_deref().unwrap_or("agent.key")),
@@ -215,6 +251,9 @@ impl AgentConfig {
             Some(AgentConfig {
                 relay: relay?,
                 relay_fingerprint: relay_fingerprint?,
+                transport: transport?,
+                relay_tcp: relay_tcp?,
+                proxy: proxy?,
                 key: key?,
                 keepalive: keepalive?,
                 idle_timeout: idle_timeout?,

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use crate::net::ports::PortRange;
 use crate::trust::identity::Fingerprint;
 
+pub use crate::transport::choose::Transport;
 pub use agent::{
     AgentConfig, Forward, HostPort, LocalTarget, AGENT_STATUS_SOCKET, DEFAULT_FLOW_IDLE,
 };

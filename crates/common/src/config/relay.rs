@@ -24,6 +24,8 @@ pub const RELAY_STATUS_SOCKET: &str = "/run/tether-relay/status.sock";
 pub struct RelayConfig {
     /// The UDP address agents connect to.
     pub listen: SocketAddr,
+    /// The TCP address agents connect to when UDP does not pass; `None` listens on none.
+    pub listen_tcp: Option<SocketAddr>,
     pub key: PathBuf,
     /// Where public ports are opened; `None` is every address, IPv4 and IPv6.
     pub public_bind: Option<IpAddr>,
@@ -75,6 +77,7 @@ impl AgentEntry {
 #[serde(deny_unknown_fields)]
 struct RawRelayConfig {
     listen: String,
+    listen_tcp: Option<String>,
     key: Option<String>,
     public_bind: Option<String>,
     tcp_keepalive: Option<String>,
@@ -118,6 +121,17 @@ impl RelayConfig {
                 .parse::<SocketAddr>()
                 .map_err(|_| format!("expected IP:PORT, got \"{}\"", raw.listen)),
         );
+        // Absent in a relay.toml written before the TCP path: off, so that an upgrade opens no
+        // port that nobody asked for.
+        let listen_tcp = match raw.listen_tcp.as_deref() {
+            None | Some("off") => Some(None),
+            Some(text) => p.check(
+                "listen_tcp",
+                text.parse::<SocketAddr>()
+                    .map(Some)
+                    .map_err(|_| format!("expected IP:PORT or \"off\", got \"{text}\"")),
+            ),
+        };
         let key = p.check(
             "key",
             path_in(dir, raw.key.as_deref().unwrap_or("relay.key")),
@@ -151,6 +165,7 @@ impl RelayConfig {
         p.finish(file, || {
             Some(RelayConfig {
                 listen: listen?,
+                listen_tcp: listen_tcp?,
                 key: key?,
                 public_bind: public_bind?,
                 tcp_keepalive: tcp_keepalive?,

@@ -231,7 +231,7 @@ fn agent_type_and_shape_errors() {
     );
     assert_agent_error(
         &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nkeepalve = \"5s\"\n"),
-        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `key`, `keepalive`, `idle_timeout`, `resume_window`, `status_socket`, `metrics`, `forward`",
+        "/etc/tether/agent.toml: keepalve: unknown field `keepalve`, expected one of `relay`, `relay_fingerprint`, `transport`, `relay_tcp`, `proxy`, `key`, `keepalive`, `idle_timeout`, `resume_window`, `status_socket`, `metrics`, `forward`",
     );
     assert_agent_error(
         "relay = \"h:1\"\n",
@@ -383,7 +383,7 @@ fn relay_errors_name_file_key_and_expectation() {
     );
     assert_relay_error(
         "listen = \"0.0.0.0:1\"\nlisten_addr = 1\n",
-        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `key`, `public_bind`, `tcp_keepalive`, `resume_window`, `status_socket`, `metrics`, `agent`",
+        "/etc/tether/relay.toml: listen_addr: unknown field `listen_addr`, expected one of `listen`, `listen_tcp`, `key`, `public_bind`, `tcp_keepalive`, `resume_window`, `status_socket`, `metrics`, `agent`",
     );
 }
 
@@ -468,5 +468,53 @@ fn a_relative_status_socket_is_in_the_config_folder() {
     assert_agent_error(
         &format!("relay = \"h:1\"\nrelay_fingerprint = \"{FP}\"\nstatus_socket = \"\"\n"),
         "/etc/tether/agent.toml: status_socket: expected a file path, got \"\"",
+    );
+}
+
+#[test]
+fn the_tcp_path_keys_have_defaults_and_name_what_is_wrong() {
+    let base = format!("relay = \"vps.example.com:4433\"\nrelay_fingerprint = \"{FP}\"\n");
+    let config = agent(&base).unwrap();
+    assert_eq!(config.transport, Transport::Auto);
+    assert_eq!(config.relay_tcp, config.relay, "the relay's host and port");
+    assert_eq!(config.proxy, None);
+
+    let config = agent(&format!(
+        "{base}transport = \"tcp\"\nrelay_tcp = \"vps.example.com:443\"\nproxy = \"http://proxy.example:3128\"\n"
+    ))
+    .unwrap();
+    assert_eq!(config.transport, Transport::Tcp);
+    assert_eq!(config.relay_tcp.port, 443);
+    assert_eq!(
+        config.proxy.unwrap().to_string(),
+        "http://proxy.example:3128"
+    );
+
+    assert_agent_error(
+        &format!("{base}transport = \"udp\"\n"),
+        "/etc/tether/agent.toml: transport: expected \"auto\", \"quic\" or \"tcp\", got \"udp\"",
+    );
+    assert_agent_error(
+        &format!("{base}relay_tcp = \"vps.example.com\"\n"),
+        "/etc/tether/agent.toml: relay_tcp: expected HOST:PORT, got \"vps.example.com\"",
+    );
+    assert_agent_error(
+        &format!("{base}proxy = \"socks5://proxy.example:1080\"\n"),
+        "/etc/tether/agent.toml: proxy: only http:// proxies (HTTP CONNECT) are supported, got socks5://",
+    );
+    assert_agent_error(
+        &format!("{base}transport = \"quic\"\nproxy = \"http://proxy.example:3128\"\n"),
+        "/etc/tether/agent.toml: proxy: is for the TCP path, which transport = \"quic\" never takes",
+    );
+
+    let relay_base = "listen = \"0.0.0.0:4433\"\n";
+    assert_eq!(relay(relay_base).unwrap().listen_tcp, None, "absent: off");
+    let off = relay(&format!("{relay_base}listen_tcp = \"off\"\n")).unwrap();
+    assert_eq!(off.listen_tcp, None);
+    let on = relay(&format!("{relay_base}listen_tcp = \"0.0.0.0:443\"\n")).unwrap();
+    assert_eq!(on.listen_tcp, Some("0.0.0.0:443".parse().unwrap()));
+    assert_relay_error(
+        &format!("{relay_base}listen_tcp = \"443\"\n"),
+        "/etc/tether/relay.toml: listen_tcp: expected IP:PORT or \"off\", got \"443\"",
     );
 }

@@ -47,23 +47,28 @@ fn common() -> TransportConfig {
 pub fn agent(
     keepalive: Option<Duration>,
     idle_timeout: Duration,
-) -> Result<Arc<TransportConfig>, VarIntBoundsExceeded> {
+) -> Result<TransportConfig, VarIntBoundsExceeded> {
     let mut config = common();
     config
         .keep_alive_interval(keepalive)
         .max_idle_timeout(Some(IdleTimeout::try_from(idle_timeout)?))
         .max_concurrent_bidi_streams(VarInt::from_u32(MAX_DATA_STREAMS));
-    Ok(Arc::new(config))
+    Ok(config)
 }
 
 /// The relay's side: no idle timeout of its own, so the agent's applies; the agent may open
 /// its control stream and nothing else.
-pub fn relay() -> Arc<TransportConfig> {
+pub fn relay_transport() -> TransportConfig {
     let mut config = common();
     config
         .max_idle_timeout(None)
         .max_concurrent_bidi_streams(VarInt::from_u32(1));
-    Arc::new(config)
+    config
+}
+
+/// [`relay_transport`], shared.
+pub fn relay() -> Arc<TransportConfig> {
+    Arc::new(relay_transport())
 }
 
 /// The relay's endpoint. Its stateless reset key and the key that signs its connection IDs are

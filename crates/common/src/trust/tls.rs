@@ -17,6 +17,10 @@ use crate::trust::identity::{Fingerprint, Identity};
 /// [`crate::wire::protocol`].
 pub const ALPN: &[u8] = b"tether/1";
 
+/// The protocol of the TCP path (see [`crate::transport::carrier`]): QUIC packets, framed,
+/// over TLS with the same pinned keys.
+pub const ALPN_TCP: &[u8] = b"tether-tcp/1";
+
 /// The name the agent asks for. The relay's certificate is trusted by its key, so the name is
 /// never checked; it only has to be a valid server name.
 pub const SERVER_NAME: &str = "tether";
@@ -50,14 +54,31 @@ pub fn client_config(
         mismatch: Mutex::new(None),
         algorithms: provider.signature_verification_algorithms,
     });
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let tls = client_tls(identity, &pin, ALPN)?;
+    let quic = QuicClientConfig::try_from(tls)?;
+    Ok((quinn::ClientConfig::new(Arc::new(quic)), pin))
+}
+
+/// The agent's TLS over TCP, for the TCP path: the same key, the same pin.
+pub fn tcp_client_config(
+    identity: &Identity,
+    pin: &Arc<RelayPin>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    Ok(Arc::new(client_tls(identity, pin, ALPN_TCP)?))
+}
+
+fn client_tls(
+    identity: &Identity,
+    pin: &Arc<RelayPin>,
+    alpn: &[u8],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(pin.clone())
         .with_client_auth_cert(vec![identity.certificate()], identity.private_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicClientConfig::try_from(tls)?;
-    Ok((quinn::ClientConfig::new(Arc::new(quic)), pin))
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }
 
 /// The relay's side: a server configuration that admits only agents whose keys are in `agents`.
@@ -65,13 +86,29 @@ pub fn server_config(
     identity: &Identity,
     agents: Arc<AgentPins>,
 ) -> Result<quinn::ServerConfig, TlsError> {
+    let quic = QuicServerConfig::try_from(server_tls(identity, agents, ALPN)?)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+/// The relay's TLS over TCP, for the TCP path: the same key, the same agents.
+pub fn tcp_server_config(
+    identity: &Identity,
+    agents: Arc<AgentPins>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    Ok(Arc::new(server_tls(identity, agents, ALPN_TCP)?))
+}
+
+fn server_tls(
+    identity: &Identity,
+    agents: Arc<AgentPins>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(agents)
         .with_single_cert(vec![identity.certificate()], identity.private_key())?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(tls)?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    Ok(tls)
 }
 
 /// The fingerprint of the key a connected peer proved it holds.

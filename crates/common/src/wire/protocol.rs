@@ -716,10 +716,16 @@ pub enum CloseCode {
     /// The relay's config for this agent changed (its allowlist): reconnect at once, so that
     /// the forwards are asked for again under the new one.
     Reconfigured,
+    /// The TCP connection under the session ended (see `crate::transport::carrier`): said
+    /// only to this side's own connection, as the peer can no longer be told.
+    PathLost,
+    /// The agent moved to another path to the relay (UDP or TCP); a session there resumes
+    /// this one.
+    PathChanged,
 }
 
 impl CloseCode {
-    const ALL: [CloseCode; 9] = [
+    const ALL: [CloseCode; 11] = [
         CloseCode::AgentShutdown,
         CloseCode::RelayShutdown,
         CloseCode::Replaced,
@@ -729,6 +735,8 @@ impl CloseCode {
         CloseCode::Timeout,
         CloseCode::InternalError,
         CloseCode::Reconfigured,
+        CloseCode::PathLost,
+        CloseCode::PathChanged,
     ];
 
     pub fn code(self) -> quinn::VarInt {
@@ -742,6 +750,8 @@ impl CloseCode {
             CloseCode::Timeout => 7,
             CloseCode::InternalError => 8,
             CloseCode::Reconfigured => 9,
+            CloseCode::PathLost => 10,
+            CloseCode::PathChanged => 11,
         })
     }
 
@@ -761,6 +771,8 @@ impl CloseCode {
             CloseCode::Timeout => "session set-up timed out",
             CloseCode::InternalError => "internal error in the relay",
             CloseCode::Reconfigured => "the relay's config for this agent changed",
+            CloseCode::PathLost => "the TCP connection under the session ended",
+            CloseCode::PathChanged => "the agent moved to another path",
         }
     }
 
