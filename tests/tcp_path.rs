@@ -163,6 +163,25 @@ async fn a_tcp_only_agent_serves_tcp_and_udp_forwards_over_tls_on_tcp() {
         assert_eq!(path.as_deref(), Some("tcp"));
         assert_eq!(why.as_deref(), Some("transport = \"tcp\" in agent.toml"));
         assert_eq!(scene.relay_path().as_deref(), Some("tcp"));
+        // The metrics count sessions by path, at both ends.
+        let metrics = |registry: prometheus_client::registry::Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+            text
+        };
+        let agent_control = scene.agent().control.clone();
+        let agent_metrics = metrics(tether_agent::metrics::registry(agent_control));
+        assert!(
+            agent_metrics.contains("tether_agent_transport_sessions_total{transport=\"tcp\"} 1\n"),
+            "{agent_metrics}"
+        );
+        assert!(agent_metrics.contains("tether_agent_transport_moves_total 0\n"));
+        let relay_metrics = metrics(tether_relay::metrics::registry(scene.relay.control.clone()));
+        assert!(
+            relay_metrics.contains("tether_relay_transport_sessions{transport=\"tcp\"} 1.0\n"),
+            "{relay_metrics}"
+        );
+        assert!(relay_metrics.contains("tether_relay_transport_sessions{transport=\"quic\"} 0.0\n"));
         let relay_status = scene.relay.control.status();
         let address = relay_status.agents[0].address.clone().unwrap();
         let address: SocketAddr = address.parse().unwrap();
@@ -255,6 +274,9 @@ async fn a_transfer_moves_to_tcp_when_udp_stops_and_back_to_quic_when_it_returns
         assert!(back_after <= Duration::from_secs(60), "took {back_after:?}");
 
         assert!(echoes(&mut idle).await, "the idle connection answers over QUIC again");
+        let (by_path, moves) = scene.agent().control.paths();
+        assert_eq!(moves, 2, "to TCP and back");
+        assert_eq!(by_path.map(|(_, sessions)| sessions), [2, 1], "QUIC twice, TCP once");
         within("the transfer's writer", writer).await.unwrap();
         let back = within_for("the transfer's echo", Duration::from_secs(60), reader)
             .await

@@ -226,10 +226,11 @@ fn init(
     println!("ports = [\"2222/tcp\"]");
     println!();
     println!(
-        "Firewall: on the relay, open 2222/tcp to visitors, and {}/udp to this",
-        relay.port
+        "Firewall: on the relay, open 2222/tcp to visitors, and {port}/udp and {port}/tcp to this",
+        port = relay.port
     );
-    println!("agent. This machine needs no open port: the agent only connects out.");
+    println!("agent (TCP for networks that block UDP). This machine needs no open port: the agent");
+    println!("only connects out.");
     ExitCode::SUCCESS
 }
 

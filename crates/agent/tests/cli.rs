@@ -44,7 +44,7 @@ fn init_prints_the_block_to_paste_on_the_relay() {
     );
     assert!(out.contains(&block), "{out}");
     assert!(
-        out.contains("on the relay, open 2222/tcp to visitors, and 4433/udp to this"),
+        out.contains("on the relay, open 2222/tcp to visitors, and 4433/udp and 4433/tcp to this"),
         "{out}"
     );
     let mode = fs::metadata(dir.path().join("agent.key"))

@@ -30,16 +30,20 @@ fn init_writes_a_private_key_and_a_config_that_checks() {
         )),
         "{out}"
     );
-    assert!(out.contains("Firewall: open 4433/udp"), "{out}");
+    assert!(
+        out.contains("Firewall: open 4433/udp and 4433/tcp"),
+        "{out}"
+    );
     let mode = fs::metadata(dir.path().join("etc/relay.key"))
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
     let config = format!("{target}/relay.toml");
-    assert!(fs::read_to_string(&config)
-        .unwrap()
-        .contains("listen = \"127.0.0.1:4433\""));
+    let written = fs::read_to_string(&config).unwrap();
+    assert!(written.contains("listen = \"127.0.0.1:4433\""));
+    // The TCP listener beside the UDP one, on the same port.
+    assert!(written.contains("listen_tcp = \"127.0.0.1:4433\""));
     let (code, out, err) = relay(&["fingerprint", "-c", &config]);
     assert_eq!((code, out.trim()), (0, printed), "{err}");
     let (code, out, err) = relay(&["check", "-c", &config]);
