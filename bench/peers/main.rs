@@ -98,7 +98,12 @@ impl Args {
         match (&self.systems, self.lab) {
             (Some(systems), _) => systems.clone(),
             (None, false) => System::ALL.to_vec(),
-            (None, true) => vec![System::Direct, System::Tether, System::RatholeNoise],
+            (None, true) => vec![
+                System::Direct,
+                System::Tether,
+                System::TetherTcp,
+                System::RatholeNoise,
+            ],
         }
     }
 

@@ -20,15 +20,18 @@ const READY_WITHIN: Duration = Duration::from_secs(20);
 pub enum System {
     Direct,
     Tether,
+    /// tether with its agent on the TCP path (`transport = "tcp"`): QUIC over TLS on TCP.
+    TetherTcp,
     RatholeNoise,
     RatholeTcp,
     Bore,
 }
 
 impl System {
-    pub const ALL: [System; 5] = [
+    pub const ALL: [System; 6] = [
         System::Direct,
         System::Tether,
+        System::TetherTcp,
         System::RatholeNoise,
         System::RatholeTcp,
         System::Bore,
@@ -38,6 +41,7 @@ impl System {
         match self {
             System::Direct => "direct",
             System::Tether => "tether",
+            System::TetherTcp => "tether (TCP path)",
             System::RatholeNoise => "rathole (Noise)",
             System::RatholeTcp => "rathole (plain TCP)",
             System::Bore => "bore",
@@ -137,7 +141,8 @@ pub async fn start(
             iperf: services.iperf,
             echo: services.echo,
         },
-        System::Tether => tether(tools, services, dir).await?,
+        System::Tether => tether(tools, services, dir, false).await?,
+        System::TetherTcp => tether(tools, services, dir, true).await?,
         System::RatholeNoise => rathole(tools, services, dir, true).await?,
         System::RatholeTcp => rathole(tools, services, dir, false).await?,
         System::Bore => bore(tools, services, dir).await?,
@@ -201,7 +206,8 @@ fn after<'a>(text: &'a str, label: &str) -> Result<&'a str> {
         .with_context(|| format!("no {label:?} in {text:?}"))
 }
 
-async fn tether(tools: &Tools, services: &Services, dir: &Path) -> Result<Running> {
+/// tether; with `tcp`, its agent on the TCP path alone.
+async fn tether(tools: &Tools, services: &Services, dir: &Path, tcp: bool) -> Result<Running> {
     let listen = SocketAddr::from((services.vps, free_port()?)).to_string();
     let (iperf, echo) = (free_port()?, free_port()?);
     let dir_arg = |side: &str| dir.join(side).display().to_string();
@@ -234,6 +240,7 @@ async fn tether(tools: &Tools, services: &Services, dir: &Path) -> Result<Runnin
         dir.join("r/relay.toml"),
         format!(
             r#"listen = "{listen}"
+listen_tcp = "{listen}"
 key = "relay.key"
 public_bind = "127.0.0.1"
 
@@ -252,7 +259,8 @@ ports = ["{iperf}/tcp", "{iperf}/udp", "{echo}/tcp"]
     std::fs::write(
         dir.join("a/agent.toml"),
         format!(
-            "relay = \"{listen}\"\nrelay_fingerprint = \"{relay_fingerprint}\"\nkey = \"agent.key\"\n{}{}{}",
+            "relay = \"{listen}\"\nrelay_fingerprint = \"{relay_fingerprint}\"\nkey = \"agent.key\"\ntransport = \"{}\"\n{}{}{}",
+            if tcp { "tcp" } else { "quic" },
             forward("iperf", "tcp", iperf, services.iperf),
             forward("iperf-udp", "udp", iperf, services.iperf),
             forward("echo", "tcp", echo, services.echo),
@@ -273,7 +281,11 @@ ports = ["{iperf}/tcp", "{iperf}/udp", "{echo}/tcp"]
         services.home.as_deref(),
     )?;
     Ok(Running {
-        system: System::Tether,
+        system: if tcp {
+            System::TetherTcp
+        } else {
+            System::Tether
+        },
         children: vec![relay, agent],
         host: Ipv4Addr::LOCALHOST,
         iperf,

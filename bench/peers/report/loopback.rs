@@ -255,6 +255,32 @@ fn render_targets(figures: &Figures, out: &mut String) {
         format!("{} KiB", cell(relay_rest, 0)),
         relay_rest.map(|k| k <= 10.0 * 1024.0),
     ));
+    // The TCP path, when it ran: against tether over QUIC and rathole, who is on TCP too.
+    let tcp_path = System::TetherTcp;
+    let over =
+        |metric, system| Some(figures.median(metric, tcp_path)? / figures.median(metric, system)?);
+    if figures.median(Metric::Tcp1, tcp_path).is_some() {
+        let (quic, peer) = (over(Metric::Tcp1, tether), over(Metric::Tcp1, rathole));
+        rows.push((
+            "TCP path: 1 stream ≥ 0.8× tether over QUIC, ≥ 1.0× rathole (Noise)".into(),
+            format!(
+                "{} QUIC's, {} rathole's",
+                ratio_cell(quic),
+                ratio_cell(peer)
+            ),
+            quic.zip(peer).map(|(q, r)| q >= 0.8 && r >= 1.0),
+        ));
+        let idle = over(Metric::IdleKibPerConnection, tether);
+        rows.push((
+            "TCP path: an idle connection costs what it does over QUIC (≤ 1.05×)".into(),
+            format!(
+                "{} KiB ({} QUIC's)",
+                cell(figures.median(Metric::IdleKibPerConnection, tcp_path), 2),
+                ratio_cell(idle)
+            ),
+            idle.map(|r| r <= 1.05),
+        ));
+    }
     section(out, "Targets");
     table(
         out,
