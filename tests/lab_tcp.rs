@@ -16,6 +16,15 @@ use tether_tests::{tools, within_for};
 /// relay.toml's line for a TCP listener beside the UDP one, on the same port.
 const LISTEN_TCP: &str = "listen_tcp = \"203.0.113.1:4433\"";
 
+/// A lab with an echo service on home's port 7000 and the relay, with `relay_settings`.
+async fn echo_lab(relay_settings: &str) -> (Lab, Peer, Process) {
+    let lab = Lab::build();
+    let (service, ready) = lab.peer(&lab.home, &["tcp-echo", "127.0.0.1:7000"]).await;
+    assert_eq!(ready, "listening");
+    let relay = lab.start_relay_with(relay_settings).await;
+    (lab, service, relay)
+}
+
 /// A visitor connected through the relay to the service on home's port 7000.
 async fn visitor(lab: &Lab) -> Peer {
     let public = format!("{RELAY_PUBLIC}:7000");
@@ -54,10 +63,7 @@ async fn with_udp_blocked_from_the_start_forwards_are_served_over_tcp_within_fiv
         return;
     }
     within_for("the whole test", Duration::from_secs(60), async {
-        let lab = Lab::build();
-        let (_service, ready) = lab.peer(&lab.home, &["tcp-echo", "127.0.0.1:7000"]).await;
-        assert_eq!(ready, "listening");
-        let _relay = lab.start_relay_with(LISTEN_TCP).await;
+        let (lab, _service, _relay) = echo_lab(LISTEN_TCP).await;
         lab.impair(Impairment::UdpBlocked);
         let started = Instant::now();
         let (agent, _) = lab.start_agent("").await;
@@ -178,12 +184,7 @@ async fn with_only_tcp_443_out_of_the_nat_the_agent_reaches_a_relay_listening_th
         return;
     }
     within_for("the whole test", Duration::from_secs(60), async {
-        let lab = Lab::build();
-        let (_service, ready) = lab.peer(&lab.home, &["tcp-echo", "127.0.0.1:7000"]).await;
-        assert_eq!(ready, "listening");
-        let _relay = lab
-            .start_relay_with("listen_tcp = \"203.0.113.1:443\"")
-            .await;
+        let (lab, _service, _relay) = echo_lab("listen_tcp = \"203.0.113.1:443\"").await;
         lab.impair(Impairment::OnlyTcpTo(443));
         let (_agent, _) = lab.start_agent("relay_tcp = \"203.0.113.1:443\"").await;
         let mut visitor = visitor(&lab).await;
@@ -217,10 +218,7 @@ async fn through_an_http_proxy_when_nothing_else_passes_and_a_wrong_proxy_is_nam
         return;
     }
     within_for("the whole test", Duration::from_secs(90), async {
-        let lab = Lab::build();
-        let (_service, ready) = lab.peer(&lab.home, &["tcp-echo", "127.0.0.1:7000"]).await;
-        assert_eq!(ready, "listening");
-        let _relay = lab.start_relay_with(LISTEN_TCP).await;
+        let (lab, _service, _relay) = echo_lab(LISTEN_TCP).await;
         let mut proxy = start_proxy(&lab).await;
         // Nothing passes the NAT: only the proxy, which runs on it, reaches the relay.
         lab.impair(Impairment::Outage);

@@ -10,10 +10,8 @@ use tether_common::config::{AgentConfig, RelayConfig};
 use tether_tests::cut::CutLink;
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 /// A relay, a cuttable link, and an agent behind it whose session dies one second into a cut.
 struct Scene {
@@ -88,20 +86,6 @@ impl Scene {
         self.agent.stop().await;
         self.relay.stop().await;
     }
-}
-
-/// Splits a visitor's connection to an echo service: a task reads back all that returns, and
-/// the test writes.
-fn echo_through(tcp: TcpStream) -> (JoinHandle<Vec<u8>>, OwnedWriteHalf) {
-    let (mut read, write) = tcp.into_split();
-    let reader = tokio::spawn(async move {
-        let mut back = Vec::new();
-        read.read_to_end(&mut back)
-            .await
-            .expect("the visitor's connection stays up");
-        back
-    });
-    (reader, write)
 }
 
 #[tokio::test]

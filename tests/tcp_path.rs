@@ -93,7 +93,7 @@ impl Scene {
 }
 
 /// Writes `data` to a visitor connection through the echo forward while a task reads back as
-/// much; returns the reader, which ends with all it read.
+/// much; returns the reader, which ends with all it read, and the writer.
 async fn echo_in_background(
     port: u16,
     data: Vec<u8>,
@@ -102,7 +102,7 @@ async fn echo_in_background(
     tokio::task::JoinHandle<()>,
 ) {
     let tcp = TcpStream::connect(public(port)).await.unwrap();
-    let (mut read, mut write) = tcp.into_split();
+    let (reader, mut write) = echo_through(tcp);
     let writer = tokio::spawn(async move {
         for chunk in data.chunks(64 * 1024) {
             write
@@ -111,13 +111,6 @@ async fn echo_in_background(
                 .expect("the visitor's connection stays up");
         }
         write.shutdown().await.unwrap();
-    });
-    let reader = tokio::spawn(async move {
-        let mut back = Vec::new();
-        read.read_to_end(&mut back)
-            .await
-            .expect("the visitor's connection stays up");
-        back
     });
     (reader, writer)
 }

@@ -350,6 +350,20 @@ pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8
     Ok(back)
 }
 
+/// Splits a visitor's connection to an echo service: a task reads back all that returns, and
+/// the test writes.
+pub fn echo_through(tcp: TcpStream) -> (JoinHandle<Vec<u8>>, tokio::net::tcp::OwnedWriteHalf) {
+    let (mut read, write) = tcp.into_split();
+    let reader = tokio::spawn(async move {
+        let mut back = Vec::new();
+        read.read_to_end(&mut back)
+            .await
+            .expect("the visitor's connection stays up");
+        back
+    });
+    (reader, write)
+}
+
 /// `len` bytes that are not all alike, so that a misplaced chunk shows.
 pub fn pattern(len: usize) -> Vec<u8> {
     let mut state = 0x2545_f491_u32;

@@ -414,7 +414,7 @@ impl Agent {
                     }
                     Ok(tcp) => {
                         tracing::info!("the relay answers over UDP again; staying on QUIC");
-                        tcp.conn.close(0u32.into(), b"");
+                        CloseCode::PathChanged.close(&tcp.conn);
                     }
                     Err(error) => {
                         failures += 1;
