@@ -2,7 +2,14 @@
 //! NFQUEUE`) for a fixed time, then lets it go on. One delay for every packet, so they leave in
 //! the order they came, TCP and UDP alike.
 //!
-//!     lab-delay --delay-ms 20 [--queue 0] [--max-len 65536]
+//!     lab-delay --delay-ms 20 [--queue 0] [--max-len 65536] [--rate-mbit 50 [--limit 1000]]
+//!
+//! With `--rate-mbit` it is also a bottleneck, as a home uplink is: packets go through at that
+//! rate, one after the other, those that wait form a queue of at most `--limit` packets, and a
+//! packet that finds the queue full is dropped (a tail-drop FIFO, as in most home routers). A
+//! packet leaves once it went through and the delay passed. The delay is then the link's
+//! propagation and the queue's wait comes on top, as bufferbloat does. Packets' lengths are read
+//! from the first 4 bytes of their IPv4 header, the only bytes copied then.
 //!
 //! It speaks the kernel's netfilter queue protocol (nfnetlink_queue) itself, over a netlink
 //! socket from socket2, with no unsafe code: only each packet's id is copied here, never its
@@ -37,6 +44,12 @@ struct Args {
     /// direction).
     #[arg(long, default_value_t = 65536)]
     max_len: u32,
+    /// The bottleneck's rate, in Mbit/s: none by default.
+    #[arg(long)]
+    rate_mbit: Option<f64>,
+    /// With --rate-mbit: packets that may wait for the bottleneck; one more is dropped.
+    #[arg(long, default_value_t = 1000)]
+    limit: usize,
 }
 
 // Linux's netlink and nfnetlink_queue constants (linux/netlink.h, linux/netfilter/*.h).
@@ -47,15 +60,21 @@ const NLM_F_ACK: u16 = 4;
 const NLMSG_ERROR: u16 = 2;
 const NFNL_SUBSYS_QUEUE: u16 = 3;
 const NFQNL_MSG_PACKET: u16 = 0;
+const NFQNL_MSG_VERDICT: u16 = 1;
 const NFQNL_MSG_CONFIG: u16 = 2;
 const NFQNL_MSG_VERDICT_BATCH: u16 = 3;
 const NFQA_PACKET_HDR: u16 = 1;
 const NFQA_VERDICT_HDR: u16 = 2;
+const NFQA_PAYLOAD: u16 = 10;
 const NFQA_CFG_CMD: u16 = 1;
 const NFQA_CFG_PARAMS: u16 = 2;
 const NFQA_CFG_QUEUE_MAXLEN: u16 = 3;
 const NFQNL_CFG_CMD_BIND: u8 = 1;
 const NFQNL_COPY_META: u8 = 1;
+const NFQNL_COPY_PACKET: u8 = 2;
+/// Bytes of each packet copied with --rate-mbit: an IPv4 header's total length is in them.
+const COPIED: u32 = 4;
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
 const ENOBUFS: i32 = 105;
 /// The receive buffer asked for; Linux grants at most twice net.core.rmem_max.
@@ -73,6 +92,7 @@ fn main() -> Result<()> {
     );
     std::io::stdout().flush()?;
     let mut held: VecDeque<(Instant, u32)> = VecDeque::new();
+    let mut bottleneck = args.rate_mbit.map(|rate| Bottleneck::new(rate, args.limit));
     let mut buffer = vec![0u8; 65536];
     let mut blocking = true;
     loop {
@@ -85,8 +105,17 @@ fn main() -> Result<()> {
         }
         match (&socket).read(&mut buffer) {
             Ok(n) => {
-                if let Some(id) = packet_id(&buffer[..n])? {
-                    held.push_back((Instant::now() + delay, id));
+                let Some((id, length)) = packet(&buffer[..n])? else {
+                    continue;
+                };
+                let now = Instant::now();
+                let through = match &mut bottleneck {
+                    None => Some(now),
+                    Some(bottleneck) => bottleneck.enter(now, length),
+                };
+                match through {
+                    Some(through) => held.push_back((through + delay, id)),
+                    None => drop_packet(&socket, args.queue, id)?,
                 }
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -111,8 +140,10 @@ fn open(args: &Args) -> Result<Socket> {
     .context("opening a netfilter netlink socket (root?)")?;
     socket.set_recv_buffer_size(RECEIVE_BUFFER)?;
     // Sent without an address, to the kernel; the socket binds itself on the first send.
-    let mut params = 0u32.to_be_bytes().to_vec();
-    params.push(NFQNL_COPY_META);
+    let params = match args.rate_mbit {
+        None => [0u32.to_be_bytes().to_vec(), vec![NFQNL_COPY_META]].concat(),
+        Some(_) => [COPIED.to_be_bytes().to_vec(), vec![NFQNL_COPY_PACKET]].concat(),
+    };
     let config = message(
         NFQNL_MSG_CONFIG,
         NLM_F_REQUEST | NLM_F_ACK,
@@ -163,6 +194,55 @@ fn release(socket: &Socket, queue: u16, held: &mut VecDeque<(Instant, u32)>) -> 
     Ok(())
 }
 
+/// Drops the queued packet `id` (the bottleneck's queue is full).
+fn drop_packet(socket: &Socket, queue: u16, id: u32) -> Result<()> {
+    let mut verdict = NF_DROP.to_be_bytes().to_vec();
+    verdict.extend(id.to_be_bytes());
+    let message = message(
+        NFQNL_MSG_VERDICT,
+        NLM_F_REQUEST,
+        queue,
+        &[(NFQA_VERDICT_HDR, &verdict)],
+    );
+    socket.send(&message).context("dropping a packet")?;
+    Ok(())
+}
+
+/// A link of a fixed rate with a first-in, first-out queue in front, which drops what arrives
+/// when it is full.
+struct Bottleneck {
+    /// Seconds per byte.
+    per_byte: f64,
+    limit: usize,
+    /// When each packet in the queue, the one going through included, is through.
+    queue: VecDeque<Instant>,
+}
+
+impl Bottleneck {
+    fn new(rate_mbit: f64, limit: usize) -> Self {
+        Self {
+            per_byte: 8.0 / (rate_mbit * 1e6),
+            limit,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// A packet of `length` bytes arrives at `now`: when it is through, or none if it is dropped.
+    fn enter(&mut self, now: Instant, length: usize) -> Option<Instant> {
+        while self.queue.front().is_some_and(|&through| through <= now) {
+            self.queue.pop_front();
+        }
+        // The one going through is not waiting.
+        if self.queue.len() > self.limit {
+            return None;
+        }
+        let start = self.queue.back().copied().unwrap_or(now).max(now);
+        let through = start + Duration::from_secs_f64(length as f64 * self.per_byte);
+        self.queue.push_back(through);
+        Some(through)
+    }
+}
+
 /// A netlink message to nfnetlink_queue: header, nfgenmsg, attributes.
 fn message(kind: u16, flags: u16, queue: u16, attributes: &[(u16, &[u8])]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
@@ -185,13 +265,15 @@ fn message(kind: u16, flags: u16, queue: u16, attributes: &[(u16, &[u8])]) -> Ve
     out
 }
 
-/// The id of the queued packet `datagram` tells of; none if it is some other message.
-fn packet_id(datagram: &[u8]) -> Result<Option<u32>> {
+/// The id and length of the queued packet `datagram` tells of (the length is 0 unless its IP
+/// header was copied); none if it is some other message.
+fn packet(datagram: &[u8]) -> Result<Option<(u32, usize)>> {
     let kind = u16::from_ne_bytes(field(datagram, 4)?);
     if kind != (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET {
         return Ok(None);
     }
     let length = (u32::from_ne_bytes(field(datagram, 0)?) as usize).min(datagram.len());
+    let (mut id, mut bytes) = (None, 0);
     // Attributes follow the 16-byte header and the 4-byte nfgenmsg.
     let mut at = 20;
     while at + 4 <= length {
@@ -201,12 +283,22 @@ fn packet_id(datagram: &[u8]) -> Result<Option<u32>> {
         if size < 4 {
             bail!("a malformed attribute in a queued packet's message");
         }
-        if kind == NFQA_PACKET_HDR {
-            return Ok(Some(u32::from_be_bytes(field(datagram, at + 4)?)));
+        match kind {
+            NFQA_PACKET_HDR => id = Some(u32::from_be_bytes(field(datagram, at + 4)?)),
+            NFQA_PAYLOAD => bytes = ip_length(field(datagram, at + 4)?),
+            _ => {}
         }
         at += size.next_multiple_of(4);
     }
-    bail!("a queued packet's message without its id")
+    match id {
+        Some(id) => Ok(Some((id, bytes))),
+        None => bail!("a queued packet's message without its id"),
+    }
+}
+
+/// A packet's length from the first 4 bytes of its IPv4 header (the lab is IPv4 only).
+fn ip_length(header: [u8; 4]) -> usize {
+    usize::from(u16::from_be_bytes([header[2], header[3]]))
 }
 
 /// The error code of a netlink acknowledgement (0: success); none if it is not one.

@@ -10,8 +10,9 @@
 //! ```
 //!
 //! Every packet between the sides passes the wan namespace's FORWARD chain once, TCP and UDP
-//! alike: it is dropped with the chance given, else held for the delay by `lab-delay`, so a
-//! round trip gains twice the delay. The sending ends of the links hand the kernel one packet
+//! alike: it is dropped with the chance given, else held for the delay by `lab-delay` (one for
+//! each direction, each perhaps a bottleneck with a queue as well), so a round trip gains twice
+//! the delay. The sending ends of the links hand the kernel one packet
 //! at a time (`gso_max_segs 1`), so that a loss is one packet's, not a 64 KB burst's.
 //!
 //! The namespaces carry this process's id in their names. They, and with them the links, the
@@ -37,6 +38,8 @@ pub struct Link {
     pub delay: Duration,
     /// The chance of loss, in percent.
     pub loss: f64,
+    /// A bottleneck before the delay: Mbit/s, and the packets that may wait for it.
+    pub bottleneck: Option<(f64, usize)>,
 }
 
 pub struct Lab {
@@ -109,29 +112,14 @@ impl Lab {
         Ok(lab)
     }
 
-    /// `lab-delay` in the wan namespace, then the rules that drop and queue every forwarded
-    /// packet: loss first, so that a lost packet is not held.
+    /// A `lab-delay` in the wan namespace for each direction, then the rules that drop and
+    /// queue every forwarded packet: loss first, so that a lost packet is not held.
     async fn start_delayer(&mut self, delay: &Path) -> Result<()> {
-        // Real-time priority, as a link is not starved of CPU: a delayer that misses its turn
-        // while the benchmark's processes run overflows its socket, and the kernel drops.
-        let mut child = self
-            .command(&self.wan.clone(), Path::new("chrt"))
-            .args(["--fifo", "10"])
-            .arg(delay)
-            .args(["--delay-ms", &self.link.delay.as_millis().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", delay.display()))?;
-        let stdout = child.stdout.take().context("lab-delay's stdout")?;
-        self.children.push(child);
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
-        if !matches!(ready, Ok(Ok(Some(ref line))) if line.starts_with("ready")) {
-            bail!("{} did not say it was ready", delay.display());
-        }
         let wan = self.wan.clone();
+        // Queue 0 takes what comes from the VPS side (w0), queue 1 what comes from home (w1).
+        for queue in [0u16, 1] {
+            self.start_one_delayer(delay, queue).await?;
+        }
         if self.link.loss > 0.0 {
             let chance = format!("{}", self.link.loss / 100.0);
             run_in(
@@ -151,11 +139,53 @@ impl Lab {
                 ],
             )?;
         }
-        run_in(
-            &wan,
-            "iptables",
-            &["-A", "FORWARD", "-j", "NFQUEUE", "--queue-num", "0"],
-        )?;
+        for (dev, queue) in [("w0", "0"), ("w1", "1")] {
+            run_in(
+                &wan,
+                "iptables",
+                &[
+                    "-A",
+                    "FORWARD",
+                    "-i",
+                    dev,
+                    "-j",
+                    "NFQUEUE",
+                    "--queue-num",
+                    queue,
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One `lab-delay`, serving the netfilter queue `queue`.
+    async fn start_one_delayer(&mut self, delay: &Path, queue: u16) -> Result<()> {
+        // Real-time priority, as a link is not starved of CPU: a delayer that misses its turn
+        // while the benchmark's processes run overflows its socket, and the kernel drops.
+        let mut command = self.command(&self.wan.clone(), Path::new("chrt"));
+        command
+            .args(["--fifo", "10"])
+            .arg(delay)
+            .args(["--delay-ms", &self.link.delay.as_millis().to_string()])
+            .args(["--queue", &queue.to_string()]);
+        if let Some((rate, limit)) = self.link.bottleneck {
+            command
+                .args(["--rate-mbit", &rate.to_string()])
+                .args(["--limit", &limit.to_string()]);
+        }
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", delay.display()))?;
+        let stdout = child.stdout.take().context("lab-delay's stdout")?;
+        self.children.push(child);
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+        if !matches!(ready, Ok(Ok(Some(ref line))) if line.starts_with("ready")) {
+            bail!("{} did not say it was ready", delay.display());
+        }
         Ok(())
     }
 
@@ -230,14 +260,14 @@ impl Lab {
         Ok((root.trim().to_owned(), home.trim().to_owned()))
     }
 
-    /// What the delayer's kernel queue could not take, summed: packets dropped because the
-    /// queue was full and because they could not be handed to the delayer; and whether the
-    /// delayer still runs.
+    /// What the delayers' kernel queues could not take, summed: packets dropped because a
+    /// queue was full and because they could not be handed to the delayer; and whether both
+    /// delayers still run. (A bottleneck's own drops are the link's, and not counted.)
     pub fn delayer_drops(&mut self) -> Result<(u64, bool)> {
-        let running = self
-            .children
-            .first_mut()
-            .is_some_and(|child| matches!(child.try_wait(), Ok(None)));
+        let running = self.children.len() >= 2
+            && self.children[..2]
+                .iter_mut()
+                .all(|child| matches!(child.try_wait(), Ok(None)));
         let out = run_in(&self.wan, "cat", &["/proc/net/netfilter/nfnetlink_queue"])?;
         // queue, portid, waiting, copy mode, copy range, queue_dropped, user_dropped, ...
         let dropped = out

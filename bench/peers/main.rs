@@ -70,6 +70,12 @@ struct Args {
     /// With --lab: the chance that a packet is lost, in percent, each way.
     #[arg(long, default_value_t = 2.0)]
     loss: f64,
+    /// With --lab: a bottleneck of this many Mbit/s each way, before the delay (a home uplink).
+    #[arg(long)]
+    rate_mbit: Option<f64>,
+    /// With --rate-mbit: the packets that may wait in the bottleneck's queue.
+    #[arg(long, default_value_t = 1000)]
+    queue_packets: usize,
     /// Where the report goes. Default: target/bench-results/loopback.md, or lab.md with --lab;
     /// bench/run puts them together into bench/RESULTS.md.
     #[arg(long)]
@@ -146,6 +152,11 @@ async fn compare(args: Args) -> Result<()> {
     if args.lab && !(0.0..=100.0).contains(&args.loss) {
         bail!("--loss is a percentage, 0 to 100: {}", args.loss);
     }
+    if let Some(rate) = args.rate_mbit {
+        if !(rate > 0.0 && rate.is_finite() && args.lab) {
+            bail!("--rate-mbit needs --lab and a rate above 0: {rate}");
+        }
+    }
     // Each system runs in a directory of its own: paths given relative to here are made whole.
     let tools = Tools {
         relay: absolute(&args.relay)?,
@@ -190,6 +201,7 @@ async fn compare(args: Args) -> Result<()> {
             let setup = report::LabSetup {
                 delay: lab.link.delay,
                 loss: lab.link.loss,
+                bottleneck: lab.link.bottleneck,
                 delayer: lab.delayer_drops()?,
                 congestion_control: lab.congestion_control()?,
             };
@@ -254,6 +266,7 @@ async fn lab_services(args: &Args, tools: &Tools) -> Result<(Services, Place)> {
     let link = lab::Link {
         delay: Duration::from_millis(args.delay_ms),
         loss: args.loss,
+        bottleneck: args.rate_mbit.map(|rate| (rate, args.queue_packets)),
     };
     let mut lab = lab::Lab::build(link, &delayer)
         .await
