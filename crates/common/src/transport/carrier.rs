@@ -89,7 +89,11 @@ pub fn transport(mut config: TransportConfig) -> TransportConfig {
     config
         .initial_mtu(MTU)
         .min_mtu(MTU)
-        .mtu_discovery_config(None);
+        .mtu_discovery_config(None)
+        // Plain BBR: the round trips over TCP swing with its retransmissions, which the queue
+        // bound of `congestion` would take for a queue of its own; the kernel's controller of
+        // the TCP connection keeps the link's queue.
+        .congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
     config
 }
 

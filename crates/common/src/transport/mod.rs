@@ -1,5 +1,6 @@
 //! The connection under a session, and the paths it takes to the relay: QUIC's settings on
-//! each side (`quic`), the UDP socket under quinn (`socket`), the TCP path for networks that
+//! each side (`quic`) and its congestion controller (`congestion`), the UDP socket under quinn
+//! (`socket`), the TCP path for networks that
 //! block UDP (`carrier`: QUIC packets over TLS on TCP), and an HTTP proxy on the way to it
 //! (`proxy`), and which of the paths the agent takes, and when it moves (`choose`).
 //!
@@ -7,6 +8,7 @@
 
 pub mod carrier;
 pub mod choose;
+pub mod congestion;
 pub mod proxy;
 pub mod quic;
 pub mod socket;

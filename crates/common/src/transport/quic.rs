@@ -10,12 +10,13 @@ use quinn::{EndpointConfig, IdleTimeout, TransportConfig, VarInt, VarIntBoundsEx
 use quinn_proto::HashedConnectionIdGenerator;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::transport::congestion::ShortQueueConfig;
 use crate::trust::identity::Identity;
 use crate::wire::datagram::MAX_STREAMED;
 use crate::wire::protocol::MAX_DATA_STREAMS;
 
 /// Bytes one data stream may have in flight, and a whole session: the memory bound per session.
-pub const STREAM_WINDOW: u32 = 1024 * 1024;
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
 pub const SESSION_WINDOW: u32 = 16 * 1024 * 1024;
 
 /// Bytes of kernel buffer asked for the QUIC socket, each way: room for the packets that arrive
@@ -38,7 +39,8 @@ fn common() -> TransportConfig {
     // BBR paces to the path's measured rate and does not take a random loss for congestion. A
     // home link loses packets that no queue dropped (Wi-Fi, a busy uplink): with 2% loss and a
     // 40 ms round trip, Cubic carried 2.5 Mbit/s where BBR carried 86 (`peers --lab`, bench/).
-    config.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()));
+    // Its window is capped while a standing queue shows (see `congestion`).
+    config.congestion_controller_factory(Arc::new(ShortQueueConfig::default()));
     config
 }
 
