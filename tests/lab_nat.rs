@@ -5,6 +5,8 @@
 
 use std::time::{Duration, Instant};
 
+use tether_agent::probe::BUSY_KEEPALIVE;
+
 use tether_tests::lab::{
     idle_span, session_of, Impairment, Lab, Netns, Peer, Shim, NAT_UDP_TIMEOUT, RELAY_PUBLIC,
 };
@@ -93,6 +95,56 @@ async fn a_nat_rebinding_mid_transfer_is_followed_without_a_new_session() {
             "{bytes} bytes with the NAT flushed after 8 MiB (NAT port {} -> {}): sha256 matches, \
              one session, {took:?}",
             before[0], after[0]
+        );
+    })
+    .await;
+}
+
+/// A NAT that rebinds while a visitor's connection is open and idle (a router restarted, its
+/// mappings flushed): the relay's packets go to the old mapping, which drops them, and only a
+/// packet from the agent opens the new one. The agent sends one at least every
+/// `BUSY_KEEPALIVE` while connections are open, so the visitor's next line waits for that
+/// rather than for the next keepalive (up to 5 s).
+#[tokio::test]
+async fn after_a_nat_rebinding_an_open_connection_waits_under_a_second() {
+    let test = "after_a_nat_rebinding_an_open_connection_waits_under_a_second";
+    if !Lab::available(test) {
+        return;
+    }
+    const TRIES: usize = 5;
+    within_for("the whole test", Duration::from_secs(180), async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        let mut waits = Vec::new();
+        for n in 0..TRIES {
+            let before = scene.lab.nat_ports();
+            // Idle for a while, a different while each time, so that the rebinding falls
+            // anywhere between the agent's packets.
+            tokio::time::sleep(Duration::from_millis(1500 + 290 * n as u64)).await;
+            scene.lab.flush_nat();
+            let echo = scene.visitor.ask(&format!("echo rebound-{n} 30000")).await;
+            let micros = echo.strip_prefix("echoed ");
+            let micros = micros.unwrap_or_else(|| panic!("no echo after the rebinding: {echo}"));
+            waits.push(Duration::from_micros(micros.parse().unwrap()));
+            let after = scene.lab.nat_ports();
+            assert_ne!(
+                before, after,
+                "the flush must have moved the agent to a new NAT port"
+            );
+        }
+        let sessions = scene.agent_sessions().await;
+        assert_eq!(sessions, [scene.session.clone()], "no new session");
+        let printed = format!("{waits:?}");
+        waits.sort();
+        let median = waits[TRIES / 2];
+        println!(
+            "NAT rebound under an idle visitor connection, {TRIES} times: the visitor's next \
+             line came back {printed} later, median {median:?}; one session"
+        );
+        assert!(median <= Duration::from_secs(1), "median {median:?}");
+        assert!(
+            waits[TRIES - 1] <= BUSY_KEEPALIVE * 2,
+            "slowest {:?}",
+            waits[TRIES - 1]
         );
     })
     .await;

@@ -81,6 +81,48 @@ async fn after_an_outage_longer_than_the_idle_timeout_the_agent_is_back_at_once(
     .await;
 }
 
+/// Five outages of a minute in a row (each longer than the idle timeout, so each loses the
+/// session) under one visitor connection: what the visitor sent during each is answered within
+/// half a second of the link's return (the median), because the agent starts a fresh
+/// handshake every 250 ms while the relay does not answer, rather than waiting out QUIC's
+/// backed-off retransmissions (up to 2 s apart).
+#[tokio::test]
+async fn after_each_of_five_minute_long_outages_a_queued_line_is_answered_at_once() {
+    let test = "after_each_of_five_minute_long_outages_a_queued_line_is_answered_at_once";
+    if !Lab::available(test) {
+        return;
+    }
+    const TRIES: usize = 5;
+    let outage = Duration::from_secs(60);
+    let limit = (outage + Duration::from_secs(30)) * TRIES as u32 + Duration::from_secs(60);
+    within_for("the whole test", limit, async {
+        let mut scene = Scene::start("", "tcp-echo").await;
+        let mut answered = Vec::new();
+        for n in 0..TRIES {
+            scene.lab.impair(Impairment::Outage);
+            tokio::time::sleep(outage / 2).await; // the outage under test
+            scene.visitor.tell(&format!("echo queued-{n} 60000")).await;
+            tokio::time::sleep(outage / 2).await;
+            scene.lab.impair(Impairment::None);
+            let back = Instant::now();
+            let line = scene.visitor.line_within(Duration::from_secs(60)).await;
+            answered.push(back.elapsed());
+            assert!(line.starts_with("echoed"), "{line}");
+        }
+        let sessions = scene.agent_sessions().await;
+        assert_eq!(sessions.len(), TRIES + 1, "a session lost to each outage");
+        let printed = format!("{answered:?}");
+        answered.sort();
+        let median = answered[TRIES / 2];
+        println!(
+            "{TRIES} outages of {outage:?}: the line sent during each was answered {printed} \
+             after the link came back, median {median:?}"
+        );
+        assert!(median <= Duration::from_millis(500), "median {median:?}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_relay_killed_and_restarted_serves_again_within_five_seconds() {
     let test = "a_relay_killed_and_restarted_serves_again_within_five_seconds";

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use quinn::EndpointConfig;
 use rustls::pki_types::ServerName;
-use tether_common::carry::resume::HeldStreams;
+use tether_common::carry::resume::{HeldStreams, DEFAULT_RESUME_WINDOW};
 use tether_common::config::{AgentConfig, HostPort};
 use tether_common::service::report;
 use tether_common::transport::choose::{Chooser, Silence, RETRY_MOVE_AFTER, STALLED_AFTER};
@@ -41,10 +41,17 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A session that stayed up this long resets the backoff.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
-/// After a restarting relay's goodbye, the first attempt starts a fresh handshake this often
-/// (besides QUIC's own retransmissions, which back off), so that the agent is back within a
-/// fraction of a second of the relay.
+/// After a restarting relay's goodbye, and while the relay does not answer, an attempt starts a
+/// fresh handshake this often (besides QUIC's own retransmissions, which back off), so that the
+/// agent is back within a fraction of a second of the relay or the link. The cost while the link
+/// is down: a 1,200-byte Initial packet each time, its retransmission a second later, and the
+/// close of the oldest handshake given up (see [`MAX_HANDSHAKES`]).
 const RESTART_PROBE: Duration = Duration::from_millis(250);
+
+/// For how long the relay may go unanswered before the agent stops starting a handshake every
+/// [`RESTART_PROBE`] and only retries with QUIC's backed-off retransmissions: the length of the
+/// default resume window, in which every connection held on both ends waits for the link.
+const PROBE_UNANSWERED_FOR: Duration = DEFAULT_RESUME_WINDOW;
 
 /// Handshakes one attempt keeps in flight at most.
 const MAX_HANDSHAKES: usize = 8;
@@ -72,8 +79,8 @@ pub enum ConnectError {
     NoAddress { relay: String },
     #[error("cannot open a UDP socket: {0}")]
     Socket(io::Error),
-    #[error("no answer from the relay at {relay} within {CONNECT_TIMEOUT:?}")]
-    Timeout { relay: String },
+    #[error("no answer from the relay at {relay} within {limit:?}")]
+    Timeout { relay: String, limit: Duration },
     #[error(
         "the relay at {address} shows key {got}, but relay_fingerprint pins {expected}; \
          refusing to connect"
@@ -145,6 +152,9 @@ enum Next {
     AtOnce,
     /// Wait out the backoff; the string says why, for the log and the status.
     AfterBackoff(String),
+    /// The relay went silent (the link may be down): wait out the backoff, then try with a
+    /// fresh handshake every [`RESTART_PROBE`], to be back as soon as the link is.
+    AfterSilence(String),
 }
 
 /// The agent: keeps one session to the relay up for as long as it runs.
@@ -282,6 +292,10 @@ impl Agent {
                             continue;
                         }
                         Next::AfterBackoff(error) => error,
+                        Next::AfterSilence(error) => {
+                            probe = Some(RESTART_PROBE);
+                            error
+                        }
                     }
                 }
                 Err(error) if error.unanswered() => {
@@ -293,6 +307,7 @@ impl Agent {
                     });
                     self.tracker.failed(&error);
                     last_error = Some(error);
+                    probe = unanswered.probe();
                     continue;
                 }
                 Err(error) => error.to_string(),
@@ -432,7 +447,7 @@ impl Agent {
         if let Some(every) = chooser.probes_quic(path) {
             loop {
                 tokio::time::sleep(every).await;
-                match self.connect_quic(reused, None).await {
+                match self.connect_quic(reused, None, CONNECT_TIMEOUT).await {
                     Ok(quic) => return quic,
                     Err(error) => {
                         tracing::debug!(%error, "QUIC still gets no answer; staying on TCP")
@@ -455,7 +470,10 @@ impl Agent {
     ) -> Next {
         let span = tracing::info_span!("session", relay = %conn.remote_address());
         let _probe = self.config.keepalive.map(|keepalive| {
-            AbortOnDropHandle::new(tokio::spawn(probe::while_silent(conn.clone(), keepalive)))
+            let (conn, streams) = (conn.clone(), self.streams.clone());
+            AbortOnDropHandle::new(tokio::spawn(async move {
+                probe::while_silent(conn, keepalive, &streams).await
+            }))
         });
         let cx = Context {
             status: &self.status,
@@ -488,7 +506,10 @@ impl Agent {
             }),
             SessionEnd::Lost { session, error } => {
                 *last_session = session.or(*last_session);
-                Next::AfterBackoff(error)
+                match conn.close_reason() {
+                    Some(quinn::ConnectionError::TimedOut) => Next::AfterSilence(error),
+                    _ => Next::AfterBackoff(error),
+                }
             }
         }
     }
@@ -503,10 +524,13 @@ impl Agent {
     ) -> Result<Connected, ConnectError> {
         let plan = chooser.plan();
         match (plan.quic, plan.tcp) {
-            (Some(_), None) => self.connect_quic(reused, probe).await,
+            (Some(_), None) => self.connect_quic(reused, probe, CONNECT_TIMEOUT).await,
             (None, Some(_)) | (None, None) => self.connect_tcp().await,
             (Some(quic_after), Some(tcp_after)) => {
-                let quic = after(quic_after, self.connect_quic(reused, probe));
+                // QUIC goes on trying until TCP's attempt ends too, so that the attempt has no
+                // stretch without a handshake under way.
+                let limit = CONNECT_TIMEOUT + tcp_after.saturating_sub(quic_after);
+                let quic = after(quic_after, self.connect_quic(reused, probe, limit));
                 let tcp = after(tcp_after, self.connect_tcp());
                 tokio::pin!(quic, tcp);
                 tokio::select! {
@@ -532,8 +556,9 @@ impl Agent {
         }
     }
 
-    /// One attempt over QUIC: resolve the relay's name afresh and handshake from a fresh UDP
-    /// socket. With `probe`, a fresh handshake starts that often until one gets an answer.
+    /// One attempt over QUIC, of at most `limit`: resolve the relay's name afresh and handshake
+    /// from a fresh UDP socket. With `probe`, a fresh handshake starts that often until one gets
+    /// an answer; past [`MAX_HANDSHAKES`] under way, the oldest is given up.
     ///
     /// The agent keeps one endpoint for its life in `reused`, moved to each attempt's socket: a
     /// new endpoint would allocate its receive buffer (about 3 MiB) again, from memory the
@@ -542,6 +567,7 @@ impl Agent {
         &self,
         reused: &mut Option<quinn::Endpoint>,
         probe: Option<Duration>,
+        limit: Duration,
     ) -> Result<Connected, ConnectError> {
         let relay = &self.config.relay;
         let attempt = async {
@@ -567,19 +593,25 @@ impl Agent {
             let start = || endpoint.connect_with(self.client.clone(), address, tls::SERVER_NAME);
             let mut handshakes = vec![start()?];
             let result = loop {
-                let next = probe.filter(|_| handshakes.len() < MAX_HANDSHAKES);
                 tokio::select! {
                     result = first_answer(&mut handshakes) => break result,
-                    () = sleep_for(next) => handshakes.push(start()?),
+                    () = sleep_for(probe) => {
+                        if handshakes.len() == MAX_HANDSHAKES {
+                            handshakes.remove(0);
+                        }
+                        handshakes.push(start()?);
+                    }
                 }
             };
             Ok::<_, ConnectError>((endpoint, address, result))
         };
-        let (endpoint, address, result) = tokio::time::timeout(CONNECT_TIMEOUT, attempt)
-            .await
-            .map_err(|_| ConnectError::Timeout {
-            relay: relay.to_string(),
-        })??;
+        let (endpoint, address, result) =
+            tokio::time::timeout(limit, attempt)
+                .await
+                .map_err(|_| ConnectError::Timeout {
+                    relay: relay.to_string(),
+                    limit,
+                })??;
         match result {
             Ok(conn) => Ok(Connected {
                 endpoint,
@@ -911,5 +943,11 @@ impl Unanswered {
 
     fn answered(&mut self) {
         *self = Self::default();
+    }
+
+    /// How often the next attempt starts a fresh handshake: see [`PROBE_UNANSWERED_FOR`].
+    fn probe(&self) -> Option<Duration> {
+        let since = self.since?;
+        (since.elapsed() < PROBE_UNANSWERED_FOR).then_some(RESTART_PROBE)
     }
 }

@@ -670,6 +670,11 @@ impl HeldStreams {
         self.lock().get(&id).map(|(stream, _)| stream.clone())
     }
 
+    /// Whether no stream is held: no connection is open, nor waits for its session.
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
     /// How many streams are held, and their unconfirmed bytes.
     pub fn usage(&self) -> (usize, u64) {
         let streams = self.lock();
