@@ -307,7 +307,7 @@ impl Agent {
                     });
                     self.tracker.failed(&error);
                     last_error = Some(error);
-                    probe = unanswered.probe();
+                    probe = unanswered.probe(Instant::now());
                     continue;
                 }
                 Err(error) => error.to_string(),
@@ -945,9 +945,33 @@ impl Unanswered {
         *self = Self::default();
     }
 
-    /// How often the next attempt starts a fresh handshake: see [`PROBE_UNANSWERED_FOR`].
-    fn probe(&self) -> Option<Duration> {
+    /// How often the next attempt, at `now`, starts a fresh handshake: see
+    /// [`PROBE_UNANSWERED_FOR`].
+    fn probe(&self, now: Instant) -> Option<Duration> {
         let since = self.since?;
-        (since.elapsed() < PROBE_UNANSWERED_FOR).then_some(RESTART_PROBE)
+        (now.duration_since(since) < PROBE_UNANSWERED_FOR).then_some(RESTART_PROBE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unanswered_relay_is_probed_for_the_first_minutes_only() {
+        let mut unanswered = Unanswered::default();
+        let start = Instant::now();
+        assert_eq!(unanswered.probe(start), None, "answered so far");
+        unanswered.log("no answer");
+        let since = unanswered.since.expect("since when");
+        assert_eq!(unanswered.probe(since), Some(RESTART_PROBE));
+        let late = since + PROBE_UNANSWERED_FOR;
+        assert_eq!(
+            unanswered.probe(late - Duration::from_secs(1)),
+            Some(RESTART_PROBE)
+        );
+        assert_eq!(unanswered.probe(late), None);
+        unanswered.answered();
+        assert_eq!(unanswered.probe(late), None);
     }
 }
