@@ -446,6 +446,9 @@ fn args_line(args: &Args) -> String {
             rates.join(",")
         )
     };
+    if let (true, Some(rate)) = (args.lab, args.rate_mbit) {
+        line += &format!(" --rate-mbit {rate} --queue-packets {}", args.queue_packets);
+    }
     if args.systems.is_some() {
         let names: Vec<String> = args
             .systems()
