@@ -21,14 +21,14 @@
 //! and account for per byte carried.
 //!
 //! What it costs, measured on loopback against tether over QUIC and rathole (Noise, over TCP)
-//! (`peers --systems direct,tether,tether-tcp,rathole-noise --runs 3`, 2 cores, medians): one
-//! stream 3,855 Mbit/s, 0.84x QUIC's and 1.15x rathole's; four streams 4,890 Mbit/s, 1.12x
-//! QUIC's; added request/response p50 179 us (QUIC 162); an idle visitor connection 6.65 KiB,
-//! as over QUIC; the relay at rest with one agent on TCP 7,724 KiB (on QUIC 7,488). Over the
-//! lossy lab (`peers --lab`, 20 ms and 2% loss each way, one run of 30 s): one stream 61.2
-//! Mbit/s, where QUIC carried 85.5 and rathole 181.6; both of tether's paths are held there by
-//! the 1 MiB a stream may have unconfirmed (`carry/resume.rs`): with 4 MiB, one run of 10 s
-//! carried 290.8 over QUIC and 173.6 over TCP.
+//! (`bench/run`, bench/RESULTS.md, 2 cores, medians of 3 runs): one stream 5,202 Mbit/s, 1.62x
+//! QUIC's and 1.77x rathole's; four streams 4,225 Mbit/s; added request/response p50 178 us
+//! (QUIC 181); an idle visitor connection 6.64 KiB, as over QUIC; the relay at rest with one
+//! agent on TCP 7,688 KiB (on QUIC 7,496). Over the lossy lab (20 ms and 2% loss each way):
+//! one stream 147.5 Mbit/s, where QUIC carried 500.9 and rathole 179.8 (0.82x); beside a bulk
+//! transfer, a request waited 160.5 ms (p50), where QUIC's waited 47.2. Both this path and
+//! rathole are one TCP connection there, whose retransmissions hold up everything behind a
+//! loss; with a 1 MiB stream window instead of 8, this path carried 50.8 (one run).
 //!
 //! [`tls::ALPN_TCP`]: crate::trust::tls::ALPN_TCP
 
