@@ -345,23 +345,51 @@ impl Limits {
 mod tests {
     use super::*;
 
-    /// A path of `rate` bytes per second and `base` round trip, with `queued` waiting in front:
-    /// packets of 1,200 bytes acknowledged at that rate for `time`.
-    fn steady(
-        limits: &mut Limits,
+    /// A path of 6.25 MB/s (50 Mbit/s) and a base round trip, acknowledging a packet of 1,200
+    /// bytes at that rate, with whatever queue stands in front of it; the clock is its own.
+    struct Path {
+        limits: Limits,
         start: Instant,
-        time: Duration,
-        rate: f64,
+        now: Instant,
         base: Duration,
-        queued: Duration,
-    ) -> Instant {
-        let every = Duration::from_secs_f64(1200.0 / rate);
-        let mut now = start;
-        while now < start + time {
-            now += every;
-            limits.acked(now, base + queued, 1200, false, base + queued);
+    }
+
+    const RATE: f64 = 6.25e6;
+
+    impl Path {
+        fn new(base_ms: u64) -> Self {
+            let start = Instant::now();
+            Self {
+                limits: Limits::new(start),
+                start,
+                now: start,
+                base: ms(base_ms),
+            }
         }
-        now
+
+        /// `time` of acknowledgements with `queued` waiting in front.
+        fn run(&mut self, time: Duration, queued: Duration) -> &mut Self {
+            let every = Duration::from_secs_f64(1200.0 / RATE);
+            let until = self.now + time;
+            while self.now < until {
+                self.now += every;
+                let rtt = self.base + queued;
+                self.limits.acked(self.now, rtt, 1200, false, rtt);
+            }
+            self
+        }
+
+        fn cap(&self) -> Option<u64> {
+            self.limits.cap()
+        }
+
+        fn elapsed(&self) -> Duration {
+            self.now.duration_since(self.start)
+        }
+    }
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
     }
 
     fn secs(secs: u64) -> Duration {
@@ -370,144 +398,72 @@ mod tests {
 
     #[test]
     fn no_cap_without_a_standing_queue() {
-        let start = Instant::now();
-        let mut limits = Limits::new(start);
-        steady(
-            &mut limits,
-            start,
-            secs(5),
-            6.25e6,
-            Duration::from_millis(40),
-            Duration::ZERO,
-        );
-        assert_eq!(limits.cap(), None);
+        let mut path = Path::new(40);
+        path.run(secs(5), Duration::ZERO);
+        assert_eq!(path.cap(), None);
     }
 
     #[test]
     fn a_standing_queue_caps_the_window_at_the_rate_times_the_round_trip_and_the_target() {
-        let start = Instant::now();
-        let mut limits = Limits::new(start);
-        let base = Duration::from_millis(40);
         // The least round trip is learned first, with no queue; then the queue stands at 200 ms.
-        let now = steady(&mut limits, start, secs(2), 6.25e6, base, Duration::ZERO);
-        steady(
-            &mut limits,
-            now,
-            secs(2),
-            6.25e6,
-            base,
-            Duration::from_millis(200),
-        );
-        let cap = limits.cap().expect("capping") as f64 / GAINS[limits.gain];
+        let mut path = Path::new(40);
+        path.run(secs(2), Duration::ZERO).run(secs(2), ms(200));
+        let cap = path.cap().expect("capping") as f64 / GAINS[path.limits.gain];
         // 6.25 MB/s over 40 + 10 ms, times the gain of the round.
         assert!((300_000.0..=320_000.0).contains(&cap), "{cap}");
     }
 
     #[test]
     fn the_cap_lets_go_once_the_queue_drains() {
-        let start = Instant::now();
-        let mut limits = Limits::new(start);
-        let base = Duration::from_millis(40);
-        let now = steady(&mut limits, start, secs(1), 6.25e6, base, Duration::ZERO);
-        let now = steady(
-            &mut limits,
-            now,
-            secs(1),
-            6.25e6,
-            base,
-            Duration::from_millis(100),
-        );
-        assert!(limits.cap().is_some());
+        let mut path = Path::new(40);
+        path.run(secs(1), Duration::ZERO).run(secs(1), ms(100));
+        assert!(path.cap().is_some());
         // At the target (10 ms) the cap holds; under half of it for a second, it lets go.
-        let now = steady(
-            &mut limits,
-            now,
-            secs(1),
-            6.25e6,
-            base,
-            Duration::from_millis(10),
-        );
-        assert!(limits.cap().is_some());
-        let low = Duration::from_millis(2);
-        let now = steady(
-            &mut limits,
-            now,
-            Duration::from_millis(500),
-            6.25e6,
-            base,
-            low,
-        );
-        assert!(limits.cap().is_some(), "let go too soon");
-        steady(&mut limits, now, secs(1), 6.25e6, base, low);
-        assert_eq!(limits.cap(), None);
+        path.run(secs(1), ms(10));
+        assert!(path.cap().is_some());
+        path.run(ms(500), ms(2));
+        assert!(path.cap().is_some(), "let go too soon");
+        path.run(secs(1), ms(2));
+        assert_eq!(path.cap(), None);
     }
 
     #[test]
     fn while_capping_the_queue_is_drained_now_and_then() {
-        let start = Instant::now();
-        let mut limits = Limits::new(start);
-        let base = Duration::from_millis(40);
-        let mut now = steady(&mut limits, start, secs(1), 6.25e6, base, Duration::ZERO);
-        // Then a queue of 100 ms stands.
+        let mut path = Path::new(40);
+        path.run(secs(1), Duration::ZERO);
+        // Then a queue of 100 ms stands; the cap is looked at every 10 ms.
         let mut caps = Vec::new();
-        while now < start + secs(8) {
-            let queued = Duration::from_millis(100);
-            now = steady(
-                &mut limits,
-                now,
-                Duration::from_millis(10),
-                6.25e6,
-                base,
-                queued,
-            );
-            caps.push((now.duration_since(start), limits.cap()));
+        while path.elapsed() < secs(8) {
+            path.run(ms(10), ms(100));
+            caps.push((path.elapsed(), path.cap()));
         }
-        let capped_from = caps
-            .iter()
-            .find(|(_, cap)| cap.is_some())
-            .expect("capping")
-            .0;
+        let capped_from = caps.iter().find(|(_, cap)| cap.is_some());
+        let capped_from = capped_from.expect("capping").0;
         let drained: Vec<_> = caps
             .iter()
             .filter_map(|&(at, cap)| cap.filter(|&cap| cap < 200_000).map(|cap| (at, cap)))
             .collect();
         let (first, last) = (drained[0].0, drained[drained.len() - 1].0);
-        // Both seen every 10 ms.
         let due = capped_from + DRAIN_EVERY;
         assert!(
-            first + Duration::from_millis(10) >= due && first <= due + Duration::from_millis(20),
+            first + ms(10) >= due && first <= due + ms(20),
             "{first:?}, due {due:?}"
         );
-        assert!(
-            last - first < DRAIN_FOR + Duration::from_millis(20),
-            "{first:?}..{last:?}"
-        );
+        assert!(last - first < DRAIN_FOR + ms(20), "{first:?}..{last:?}");
         // Half the path's delivery over its round trip: 6.25 MB/s over 20 ms.
-        assert!(
-            drained
-                .iter()
-                .all(|(_, cap)| (120_000..=130_000).contains(cap)),
-            "{drained:?}"
-        );
+        let halved = |(_, cap): &(Duration, u64)| (120_000..=130_000).contains(cap);
+        assert!(drained.iter().all(halved), "{drained:?}");
     }
 
     #[test]
     fn a_longer_path_is_learned_within_the_window() {
         // The round trip grows for good from 40 to 80 ms (a new route): after the window the
         // least round trip is the new one, and the cap has let go.
-        let start = Instant::now();
-        let mut limits = Limits::new(start);
-        let now = steady(
-            &mut limits,
-            start,
-            secs(2),
-            6.25e6,
-            Duration::from_millis(40),
-            Duration::ZERO,
-        );
-        let longer = Duration::from_millis(80);
-        steady(&mut limits, now, secs(12), 6.25e6, longer, Duration::ZERO);
-        assert_eq!(limits.min_rtt(), Some(longer));
-        assert_eq!(limits.cap(), None);
+        let mut path = Path::new(40);
+        path.run(secs(2), Duration::ZERO);
+        path.base = ms(80);
+        path.run(secs(12), Duration::ZERO);
+        assert_eq!(path.limits.min_rtt(), Some(ms(80)));
+        assert_eq!(path.cap(), None);
     }
 }
