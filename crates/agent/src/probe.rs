@@ -25,8 +25,9 @@ use tether_common::carry::resume::HeldStreams;
 /// How often the agent probes a silent relay.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 
-/// While connections are open, the longest the agent stays quiet: what bounds a visitor's wait
-/// after a NAT rebinding.
+/// While connections are open, how long the agent may have sent nothing before it probes (seen
+/// every `BUSY_TICK`, so quiet for a second at most): what bounds a visitor's wait after a NAT
+/// rebinding.
 pub const BUSY_KEEPALIVE: Duration = Duration::from_millis(750);
 
 /// How often the counters are read while connections are open.
