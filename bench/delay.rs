@@ -181,14 +181,7 @@ fn release(socket: &Socket, queue: u16, held: &mut VecDeque<(Instant, u32)>) -> 
         held.pop_front();
     }
     if let Some(id) = last {
-        let mut verdict = NF_ACCEPT.to_be_bytes().to_vec();
-        verdict.extend(id.to_be_bytes());
-        let batch = message(
-            NFQNL_MSG_VERDICT_BATCH,
-            NLM_F_REQUEST,
-            queue,
-            &[(NFQA_VERDICT_HDR, &verdict)],
-        );
+        let batch = verdict(NFQNL_MSG_VERDICT_BATCH, queue, NF_ACCEPT, id);
         socket.send(&batch).context("letting packets go")?;
     }
     Ok(())
@@ -196,16 +189,16 @@ fn release(socket: &Socket, queue: u16, held: &mut VecDeque<(Instant, u32)>) -> 
 
 /// Drops the queued packet `id` (the bottleneck's queue is full).
 fn drop_packet(socket: &Socket, queue: u16, id: u32) -> Result<()> {
-    let mut verdict = NF_DROP.to_be_bytes().to_vec();
-    verdict.extend(id.to_be_bytes());
-    let message = message(
-        NFQNL_MSG_VERDICT,
-        NLM_F_REQUEST,
-        queue,
-        &[(NFQA_VERDICT_HDR, &verdict)],
-    );
+    let message = verdict(NFQNL_MSG_VERDICT, queue, NF_DROP, id);
     socket.send(&message).context("dropping a packet")?;
     Ok(())
+}
+
+/// A verdict message: `kind` says whether for the packet `id` alone or for every one up to it.
+fn verdict(kind: u16, queue: u16, verdict: u32, id: u32) -> Vec<u8> {
+    let mut header = verdict.to_be_bytes().to_vec();
+    header.extend(id.to_be_bytes());
+    message(kind, NLM_F_REQUEST, queue, &[(NFQA_VERDICT_HDR, &header)])
 }
 
 /// A link of a fixed rate with a first-in, first-out queue in front, which drops what arrives
