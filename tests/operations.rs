@@ -332,6 +332,56 @@ async fn status_without_a_running_process_says_so() {
     .await;
 }
 
+/// As the README runs them by hand: no `status_socket` in either config, no folder made for it
+/// beforehand, and `status` asked with no more than `-c`.
+#[tokio::test]
+async fn run_by_hand_answers_status_at_the_default_socket() {
+    within("the test", async {
+        let keys = Keys::new();
+        let configs = process::Configs::write(&keys, echo_service().await);
+        for file in [&configs.relay, &configs.agent] {
+            let text = std::fs::read_to_string(file).unwrap();
+            let text: String = text
+                .lines()
+                .filter(|l| !l.starts_with("status_socket"))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            std::fs::write(file, text).unwrap();
+        }
+        for system in [
+            tether_common::config::RELAY_STATUS_SOCKET,
+            tether_common::config::AGENT_STATUS_SOCKET,
+        ] {
+            // As on a machine where the service never ran: no folder for the socket.
+            let socket = tether_common::config::default_status_socket(system);
+            let _ = std::fs::remove_file(&socket);
+            if let Some(folder) = socket.parent() {
+                let _ = std::fs::remove_dir(folder);
+            }
+            assert!(!socket.exists(), "{} is in the way", socket.display());
+        }
+        let (mut relay, mut agent) = configs.run_both().await;
+        for (name, config) in [
+            ("tether-relay", &configs.relay),
+            ("tether-agent", &configs.agent),
+        ] {
+            let (code, stdout, stderr) = run(&binary(name), &["status", "-c", path(config)]);
+            assert_eq!(code, 0, "{name} status: {stderr}");
+            assert!(stdout.contains("connected"), "{name} status: {stdout}");
+        }
+        agent.signal_and_wait("TERM").await;
+        relay.signal_and_wait("TERM").await;
+        for process in [&relay, &agent] {
+            assert!(
+                !process.log.iter().any(|l| l.contains("will get no answer")),
+                "{}",
+                process.log.join("\n")
+            );
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn only_root_and_the_services_user_may_ask() {
     let test = "only_root_and_the_services_user_may_ask";

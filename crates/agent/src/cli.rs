@@ -1,4 +1,4 @@
-//! `tether-agent`'s command line: init, fingerprint, check, run, status.
+//! `tether-agent`'s command line: init, join, fingerprint, check, run, status.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +43,15 @@ enum Command {
         /// This agent's name in the relay's logs and status (default: the host name)
         #[arg(long, value_name = "NAME")]
         name: Option<String>,
+    },
+    /// Join a relay with the line `tether-relay invite` printed: make the key and agent.toml
+    /// in DIR, and be listed by the relay
+    Join {
+        /// The line, as printed (tether://...)
+        #[arg(value_name = "LINE")]
+        line: String,
+        #[arg(long, value_name = "DIR", default_value = "/etc/tether")]
+        dir: PathBuf,
     },
     /// Print this agent's key fingerprint, for the relay's allowlist
     Fingerprint {
@@ -103,6 +112,7 @@ pub fn main() -> ExitCode {
             relay_fingerprint,
             name,
         } => init(&dir, &relay, relay_fingerprint, name),
+        Command::Join { line, dir } => crate::join::main(&line, &dir),
         Command::Fingerprint { config } => match load(&config, None) {
             Ok((_, identity)) => {
                 println!("{}", identity.fingerprint());
@@ -117,6 +127,9 @@ pub fn main() -> ExitCode {
                     file.display(),
                     common::count(config.forwards.len(), "forward")
                 );
+                for warning in unserved(&config) {
+                    eprintln!("warning: {warning}");
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,
@@ -173,6 +186,7 @@ fn run(file: PathBuf, config: AgentConfig, identity: Identity) -> ExitCode {
                     reload,
                     &status_socket,
                     status,
+                    None,
                     metrics,
                     &shutdown,
                 );
@@ -218,7 +232,7 @@ fn init(
     );
     println!("Agent fingerprint: {}", identity.fingerprint());
     println!();
-    println!("Paste this into relay.toml on the relay, then restart tether-relay:");
+    println!("Paste this into relay.toml on the relay, then `systemctl reload tether-relay`:");
     println!();
     println!("[[agent]]");
     println!("name = \"{name}\"");
@@ -232,6 +246,37 @@ fn init(
     println!("agent (TCP for networks that block UDP). This machine needs no open port: the agent");
     println!("only connects out.");
     ExitCode::SUCCESS
+}
+
+/// A word about each TCP forward whose local service does not answer now (its first port, if
+/// a range): not an error, as the service may start later, but visitors are refused until it
+/// does.
+fn unserved(config: &AgentConfig) -> Vec<String> {
+    use std::net::{TcpStream, ToSocketAddrs};
+    let timeout = std::time::Duration::from_secs(1);
+    config
+        .forwards
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.proto == tether_common::net::ports::Proto::Tcp)
+        .filter_map(|(i, f)| {
+            let port = f.local.ports.start();
+            let addresses: Vec<_> = (f.local.host.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+                .unwrap_or_default();
+            let answers = addresses
+                .iter()
+                .any(|a| TcpStream::connect_timeout(a, timeout).is_ok());
+            (!answers).then(|| {
+                format!(
+                    "forward[{i}] ({}): nothing answers on {}:{port} now; visitors are refused \
+                     until a service listens there",
+                    f.name, f.local.host
+                )
+            })
+        })
+        .collect()
 }
 
 /// This machine's name, made fit for a config name; "home" if it has none.

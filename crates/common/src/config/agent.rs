@@ -236,13 +236,10 @@ impl AgentConfig {
         }
         let resume_window = resume_window(raw.resume_window.as_deref(), &mut p);
         let forwards = forwards(&raw.forward, &mut p);
-        let status_socket = p.check(
-            "status_socket",
-            path_in(
-                dir,
-                raw.status_socket.as_deref().unwrap_or(AGENT_STATUS_SOCKET),
-            ),
-        );
+        let status_socket = match raw.status_socket.as_deref() {
+            Some(path) => p.check("status_socket", path_in(dir, path)),
+            None => Some(super::default_status_socket(AGENT_STATUS_SOCKET)),
+        };
         let metrics = match &raw.metrics {
             None => Some(None),
             Some(value) => p.check("metrics", metrics_address(value).map(Some)),

@@ -5,6 +5,7 @@
 mod agent;
 mod relay;
 
+use std::ffi::OsString;
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,30 @@ pub use agent::{
     AgentConfig, Forward, HostPort, LocalTarget, AGENT_STATUS_SOCKET, DEFAULT_FLOW_IDLE,
 };
 pub use relay::{AgentEntry, RelayConfig, RELAY_STATUS_SOCKET};
+
+/// Where a service's status socket is unless `status_socket` says otherwise: `system` (such as
+/// [`RELAY_STATUS_SOCKET`]), in the runtime folder systemd makes for the unit and `run` makes
+/// when it is missing; but for a user other than root who has a runtime folder of their own
+/// (`$XDG_RUNTIME_DIR`, as in a login session), the same folder name in that one, where the
+/// user may make it. `status` run by the same user finds the socket `run` opened.
+pub fn default_status_socket(system: &str) -> PathBuf {
+    status_socket_for(
+        system,
+        rustix::process::getuid().is_root(),
+        std::env::var_os("XDG_RUNTIME_DIR"),
+    )
+}
+
+fn status_socket_for(system: &str, root: bool, runtime_dir: Option<OsString>) -> PathBuf {
+    let system = Path::new(system);
+    let folder = system.parent().and_then(Path::file_name);
+    match (runtime_dir, folder, system.file_name()) {
+        (Some(dir), Some(folder), Some(file)) if !root && Path::new(&dir).is_absolute() => {
+            Path::new(&dir).join(folder).join(file)
+        }
+        _ => system.to_owned(),
+    }
+}
 
 /// Everything wrong with one config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

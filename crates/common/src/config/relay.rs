@@ -151,13 +151,10 @@ impl RelayConfig {
         };
         let resume_window = resume_window(raw.resume_window.as_deref(), &mut p);
         let agents = agents(&raw.agent, &mut p);
-        let status_socket = p.check(
-            "status_socket",
-            path_in(
-                dir,
-                raw.status_socket.as_deref().unwrap_or(RELAY_STATUS_SOCKET),
-            ),
-        );
+        let status_socket = match raw.status_socket.as_deref() {
+            Some(path) => p.check("status_socket", path_in(dir, path)),
+            None => Some(super::default_status_socket(RELAY_STATUS_SOCKET)),
+        };
         let metrics = match &raw.metrics {
             None => Some(None),
             Some(value) => p.check("metrics", metrics_address(value).map(Some)),

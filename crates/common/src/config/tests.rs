@@ -518,3 +518,24 @@ fn the_tcp_path_keys_have_defaults_and_name_what_is_wrong() {
         "/etc/tether/relay.toml: listen_tcp: expected IP:PORT or \"off\", got \"443\"",
     );
 }
+
+#[test]
+fn the_default_status_socket_is_systemds_folder_or_the_users_runtime_folder() {
+    use std::ffi::OsString;
+    let system = "/run/tether-relay/status.sock";
+    let user = Some(OsString::from("/run/user/1000"));
+    // Root, and a service without a login session (systemd's DynamicUser), use the unit's folder.
+    assert_eq!(
+        status_socket_for(system, true, user.clone()),
+        Path::new(system)
+    );
+    assert_eq!(status_socket_for(system, false, None), Path::new(system));
+    assert_eq!(
+        status_socket_for(system, false, user),
+        Path::new("/run/user/1000/tether-relay/status.sock")
+    );
+    assert_eq!(
+        status_socket_for(system, false, Some(OsString::from("relative"))),
+        Path::new(system)
+    );
+}

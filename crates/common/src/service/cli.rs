@@ -16,7 +16,7 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::ConfigError;
 use crate::service::metrics;
-use crate::service::status_socket::{self, StatusSocket};
+use crate::service::status_socket::{self, Handler, StatusSocket};
 use crate::trust::identity::Identity;
 
 /// Exit code for bad usage or a bad config (EX_USAGE).
@@ -215,13 +215,14 @@ where
 fn spawn_status_socket<S: Serialize>(
     path: &Path,
     status: impl Fn() -> S + Send + 'static,
+    other: Option<Handler>,
     shutdown: CancellationToken,
 ) {
     match StatusSocket::bind(path) {
         Ok(socket) => {
             tracing::debug!(path = %path.display(), "status socket open");
             let answer = move || serde_json::to_string(&status()).unwrap_or_default();
-            tokio::spawn(socket.serve(answer, shutdown));
+            tokio::spawn(socket.serve_with(answer, other, shutdown));
         }
         Err(error) => tracing::warn!("{error}; `status` will get no answer"),
     }
@@ -289,8 +290,9 @@ pub fn print_status<S: DeserializeOwned>(
 }
 
 /// Where `status` asks: `--socket` if given, else the `status_socket` of the config `file`,
-/// else `default`. Only that one key is read, so that `status` still answers while the file
-/// holds an edit that a reload refused.
+/// else where `run` puts it by default (see [`crate::config::default_status_socket`]). Only
+/// that one key is read, so that `status` still answers while the file holds an edit that a
+/// reload refused.
 pub fn status_socket_path(
     socket: Option<std::path::PathBuf>,
     file: &Path,
@@ -306,21 +308,29 @@ pub fn status_socket_path(
             Some(toml::Value::String(path)) if !path.is_empty() => Some(path.clone()),
             _ => None,
         });
-    match configured {
-        Some(path) => file.parent().unwrap_or(Path::new("")).join(path),
-        None => default.into(),
+    if let Some(path) = configured {
+        return file.parent().unwrap_or(Path::new("")).join(path);
     }
+    // As `run` chose it; but a user asking about the service that systemd runs finds that one.
+    let own = crate::config::default_status_socket(default);
+    if !own.exists() && Path::new(default).exists() {
+        return default.into();
+    }
+    own
 }
 
 /// What `run` starts beside the service, on both ends: the metrics endpoint if the config asks
 /// for one, reloads of `file` on SIGHUP (handed to `reload`), and the status socket answering
-/// with `status`. Fails only if the metrics address cannot be bound.
+/// with `status` (and with `other`, to requests other than `status`). Fails only if the metrics
+/// address cannot be bound.
+#[allow(clippy::too_many_arguments)]
 pub async fn start_operations<C: Send + 'static, S: Serialize>(
     file: std::path::PathBuf,
     load: fn(&Path) -> Result<C, ConfigError>,
     reload: impl FnMut(C) + Send + 'static,
     status_socket: &Path,
     status: impl Fn() -> S + Send + 'static,
+    other: Option<Handler>,
     metrics: Option<(SocketAddr, Registry)>,
     shutdown: &CancellationToken,
 ) -> Result<(), ExitCode> {
@@ -328,6 +338,6 @@ pub async fn start_operations<C: Send + 'static, S: Serialize>(
         spawn_metrics(address, registry, shutdown.clone()).await?;
     }
     tokio::spawn(reload_on_hangup(file, load, reload, shutdown.clone()));
-    spawn_status_socket(status_socket, status, shutdown.clone());
+    spawn_status_socket(status_socket, status, other, shutdown.clone());
     Ok(())
 }

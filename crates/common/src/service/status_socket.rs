@@ -2,21 +2,33 @@
 //! process on.
 //!
 //! The client sends one line, `status`; the process answers with one JSON document and closes
-//! the connection. The socket file is made mode 0600, and the process answers only root and its
+//! the connection. A process may answer other requests too (the relay's invites: see its
+//! `invites` module), each a line that starts with the request's name, with a [`Handler`]
+//! that goes on talking over the connection. The socket file is made mode 0600, and the process answers only root and its
 //! own user (checked by the peer's credentials too, so a socket left in a wider folder by
 //! mistake does not leak the state to other users).
 
+use std::future::Future;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 
-/// The one request there is.
+/// The request every process answers.
 const REQUEST: &str = "status";
+
+/// The longest request line read.
+const MAX_REQUEST: u64 = 4096;
+
+/// What answers a request other than `status`: given the request's line and the connection.
+pub type Handler =
+    Arc<dyn Fn(String, UnixStream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// How long either side waits for the other.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -43,12 +55,23 @@ pub struct StatusSocket {
 }
 
 impl StatusSocket {
-    /// Binds `path`, replacing a socket file that a process which is gone left behind.
+    /// Binds `path`, replacing a socket file that a process which is gone left behind. A
+    /// missing folder is made, mode 0750 (as systemd makes the unit's runtime folder), so that
+    /// `run` by hand answers `status` too.
     pub fn bind(path: &Path) -> Result<Self, BindError> {
         let io = |source| BindError::Io {
             path: path.to_owned(),
             source,
         };
+        if let Some(folder) = path.parent().filter(|f| !f.as_os_str().is_empty()) {
+            if !folder.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o750)
+                    .create(folder)
+                    .map_err(io)?;
+            }
+        }
         match std::fs::symlink_metadata(path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(BindError::NotASocket {
@@ -85,6 +108,16 @@ impl StatusSocket {
     /// Answers each request with what `answer` returns at that moment, until `shutdown` is
     /// cancelled.
     pub async fn serve(self, answer: impl Fn() -> String, shutdown: CancellationToken) {
+        self.serve_with(answer, None, shutdown).await;
+    }
+
+    /// [`StatusSocket::serve`], with `other` answering requests other than `status`.
+    pub async fn serve_with(
+        self,
+        answer: impl Fn() -> String,
+        other: Option<Handler>,
+        shutdown: CancellationToken,
+    ) {
         loop {
             let stream = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -105,6 +138,10 @@ impl StatusSocket {
             // One small request at a time: a client that does not send it in time is dropped.
             let asked = tokio::time::timeout(TIMEOUT, read_request(stream)).await;
             if let Ok(Ok((stream, request))) = asked {
+                if let Some(handler) = other.as_ref().filter(|_| request != REQUEST) {
+                    tokio::spawn(handler(request, stream));
+                    continue;
+                }
                 let body = if request == REQUEST {
                     answer()
                 } else {
@@ -132,7 +169,7 @@ impl Drop for StatusSocket {
 }
 
 async fn read_request(stream: UnixStream) -> io::Result<(UnixStream, String)> {
-    let mut reader = BufReader::new(stream).take(256);
+    let mut reader = BufReader::new(stream).take(MAX_REQUEST);
     let mut line = String::new();
     reader.read_line(&mut line).await?;
     Ok((reader.into_inner().into_inner(), line.trim_end().to_owned()))
@@ -167,13 +204,33 @@ pub async fn query(path: &Path) -> Result<String, QueryError> {
         Err(_) => Err(QueryError::Timeout { path }),
         Ok(Ok(answer)) if answer.is_empty() => Err(QueryError::Denied { path }),
         Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(source)) => Err(match source.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                QueryError::NotRunning { path }
-            }
-            io::ErrorKind::PermissionDenied => QueryError::Denied { path },
-            _ => QueryError::Io { path, source },
+        Ok(Err(source)) => Err(query_error(path, source)),
+    }
+}
+
+/// Sends `request` (a line without its newline) to the process listening on `path`, and
+/// returns the connection, to read its answers and go on talking.
+pub async fn open(path: &Path, request: &str) -> Result<BufReader<UnixStream>, QueryError> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(path).await?;
+        stream.write_all(format!("{request}\n").as_bytes()).await?;
+        Ok::<_, io::Error>(BufReader::new(stream))
+    };
+    match tokio::time::timeout(TIMEOUT, exchange).await {
+        Err(_) => Err(QueryError::Timeout {
+            path: path.to_owned(),
         }),
+        Ok(result) => result.map_err(|source| query_error(path.to_owned(), source)),
+    }
+}
+
+fn query_error(path: PathBuf, source: io::Error) -> QueryError {
+    match source.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
+            QueryError::NotRunning { path }
+        }
+        io::ErrorKind::PermissionDenied => QueryError::Denied { path },
+        _ => QueryError::Io { path, source },
     }
 }
 
@@ -206,6 +263,22 @@ mod tests {
                 query(&path).await,
                 Err(QueryError::NotRunning { .. })
             ));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_missing_folder_is_made_for_the_socket() {
+        within(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("tether-relay").join("status.sock");
+            let socket = StatusSocket::bind(&path).unwrap();
+            let folder = std::fs::metadata(dir.path().join("tether-relay")).unwrap();
+            assert_eq!(folder.permissions().mode() & 0o777, 0o750);
+            let stop = CancellationToken::new();
+            tokio::spawn(socket.serve(|| "{}".into(), stop.clone()));
+            assert_eq!(query(&path).await.unwrap(), "{}\n");
+            stop.cancel();
         })
         .await;
     }
