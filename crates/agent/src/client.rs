@@ -125,6 +125,19 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether the relay refused a new session because it is draining, as it does on its way
+    /// to a restart (QUIC's CONNECTION_REFUSED).
+    fn relay_draining(&self) -> bool {
+        match self {
+            ConnectError::Handshake {
+                source: quinn::ConnectionError::ConnectionClosed(close),
+                ..
+            } => close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED,
+            ConnectError::Neither { quic, .. } => quic.relay_draining(),
+            _ => false,
+        }
+    }
+
     /// Whether the relay gave no answer at all over QUIC: the link may be back any moment, so
     /// the next attempt starts at once.
     fn unanswered(&self) -> bool {
@@ -138,8 +151,8 @@ impl ConnectError {
 
 /// A connection to the relay, ready for a session.
 pub struct Connected {
-    endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) conn: quinn::Connection,
     path: Path,
     /// On TCP: completes when the carrier's TCP connection ends.
     broken: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -181,7 +194,16 @@ pub struct Agent {
 
 impl Agent {
     pub fn new(config: AgentConfig, identity: &Identity) -> Result<Self, AgentError> {
-        let (mut client, pin) = tls::client_config(identity, config.relay_fingerprint)?;
+        Self::speaking(config, identity, tls::ALPN)
+    }
+
+    /// An agent whose sessions speak `alpn`: [`tls::ALPN`], or [`tls::ALPN_JOIN`] to join.
+    pub(crate) fn speaking(
+        config: AgentConfig,
+        identity: &Identity,
+        alpn: &[u8],
+    ) -> Result<Self, AgentError> {
+        let (mut client, pin) = tls::client_config_for(identity, config.relay_fingerprint, alpn)?;
         let transport = || {
             quic::agent(config.keepalive, config.idle_timeout).map_err(|_| AgentError::IdleTimeout)
         };
@@ -247,11 +269,14 @@ impl Agent {
         let mut last_error = None;
         tracing::info!(
             relay = %self.config.relay,
+            relay_key = %self.config.relay_fingerprint,
             transport = %self.config.transport,
-            fingerprint = %self.fingerprint,
+            agent_key = %self.fingerprint,
             "agent starting"
         );
         while !shutdown.is_cancelled() {
+            // The attempt failed because the relay drains, on its way to a restart.
+            let mut restarting = false;
             let attempt = match moved.take() {
                 Some(connected) => Ok(connected),
                 None => {
@@ -310,10 +335,18 @@ impl Agent {
                     probe = unanswered.probe(Instant::now());
                     continue;
                 }
-                Err(error) => error.to_string(),
+                Err(error) => {
+                    restarting = error.relay_draining();
+                    error.to_string()
+                }
             };
             let retry_in = backoff.next_delay(rand::random());
-            tracing::warn!(%error, "reconnecting in {:.1}s", retry_in.as_secs_f64());
+            if restarting {
+                // Expected while a relay restarts: it refuses new sessions as it drains.
+                tracing::info!(%error, "the relay is restarting; reconnecting in {:.1}s", retry_in.as_secs_f64());
+            } else {
+                tracing::warn!(%error, "reconnecting in {:.1}s", retry_in.as_secs_f64());
+            }
             self.status.send_replace(AgentStatus::Waiting {
                 retry_in,
                 error: error.clone(),
@@ -516,7 +549,7 @@ impl Agent {
 
     /// One attempt to reach the relay, on the paths [`Chooser::plan`] says, each from its
     /// moment: the first connection made wins, and the other attempt is dropped.
-    async fn connect(
+    pub(crate) async fn connect(
         &self,
         reused: &mut Option<quinn::Endpoint>,
         probe: Option<Duration>,

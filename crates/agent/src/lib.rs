@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod forwards;
+pub mod join;
 pub mod metrics;
 pub mod probe;
 pub mod session;

@@ -1,8 +1,10 @@
-//! `tether-relay`'s command line: init, fingerprint, check, run, status.
+//! `tether-relay`'s command line: init, fingerprint, check, run, status, invite, invites.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tether_common::config::{RelayConfig, RELAY_STATUS_SOCKET};
@@ -56,6 +58,47 @@ enum Command {
         /// The key file, instead of the config's `key` (the systemd unit passes its credential)
         #[arg(long, value_name = "FILE")]
         key: Option<PathBuf>,
+    },
+    /// Invite an agent: print the one line to run at home, wait for it to join, list it in
+    /// relay.toml
+    Invite {
+        /// The agent's name, as relay.toml will list it
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// What the agent may open: PORT/tcp, PORT/udp or FIRST-LAST/udp, comma-separated
+        #[arg(
+            long,
+            value_name = "SPEC[,SPEC...]",
+            value_delimiter = ',',
+            required = true
+        )]
+        ports: Vec<String>,
+        /// How long the invite lasts
+        #[arg(long, value_name = "TIME", default_value = "1h", value_parser = parse_duration)]
+        expires: Duration,
+        /// The name or address the agent reaches this relay by (default: listen's address,
+        /// else this machine's outward address)
+        #[arg(long, value_name = "HOST")]
+        host: Option<String>,
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The status socket, instead of the config's status_socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// List the pending invites, or revoke one
+    Invites {
+        /// Revoke the invite with this id
+        #[arg(long, value_name = "ID")]
+        revoke: Option<String>,
+        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// The status socket, instead of the config's status_socket
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print JSON, for scripts
+        #[arg(long)]
+        json: bool,
     },
     /// Show the running relay's agents and forwards, and what they carried
     Status {
@@ -111,6 +154,26 @@ pub fn main() -> ExitCode {
             let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
             common::print_status(&socket, json, RelayStatus::render)
         }
+        Command::Invite {
+            name,
+            ports,
+            expires,
+            host,
+            config,
+            socket,
+        } => {
+            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
+            crate::enroll::invite(&config, &socket, &name, &ports, expires, host)
+        }
+        Command::Invites {
+            revoke,
+            config,
+            socket,
+            json,
+        } => {
+            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
+            crate::enroll::invites(&socket, revoke.as_deref(), json)
+        }
         Command::Run { config: file, key } => {
             let Ok((config, identity)) = load(&file, key.as_deref()) else {
                 return usage_error();
@@ -121,7 +184,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn load(file: &Path, key: Option<&Path>) -> Result<(RelayConfig, Identity), ExitCode> {
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (such as 1h, 30m or 2d)"))
+}
+
+pub(crate) fn load(file: &Path, key: Option<&Path>) -> Result<(RelayConfig, Identity), ExitCode> {
     common::load_config_and_key(file, RelayConfig::load, |c| &mut c.key, key)
 }
 
@@ -137,12 +204,22 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
                 let control = relay.control();
                 let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));
                 let reload = {
-                    let control = control.clone();
+                    let (control, key) = (control.clone(), key.clone());
                     move |mut config: RelayConfig| {
                         // The key in use came from the command line, or from the config.
                         config.key = key.clone();
                         control.reload(config).log();
                     }
+                };
+                let invites = {
+                    let (control, file) = (control.clone(), file.clone());
+                    let reload = move || {
+                        let mut config = RelayConfig::load(&file).map_err(|e| e.to_string())?;
+                        config.key = key.clone();
+                        control.reload(config).log();
+                        Ok(())
+                    };
+                    crate::invites::handler(relay.shared(), Arc::new(reload))
                 };
                 let status = move || control.status();
                 let operations = common::start_operations(
@@ -151,6 +228,7 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
                     reload,
                     &status_socket,
                     status,
+                    Some(invites),
                     metrics,
                     &shutdown,
                 );
@@ -195,7 +273,10 @@ fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
     );
     println!("Relay fingerprint: {fingerprint}");
     println!();
-    println!("On the home machine, run:");
+    println!("Start the relay, then add an agent with one line to run at home:");
+    println!("  tether-relay invite NAME --ports 2222/tcp");
+    println!();
+    println!("Or by hand: on the home machine, run");
     println!(
         "  tether-agent init --dir /etc/tether --relay {relay} --relay-fingerprint {fingerprint}"
     );
@@ -228,7 +309,8 @@ key = "relay.key"
 # status_socket = "/run/tether-relay/status.sock"   # where `tether-relay status` asks
 # metrics = 9560               # Prometheus metrics on 127.0.0.1:9560; "IP:PORT" for another address
 
-# One block per agent; `tether-agent init` prints it.
+# One block per agent: `tether-relay invite NAME --ports 2222/tcp` adds one when the agent
+# joins, or paste the one `tether-agent init` prints.
 # [[agent]]
 # name = "dorm"                             # used in logs and status
 # fingerprint = "SHA256:..."                # printed by `tether-agent fingerprint`

@@ -20,6 +20,7 @@ use crate::agents::Summary;
 use crate::audit::Audit;
 use crate::carriers::{self, TcpPath};
 use crate::handshakes::{Pending, Verdict};
+use crate::invites::Invites;
 use crate::limits::Limits;
 use crate::places::Seats;
 use crate::session;
@@ -111,6 +112,7 @@ impl Relay {
         let visitors = Arc::new(Seats::new(limits.max_visitors));
         let shared = Arc::new(Shared {
             agents: RwLock::new(config.agents.clone().into()),
+            invites: Invites::new(pins.clone()),
             pins: pins.clone(),
             config,
             limits,
@@ -144,6 +146,11 @@ impl Relay {
     /// Follows how many agents and forwards the relay serves.
     pub fn summary(&self) -> watch::Receiver<Summary> {
         self.shared.table().summary()
+    }
+
+    /// What every task of the relay shares.
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
     /// A handle that reads the relay's state (for the status socket and the metrics) and
@@ -180,7 +187,10 @@ impl Relay {
             "relay listening"
         );
         if shared.config.agents.is_empty() {
-            tracing::warn!("relay.toml lists no [[agent]]: no agent can connect");
+            tracing::warn!(
+                "relay.toml lists no [[agent]]: no agent can connect until one is \
+                 (tether-relay invite NAME --ports ... adds one)"
+            );
         }
         let pending = Pending::new(&shared.limits);
         let tallies = [&*shared.refused_handshakes, &shared.refused_visitors];

@@ -56,6 +56,15 @@ impl SetupError {
             }
             SetupError::Handshake(E::TransportError(_)) => Some("TLS or QUIC handshake failed"),
             SetupError::Evicted => Some("handshake abandoned for another address's"),
+            // A TLS alert from the agent: it refused this relay's certificate.
+            SetupError::Handshake(E::ConnectionClosed(close))
+                if (0x100..0x200).contains(&u64::from(close.error_code)) =>
+            {
+                Some(
+                    "the agent refused this relay's key: it pins another \
+                     (relay_fingerprint, or a join line of another relay)",
+                )
+            }
             _ => Some("handshake abandoned by the client"),
         }
     }
@@ -92,6 +101,10 @@ pub async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming, place: Place,
             return;
         }
     };
+    if tls::protocol(&conn).as_deref() == Some(tls::ALPN_JOIN) {
+        crate::invites::serve_join(shared, conn, remote).await;
+        return;
+    }
     let fingerprint = tls::peer_fingerprint(&conn);
     let Some(agent) = fingerprint.and_then(|fp| shared.agent_with(fp)) else {
         // The verifier admits only listed keys, but a reload may have removed the key since,

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::Table;
 use crate::audit::Audit;
+use crate::invites::Invites;
 use crate::limits::Limits;
 use crate::places::Seats;
 use crate::tally::Tally;
@@ -24,6 +25,8 @@ pub struct Shared {
     pub config: RelayConfig,
     pub(crate) agents: RwLock<Arc<[AgentEntry]>>,
     pub(crate) pins: Arc<AgentPins>,
+    /// Invites pending, for agents that join.
+    pub(crate) invites: Invites,
     pub limits: Limits,
     pub(crate) table: Mutex<Table>,
     pub tasks: TaskTracker,

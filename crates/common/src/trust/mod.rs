@@ -5,4 +5,5 @@
 //! Knows nothing of forwards, visitors or sessions: it answers "is this the peer we pinned?".
 
 pub mod identity;
+pub mod invite;
 pub mod tls;

@@ -2,6 +2,7 @@
 //! certificate carries a pinned key *and* that the peer signed the handshake with that key.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -20,6 +21,10 @@ pub const ALPN: &[u8] = b"tether/1";
 /// The protocol of the TCP path (see [`crate::transport::carrier`]): QUIC packets, framed,
 /// over TLS with the same pinned keys.
 pub const ALPN_TCP: &[u8] = b"tether-tcp/1";
+
+/// The protocol of a join (see [`crate::trust::invite`]): a key not listed yet presents an
+/// invite's secret, and the session does nothing else.
+pub const ALPN_JOIN: &[u8] = b"tether-join/1";
 
 /// The name the agent asks for. The relay's certificate is trusted by its key, so the name is
 /// never checked; it only has to be a valid server name.
@@ -48,13 +53,22 @@ pub fn client_config(
     identity: &Identity,
     relay: Fingerprint,
 ) -> Result<(quinn::ClientConfig, Arc<RelayPin>), TlsError> {
+    client_config_for(identity, relay, ALPN)
+}
+
+/// [`client_config`] for a session that speaks `alpn`: [`ALPN`], or [`ALPN_JOIN`] to join.
+pub fn client_config_for(
+    identity: &Identity,
+    relay: Fingerprint,
+    alpn: &[u8],
+) -> Result<(quinn::ClientConfig, Arc<RelayPin>), TlsError> {
     let provider = provider();
     let pin = Arc::new(RelayPin {
         expected: relay,
         mismatch: Mutex::new(None),
         algorithms: provider.signature_verification_algorithms,
     });
-    let tls = client_tls(identity, &pin, ALPN)?;
+    let tls = client_tls(identity, &pin, alpn)?;
     let quic = QuicClientConfig::try_from(tls)?;
     Ok((quinn::ClientConfig::new(Arc::new(quic)), pin))
 }
@@ -81,12 +95,15 @@ fn client_tls(
     Ok(tls)
 }
 
-/// The relay's side: a server configuration that admits only agents whose keys are in `agents`.
+/// The relay's side: a server configuration that admits only agents whose keys are in `agents`
+/// (and, while an invite is pending, keys that come to join: see [`AgentPins::set_inviting`]).
 pub fn server_config(
     identity: &Identity,
     agents: Arc<AgentPins>,
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let quic = QuicServerConfig::try_from(server_tls(identity, agents, ALPN)?)?;
+    let mut tls = server_tls(identity, agents, ALPN)?;
+    tls.alpn_protocols.push(ALPN_JOIN.to_vec());
+    let quic = QuicServerConfig::try_from(tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
 
@@ -118,6 +135,14 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
         .downcast::<Vec<CertificateDer<'static>>>()
         .ok()?;
     Fingerprint::of_certificate(certs.first()?).ok()
+}
+
+/// The application protocol a connection negotiated: [`ALPN`] or [`ALPN_JOIN`].
+pub fn protocol(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 fn fingerprint_or_refuse(cert: &CertificateDer<'_>) -> Result<Fingerprint, rustls::Error> {
@@ -214,6 +239,8 @@ pub type OnRefused = Box<dyn Fn(&Fingerprint) + Send + Sync>;
 /// The relay's verifier of agents' certificates: the set of agent keys it serves.
 pub struct AgentPins {
     known: RwLock<HashSet<Fingerprint>>,
+    /// An invite is pending: a key not listed completes its handshake, for a join.
+    inviting: AtomicBool,
     algorithms: WebPkiSupportedAlgorithms,
     on_refused: OnRefused,
 }
@@ -243,6 +270,7 @@ impl AgentPins {
     ) -> Self {
         Self {
             known: RwLock::new(known.into_iter().collect()),
+            inviting: AtomicBool::new(false),
             algorithms: provider().signature_verification_algorithms,
             on_refused,
         }
@@ -252,6 +280,17 @@ impl AgentPins {
     /// against them.
     pub fn replace(&self, known: impl IntoIterator<Item = Fingerprint>) {
         *self.known.write().unwrap_or_else(|e| e.into_inner()) = known.into_iter().collect();
+    }
+
+    /// While `inviting`, a key that is not listed completes the handshake too, so that it can
+    /// present an invite's secret; the session checks the key again and lets such a one do
+    /// nothing but join. With no invite pending, such a key is refused in the handshake.
+    pub fn set_inviting(&self, inviting: bool) {
+        self.inviting.store(inviting, Ordering::Relaxed);
+    }
+
+    pub fn is_inviting(&self) -> bool {
+        self.inviting.load(Ordering::Relaxed)
     }
 
     pub fn contains(&self, fingerprint: &Fingerprint) -> bool {
@@ -274,7 +313,7 @@ impl ClientCertVerifier for AgentPins {
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let got = fingerprint_or_refuse(end_entity)?;
-        if !self.contains(&got) {
+        if !self.contains(&got) && !self.inviting.load(Ordering::Relaxed) {
             (self.on_refused)(&got);
             return Err(CertificateError::ApplicationVerificationFailure.into());
         }
