@@ -224,6 +224,39 @@ async fn another_agent_asking_for_a_held_port_is_refused() {
     .await;
 }
 
+/// A forward refused because another program held its port comes up by itself once the port
+/// is free, and the agent's other forwards are untouched meanwhile.
+#[tokio::test]
+async fn a_forward_refused_for_a_port_in_use_comes_up_once_the_port_is_free() {
+    within("the whole test", async {
+        let rivals = Rivals::start(Limits::default()).await;
+        let port = rivals.port;
+        let squatter = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        let mut agent = rivals.start_agent("dorm");
+        let status = agent.connected().await;
+        let session = status.session();
+        assert_eq!(
+            status.forward("ssh"),
+            Some(ForwardResult::Refused(Refusal::InUse))
+        );
+        drop(squatter);
+        let opened =
+            |s: &tether_agent::AgentStatus| s.forward("ssh") == Some(ForwardResult::Opened);
+        within("the forward to come up", agent.status.wait_for(opened))
+            .await
+            .unwrap();
+        assert_eq!(
+            agent.status.borrow().session(),
+            session,
+            "in the same session"
+        );
+        assert_eq!(round_trip(public(port), b"freed").await.unwrap(), b"freed");
+        agent.stop().await;
+        rivals.relay.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn visitor_arriving_while_the_agent_is_away_waits_for_its_return() {
     within("the whole test", async {

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tether_common::carry::resume::{AckQueue, HeldStreams, Link, Resume, ResumeError};
 use tether_common::carry::splice::{splice, Held};
@@ -11,9 +11,9 @@ use tether_common::config::Forward;
 use tether_common::wire::control::{frames, read_frame, write_frame, FrameError};
 use tether_common::wire::datagram::{DatagramSender, UdpCounters};
 use tether_common::wire::protocol::{
-    Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, RelayMessage,
-    ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated, Welcome,
-    VERSION,
+    Acks, AgentMessage, CloseCode, ForwardId, ForwardRequest, ForwardResult, Hello, Refusal,
+    RelayMessage, ResumeHeader, SessionId, StreamCode, StreamHeader, StreamKind, Update, Updated,
+    Welcome, VERSION,
 };
 use tether_common::wire::text;
 use tokio::net::TcpStream;
@@ -191,8 +191,25 @@ pub async fn run(
 
     // Updates sent and not answered yet, oldest first; the relay answers them in order.
     let mut pending: VecDeque<Vec<(ForwardId, Offered)>> = VecDeque::new();
+    let mut retry = RetryRefused::default();
+    retry.after(&current, Instant::now());
     loop {
         tokio::select! {
+            () = retry.due(), if pending.is_empty() => {
+                // The same set again: the relay keeps what it opened and tries the rest anew.
+                let again: Vec<(ForwardId, Offered)> =
+                    current.iter().map(|(id, o, _)| (*id, o.clone())).collect();
+                let update = Update {
+                    forwards: again.iter().map(|(id, o)| (*id, request(&o.forward))).collect(),
+                };
+                let frame = AgentMessage::Update(update).encode();
+                if let Err(error) = write_frame(&mut control_send, &frame).await {
+                    let closed = conn.closed().await;
+                    return SessionEnd::of_closed(Some(session), &closed, error.to_string());
+                }
+                retry.sent();
+                pending.push_back(again);
+            }
             () = shutdown.cancelled() => {
                 CloseCode::AgentShutdown.close(conn);
                 return SessionEnd::Stopped;
@@ -262,12 +279,62 @@ pub async fn run(
                 };
                 report(&current, &applied);
                 current = applied;
+                retry.after(&current, Instant::now());
                 let by_id = opened_by_id(&current);
                 flows.set_forwards(&by_id).await;
                 *opened.write().unwrap_or_else(|e| e.into_inner()) = by_id;
                 publish(status, session, &current);
             }
         }
+    }
+}
+
+/// The first pause before the relay is asked again for forwards it refused for a reason that
+/// may pass (the port in use there); it doubles up to [`RETRY_REFUSED_MAX`].
+pub const RETRY_REFUSED_FIRST: Duration = Duration::from_secs(1);
+
+pub const RETRY_REFUSED_MAX: Duration = Duration::from_secs(15);
+
+/// When to ask the relay again for the forwards it refused because their ports were in use or
+/// could not be opened: a port another program held may come free, and then the forward comes
+/// up by itself. A refusal that only a config change mends (not allowed, invalid) is not asked
+/// again.
+#[derive(Debug, Default)]
+struct RetryRefused {
+    /// The pause after the next refusal.
+    delay: Option<Duration>,
+    at: Option<Instant>,
+}
+
+impl RetryRefused {
+    /// Follows the relay's latest answers, got at `now`.
+    fn after(&mut self, answered: &[Answered], now: Instant) {
+        let passing = answered.iter().any(|(_, _, result)| {
+            matches!(
+                result,
+                ForwardResult::Refused(Refusal::InUse | Refusal::Unavailable)
+            )
+        });
+        if !passing {
+            *self = Self::default();
+            return;
+        }
+        let delay = self.delay.unwrap_or(RETRY_REFUSED_FIRST);
+        self.at = Some(now + delay);
+        self.delay = Some((delay * 2).min(RETRY_REFUSED_MAX));
+    }
+
+    /// Completes when the relay is to be asked again; never, while nothing is to be.
+    async fn due(&self) {
+        match self.at {
+            Some(at) => tokio::time::sleep_until(at.into()).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The relay was asked; the next time is set by its answer.
+    fn sent(&mut self) {
+        self.at = None;
     }
 }
 
@@ -394,7 +461,7 @@ async fn open(
 /// Logs in plain words the relay's answer for each forward of `after` that `before` did not
 /// have as it is, and each forward of `before` that is gone.
 fn report(before: &[Answered], after: &[Answered]) {
-    let same = |a: &Answered, b: &Answered| a.0 == b.0 && a.1.forward == b.1.forward;
+    let same = |a: &Answered, b: &Answered| a.0 == b.0 && a.1.forward == b.1.forward && a.2 == b.2;
     for (_, Offered { forward, .. }, _) in
         before.iter().filter(|b| !after.iter().any(|a| same(a, b)))
     {
@@ -594,4 +661,53 @@ fn resume_link(
             }))
         })
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use tether_common::config::{Forward, LocalTarget};
+    use tether_common::net::ports::{PortRange, Proto};
+
+    use super::*;
+
+    fn answered(result: ForwardResult) -> Answered {
+        let forward = Forward {
+            name: "ssh".into(),
+            proto: Proto::Tcp,
+            remote: PortRange::new(2222, 2222).unwrap(),
+            local: LocalTarget {
+                host: "127.0.0.1".into(),
+                ports: PortRange::new(22, 22).unwrap(),
+            },
+            flow_idle: Duration::from_secs(120),
+            allow_from: Vec::new(),
+        };
+        (0, Offered::new(forward), result)
+    }
+
+    #[test]
+    fn refusals_that_may_pass_are_asked_again_ever_less_often() {
+        let now = Instant::now();
+        let in_use = [answered(ForwardResult::Refused(Refusal::InUse))];
+        let mut retry = RetryRefused::default();
+        let mut pauses = Vec::new();
+        for _ in 0..7 {
+            retry.after(&in_use, now);
+            pauses.push(retry.at.unwrap() - now);
+            retry.sent();
+            assert_eq!(retry.at, None, "nothing more until the relay answers");
+        }
+        let secs: Vec<u64> = pauses.iter().map(Duration::as_secs).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 15, 15, 15]);
+        // Opened: nothing to ask, and the pause starts over at the next refusal.
+        retry.after(&[answered(ForwardResult::Opened)], now);
+        assert_eq!(retry.at, None);
+        retry.after(&in_use, now);
+        assert_eq!(retry.at, Some(now + RETRY_REFUSED_FIRST));
+        // Only a config change mends these.
+        for refusal in [Refusal::NotAllowed, Refusal::Invalid] {
+            retry.after(&[answered(ForwardResult::Refused(refusal))], now);
+            assert_eq!(retry.at, None);
+        }
+    }
 }
