@@ -216,6 +216,21 @@ async fn status_and_metrics_show_the_agents_forwards_and_what_they_carried() {
         let t = &tcp_forward.traffic;
         assert_eq!((t.visitors_open, t.visitors), (1, 1));
         assert_eq!((t.bytes_in, t.bytes_out), (ASKED as u64, ANSWERED as u64));
+        // The one visitor connection open now, as frp's dashboard shows them.
+        let [open] = &tcp_forward.connections[..] else {
+            panic!("one visitor connection: {:?}", tcp_forward.connections);
+        };
+        assert_eq!(open.address, tcp.local_addr().unwrap().to_string());
+        assert_eq!(
+            (open.bytes_in, open.bytes_out),
+            (ASKED as u64, ANSWERED as u64)
+        );
+        assert!(
+            tether_common::service::report::age(&open.since, std::time::SystemTime::now())
+                .is_some(),
+            "{}",
+            open.since
+        );
         let u = &udp_forward.traffic;
         assert_eq!((udp_forward.flows_open, u.flows), (1, 1));
         assert_eq!((u.datagrams_in, u.datagrams_out), (3, 3));
@@ -273,6 +288,12 @@ async fn status_and_metrics_show_the_agents_forwards_and_what_they_carried() {
             row.contains(&format!("{}/tcp", setup.tcp)) && row.contains("1000 B"),
             "{table}"
         );
+        let visitor_address = tcp.local_addr().unwrap().to_string();
+        let row = table
+            .lines()
+            .find(|l| l.contains(&visitor_address))
+            .unwrap();
+        assert!(row.starts_with("home   files "), "{table}");
         let (code, json, _) = run(
             &binary("tether-relay"),
             &["status", "--json", "--socket", path(&setup.relay_socket)],
@@ -298,6 +319,7 @@ async fn status_and_metrics_show_the_agents_forwards_and_what_they_carried() {
         })
         .await;
         assert_eq!(relay.agents[0].forwards[0].traffic.visitors, 1);
+        assert!(relay.agents[0].forwards[0].connections.is_empty());
     })
     .await;
 }

@@ -32,7 +32,7 @@ use crate::limits::Limits;
 use crate::live::{LiveSession, Route, Routes, SessionWatch};
 use crate::public::Listening;
 use crate::registry::PortRegistry;
-use crate::status::{AgentState, ForwardState};
+use crate::status::{AgentState, ForwardState, VisitorState, MAX_LISTED_VISITORS};
 
 /// What opens the agent's public ports and resumes its visitors: the listeners of `visitor.rs`
 /// and `udp.rs`, which serve visitors through the sessions this table publishes. The caller
@@ -482,6 +482,10 @@ impl Table {
                             (Some(_), ForwardResult::Refused(why)) => format!("refused: {why}"),
                         };
                         let flows = live.as_ref().map(|l| l.flows.open_flows(asked.id));
+                        let connections = match (slot, asked.spec.proto) {
+                            (Some(slot), Proto::Tcp) => visitors_of(&slot.streams, asked.spec),
+                            _ => Vec::new(),
+                        };
                         ForwardState {
                             name: asked.name.to_string(),
                             proto: asked.spec.proto.to_string(),
@@ -489,6 +493,7 @@ impl Table {
                             state,
                             flows_open: flows.unwrap_or(0) as u64,
                             traffic: asked.traffic.count(),
+                            connections,
                         }
                     })
                     .collect();
@@ -531,6 +536,22 @@ impl Table {
 }
 
 /// Whether `routes` still let the visitor of data stream `header` in.
+/// The visitor connections open now on the public ports of `spec`.
+fn visitors_of(streams: &HeldStreams, spec: PortSpec) -> Vec<VisitorState> {
+    streams
+        .list()
+        .iter()
+        .filter(|s| spec.range.contains(s.header.port))
+        .take(MAX_LISTED_VISITORS)
+        .map(|s| VisitorState {
+            address: s.header.visitor.to_string(),
+            since: report::timestamp(s.opened()),
+            bytes_in: s.sent(),
+            bytes_out: s.received(),
+        })
+        .collect()
+}
+
 fn admits(routes: &Routes, header: &StreamHeader) -> bool {
     routes
         .get(&(Proto::Tcp, header.port))
@@ -589,4 +610,36 @@ fn open_ports(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lists_a_forwards_visitor_connections_oldest_first_up_to_its_cap() {
+        let streams = Arc::new(HeldStreams::default());
+        let mut kept = Vec::new();
+        for id in 0..(MAX_LISTED_VISITORS as u64 + 20) {
+            let header = StreamHeader {
+                id,
+                forward: 0,
+                // Every other one on a port of another forward.
+                port: if id % 2 == 0 { 2222 } else { 8080 },
+                visitor: SocketAddr::from(([198, 51, 100, 7], 40_000 + id as u16)),
+            };
+            kept.push(streams.add(header, 1).unwrap());
+        }
+        let ssh: PortSpec = "2222/tcp".parse().unwrap();
+        let web: PortSpec = "8080/tcp".parse().unwrap();
+        let listed = visitors_of(&streams, ssh);
+        assert_eq!(listed.len(), (MAX_LISTED_VISITORS + 20) / 2);
+        assert_eq!(listed[0].address, "198.51.100.7:40000");
+        assert_eq!(listed[1].address, "198.51.100.7:40002");
+        let both: PortSpec = "2222-8080/tcp".parse().unwrap();
+        assert_eq!(visitors_of(&streams, both).len(), MAX_LISTED_VISITORS);
+        assert_eq!(visitors_of(&streams, web)[0].address, "198.51.100.7:40001");
+        drop(kept);
+        assert!(visitors_of(&streams, both).is_empty(), "a closed one is gone");
+    }
 }

@@ -59,7 +59,27 @@ pub struct ForwardState {
     /// Since the relay started, across the agent's sessions.
     #[serde(flatten)]
     pub traffic: TrafficCount,
+    /// TCP only: the visitor connections open now, oldest first, at most
+    /// [`MAX_LISTED_VISITORS`] of them.
+    #[serde(default)]
+    pub connections: Vec<VisitorState>,
 }
+
+/// One visitor connection open now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VisitorState {
+    pub address: String,
+    /// RFC 3339.
+    pub since: String,
+    /// From the visitor, towards the agent.
+    pub bytes_in: u64,
+    /// From the agent, to the visitor.
+    pub bytes_out: u64,
+}
+
+/// Visitor connections listed per forward at most: the status of a relay with thousands stays
+/// small; the count of them all is in the forward's traffic.
+pub const MAX_LISTED_VISITORS: usize = 100;
 
 impl RelayStatus {
     /// The status as a person reads it: a line about the relay, a table of agents and one of
@@ -67,7 +87,7 @@ impl RelayStatus {
     pub fn render(&self, now: SystemTime) -> String {
         let connected = self.agents.iter().filter(|a| a.connected).count();
         let mut out = format!(
-            "relay {}, key {}\n{} connected of {} listed\n\n",
+            "relay {}, this relay's key {}\n{} connected of {} listed\n\n",
             self.listen,
             self.fingerprint,
             count(connected, "agent"),
@@ -131,6 +151,30 @@ impl RelayStatus {
                 &forwards,
             ));
         }
+        let visitors: Vec<Vec<String>> = self
+            .agents
+            .iter()
+            .flat_map(|a| a.forwards.iter().map(move |f| (a, f)))
+            .flat_map(|(a, f)| f.connections.iter().map(move |v| (a, f, v)))
+            .map(|(a, f, v)| {
+                let since = age(&v.since, now).unwrap_or_else(|| "-".into());
+                vec![
+                    a.name.clone(),
+                    f.name.clone(),
+                    v.address.clone(),
+                    since,
+                    report::bytes(v.bytes_in),
+                    report::bytes(v.bytes_out),
+                ]
+            })
+            .collect();
+        if !visitors.is_empty() {
+            out.push('\n');
+            out.push_str(&report::table(
+                &["AGENT", "FORWARD", "VISITOR", "FOR", "IN", "OUT"],
+                &visitors,
+            ));
+        }
         let refusals = [
             ("refused handshakes", &self.refused_handshakes),
             ("refused visitors", &self.refused_visitors),
@@ -185,6 +229,12 @@ mod tests {
                                 bytes_out: 3 * 1024 * 1024,
                                 ..TrafficCount::default()
                             },
+                            connections: vec![VisitorState {
+                                address: "198.51.100.4:51000".into(),
+                                since: report::timestamp(then + Duration::from_secs(5)),
+                                bytes_in: 2048,
+                                bytes_out: 3 * 1024 * 1024,
+                            }],
                         },
                         ForwardState {
                             name: "mosh".into(),
@@ -193,6 +243,7 @@ mod tests {
                             state: "refused: the port is in use on the relay".into(),
                             flows_open: 0,
                             traffic: TrafficCount::default(),
+                            connections: vec![],
                         },
                     ],
                 },
@@ -215,7 +266,7 @@ mod tests {
         };
         let text = status.render(then + Duration::from_secs(65));
         let expected = "\
-relay 0.0.0.0:4433, key SHA256:relay
+relay 0.0.0.0:4433, this relay's key SHA256:relay
 1 agent connected of 2 listed
 
 AGENT  STATE            ADDRESS            TRANSPORT  RTT      RECONNECTS  FINGERPRINT
@@ -225,6 +276,9 @@ spare  never connected  -                  -          -        0           SHA25
 AGENT  FORWARD  PORTS            STATE                                     VISITORS  FLOWS  IN       OUT
 dorm   ssh      2222/tcp         open                                      1         -      2.0 KiB  3.0 MiB
 dorm   mosh     60000-60010/udp  refused: the port is in use on the relay  -         0      0 B      0 B
+
+AGENT  FORWARD  VISITOR             FOR  IN       OUT
+dorm   ssh      198.51.100.4:51000  1m   2.0 KiB  3.0 MiB
 
 refused handshakes: 2 agent key not listed
 ";

@@ -145,6 +145,8 @@ pub struct HeldStream {
     changed: Notify,
     /// Set when the stream must end wherever it is (see [`HeldStream::revoke`]).
     revoked: AtomicBool,
+    /// When the stream was added, in seconds since the Unix epoch: what `status` shows.
+    opened: u64,
 }
 
 /// Whatever a stream holds goes back to its table's room when the stream goes, however its
@@ -205,7 +207,21 @@ impl HeldStream {
             next: Mutex::new(None),
             changed: Notify::new(),
             revoked: AtomicBool::new(false),
+            opened: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         }
+    }
+
+    /// When the stream was added.
+    pub fn opened(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(self.opened)
+    }
+
+    /// How many of this side's bytes the stream carried: sent, whether confirmed or not.
+    pub fn sent(&self) -> u64 {
+        let outbox = self.outbox();
+        outbox.start + outbox.held_len
     }
 
     /// Ends the stream wherever it is, carrying bytes or waiting for a session: its connection
@@ -673,6 +689,14 @@ impl HeldStreams {
     /// Whether no stream is held: no connection is open, nor waits for its session.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Every stream held now, oldest first.
+    pub fn list(&self) -> Vec<Arc<HeldStream>> {
+        let mut streams: Vec<Arc<HeldStream>> =
+            self.lock().values().map(|(s, _)| s.clone()).collect();
+        streams.sort_by_key(|s| s.header.id);
+        streams
     }
 
     /// How many streams are held, and their unconfirmed bytes.
