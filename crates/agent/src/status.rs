@@ -243,7 +243,7 @@ impl AgentReport {
     /// The report as a person reads it: the relay, the session, then a table of forwards.
     pub fn render(&self, now: SystemTime) -> String {
         let mut out = format!(
-            "relay {}, key {}\nthis agent's key {}\n\n{}\n",
+            "relay {}, pinned relay key {}\nthis agent's key {}\n\n{}\n",
             self.relay, self.relay_fingerprint, self.fingerprint, self.state
         );
         if self.connected {
