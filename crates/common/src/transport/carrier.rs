@@ -30,7 +30,7 @@
 //! QUIC's waited 47.2. Both this path and rathole are one TCP connection there, whose
 //! retransmissions hold up everything behind a loss; with a 1 MiB stream window instead of 8,
 //! this path carried 50.8 (one run). QUIC's own congestion control is now left out on a
-//! carrier ([`LeftToTcp`], with its figures).
+//! carrier (`LeftToTcp`, with its figures).
 //!
 //! [`tls::ALPN_TCP`]: crate::trust::tls::ALPN_TCP
 
