@@ -476,3 +476,32 @@ async fn under_systemd_logs_carry_no_colours_and_no_timestamps_of_their_own() {
     })
     .await;
 }
+
+/// SIGTERM with a session up: each binary exits within a second, whichever goes first (the
+/// README's figure), measured from the signal to the exit its parent sees.
+#[tokio::test]
+async fn each_end_exits_within_a_second_of_sigterm_with_a_session_up() {
+    within_for("the test", Duration::from_secs(60), async {
+        let keys = Keys::new();
+        let configs = process::Configs::write(&keys, echo_service().await);
+        let mut exits = Vec::new();
+        for relay_first in [false, true] {
+            let (mut relay, mut agent) = configs.run_both().await;
+            let (first, second) = match relay_first {
+                true => (&mut relay, &mut agent),
+                false => (&mut agent, &mut relay),
+            };
+            for process in [first, second] {
+                let start = std::time::Instant::now();
+                assert!(process.signal_and_wait("TERM").await.success());
+                exits.push(start.elapsed());
+            }
+        }
+        // Agent with the relay up, relay with no agent; then relay with the agent up, agent.
+        eprintln!("exits after SIGTERM: {exits:?}");
+        for exit in &exits {
+            assert!(*exit < Duration::from_secs(1), "{exits:?}");
+        }
+    })
+    .await;
+}
