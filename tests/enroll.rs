@@ -295,3 +295,38 @@ async fn every_refused_join_says_why_on_both_ends() {
     })
     .await;
 }
+
+/// Where UDP gets no answer, the join goes over the relay's TCP listener, as the agent does.
+#[tokio::test]
+async fn a_join_goes_over_tcp_when_udp_gets_no_answer() {
+    within_for("the test", 4 * STEP, async {
+        let keys = Keys::new();
+        let relay = Relay::init(&keys);
+        let _relay_process = relay.start().await;
+        let invite = Invite::make(&relay, "home", "2400/tcp", &[]).await;
+        // The relay's TCP listener has the UDP port's number; UDP goes to a port where nothing
+        // listens.
+        let (silent, held) = consecutive_udp_ports(1);
+        drop(held);
+        let address = invite.line["tether://".len()..]
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let tcp_port = address.rsplit_once(':').unwrap().1.to_owned();
+        let line = invite.line.replace(
+            &format!("{address}/#"),
+            &format!("127.0.0.1:{}/?tcp={tcp_port}#", silent.start()),
+        );
+        let home = keys.path().join("home");
+        let (code, stdout, stderr) = join(&line, &home).await;
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert_eq!(invite.finish().await.0, 0);
+        let config = std::fs::read_to_string(home.join("agent.toml")).unwrap();
+        assert!(
+            config.contains(&format!("relay_tcp = \"127.0.0.1:{tcp_port}\"")),
+            "{config}"
+        );
+    })
+    .await;
+}

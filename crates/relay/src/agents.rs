@@ -640,6 +640,9 @@ mod tests {
         assert_eq!(visitors_of(&streams, both).len(), MAX_LISTED_VISITORS);
         assert_eq!(visitors_of(&streams, web)[0].address, "198.51.100.7:40001");
         drop(kept);
-        assert!(visitors_of(&streams, both).is_empty(), "a closed one is gone");
+        assert!(
+            visitors_of(&streams, both).is_empty(),
+            "a closed one is gone"
+        );
     }
 }
