@@ -142,7 +142,8 @@ async fn invite_join_serve_restart_and_still_listed() {
         );
 
         let home = keys.path().join("home");
-        let (code, stdout, stderr) = join(&invite.line, &home).await;
+        let invite_line = invite.line.clone();
+        let (code, stdout, stderr) = join(&invite_line, &home).await;
         assert_eq!(code, 0, "{stdout}{stderr}");
         assert!(stdout.contains("Joined as home."), "{stdout}");
         let (code, stderr) = invite.finish().await;
@@ -155,6 +156,15 @@ async fn invite_join_serve_restart_and_still_listed() {
 
         // The forward the join made goes to the same port here: point it at a service.
         let agent_config = home.join("agent.toml");
+        let (code, stdout, stderr) = run(
+            &binary("tether-agent"),
+            &["check", "-c", path(&agent_config)],
+        );
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("ok (1 forward)"), "{stdout}");
+        let warning =
+            format!("warning: forward[0] (tcp-{port}): nothing answers on 127.0.0.1:{port} now");
+        assert!(stderr.contains(&warning), "{stderr}");
         let service = echo_service().await;
         let text = std::fs::read_to_string(&agent_config).unwrap();
         let text = text.replace(
@@ -170,9 +180,18 @@ async fn invite_join_serve_restart_and_still_listed() {
             &binary("tether-agent"),
             &["check", "-c", path(&agent_config)],
         );
-        assert_eq!(code, 0, "{stderr}");
+        assert_eq!((code, stderr.as_str()), (0, ""), "a service answers now");
         let mut agent =
             Process::spawn(&binary("tether-agent"), &["run", "-c", path(&agent_config)]);
+        let started = agent.wait_for_line("agent starting").await;
+        // Each key named for whose it is.
+        let relay_key = invite_line.split('#').nth(1).unwrap();
+        let relay_key = relay_key.rsplit_once('.').unwrap().0;
+        assert!(
+            started.contains(&format!("relay_key={relay_key}")),
+            "{started}"
+        );
+        assert!(started.contains("agent_key=SHA256:"), "{started}");
         agent.wait_for_line("connected to relay").await;
         let mut visitor = TcpStream::connect(public(port)).await.unwrap();
         assert!(echoes(&mut visitor).await, "a visitor is served");
@@ -181,6 +200,9 @@ async fn invite_join_serve_restart_and_still_listed() {
         relay_process.signal_and_wait("TERM").await;
         let _relay = relay.start().await;
         agent.wait_for_line("connected to relay").await;
+        // A planned restart is nothing to warn about.
+        let warnings: Vec<&String> = agent.log.iter().filter(|l| l.contains("WARN")).collect();
+        assert!(warnings.is_empty(), "{warnings:?}");
         let mut visitor = TcpStream::connect(public(port)).await.unwrap();
         assert!(
             echoes(&mut visitor).await,
