@@ -352,3 +352,116 @@ async fn a_join_goes_over_tcp_when_udp_gets_no_answer() {
     })
     .await;
 }
+
+/// Join sessions open at once are capped, and a seat comes back however its session ends: the
+/// joiner closing early, or sending nothing until the relay gives up on it.
+#[tokio::test]
+async fn joins_at_once_are_capped_and_their_seats_come_back() {
+    use tether_common::trust::identity::Identity;
+    use tether_common::trust::invite::JoinLine;
+    use tether_common::trust::tls;
+    use tether_relay::invites::{JOIN_REQUEST_TIMEOUT, MAX_JOINING};
+    within_for("the test", 4 * STEP, async {
+        let keys = Keys::new();
+        let relay = Relay::init(&keys);
+        let _relay_process = relay.start().await;
+        let invite = Invite::make(&relay, "home", "2500/tcp", &[]).await;
+        let line: JoinLine = invite.line.parse().unwrap();
+        let address: std::net::SocketAddr = line.relay.to_string().parse().unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let connect = |n: usize| {
+            let identity = Identity::generate(&keys.path().join(format!("joiner-{n}.key")));
+            let (client, _) =
+                tls::client_config_for(&identity.unwrap(), line.fingerprint, tls::ALPN_JOIN)
+                    .unwrap();
+            let connecting = endpoint
+                .connect_with(client, address, tls::SERVER_NAME)
+                .unwrap();
+            async move { within("a join handshake", connecting).await.unwrap() }
+        };
+        let closed_by_relay = |conn: quinn::Connection| async move {
+            match within_for("the relay to close", 2 * STEP, conn.closed()).await {
+                quinn::ConnectionError::ApplicationClosed(close) => {
+                    String::from_utf8_lossy(&close.reason).into_owned()
+                }
+                other => panic!("closed otherwise: {other}"),
+            }
+        };
+        let mut held = Vec::new();
+        for n in 0..MAX_JOINING {
+            held.push(connect(n).await);
+        }
+        let extra = connect(MAX_JOINING).await;
+        assert_eq!(closed_by_relay(extra).await, "too many joins under way");
+        assert!(held.iter().all(|c| c.close_reason().is_none()));
+
+        // Closed early by the joiners: every seat is back, and a join gets through.
+        for conn in held.drain(..) {
+            conn.close(0u32.into(), b"gone");
+        }
+        let home = keys.path().join("home");
+        let joined = within("a join to get a seat", async {
+            loop {
+                let (code, stdout, stderr) = join(&invite.line, &home).await;
+                if code == 0 {
+                    return stdout;
+                }
+                assert!(stderr.contains("join session failed"), "{stderr}");
+            }
+        })
+        .await;
+        assert!(joined.contains("Joined as home."), "{joined}");
+        assert_eq!(invite.finish().await.0, 0);
+
+        // Silent until the relay gives up: its seat is back too (a join session needs an
+        // invite pending, hence another).
+        let _next = Invite::make(&relay, "next", "2501/tcp", &[]).await;
+        let silent = connect(MAX_JOINING + 1).await;
+        let start = std::time::Instant::now();
+        assert_eq!(closed_by_relay(silent).await, "no join request");
+        let waited = start.elapsed();
+        assert!(waited >= JOIN_REQUEST_TIMEOUT - std::time::Duration::from_millis(500));
+        let mut again = Vec::new();
+        for n in 0..MAX_JOINING {
+            again.push(connect(100 + n).await);
+        }
+        // The one after them is refused, once each of them has its seat.
+        let extra = connect(200).await;
+        assert_eq!(closed_by_relay(extra).await, "too many joins under way");
+        assert!(
+            again.iter().all(|c| c.close_reason().is_none()),
+            "every seat was free"
+        );
+    })
+    .await;
+}
+
+/// An invite whose command is stopped (Ctrl-C, or killed) is withdrawn: no longer listed, and
+/// its line no longer gets a handshake.
+#[tokio::test]
+async fn stopping_the_invite_command_withdraws_the_invite() {
+    within_for("the test", 4 * STEP, async {
+        let keys = Keys::new();
+        let relay = Relay::init(&keys);
+        let mut relay_process = relay.start().await;
+        let mut invite = Invite::make(&relay, "home", "2600/tcp", &[]).await;
+        let pending = |json: &str| !json.trim().eq("[]");
+        let list = || {
+            run(
+                &binary("tether-relay"),
+                &["invites", "--json", "-c", path(&relay.config)],
+            )
+        };
+        assert!(pending(&list().1));
+        invite.child.start_kill().unwrap();
+        let line = invite.line.clone();
+        invite.finish().await;
+        relay_process.wait_for_line("invite withdrawn").await;
+        let listed = list().1;
+        assert_eq!(listed.trim(), "[]");
+        let (code, _, stderr) = join(&line, &keys.path().join("home")).await;
+        assert_eq!(code, 1);
+        assert!(stderr.contains("has no invite pending"), "{stderr}");
+    })
+    .await;
+}

@@ -405,25 +405,32 @@ pub async fn serve_join(shared: Arc<Shared>, conn: quinn::Connection, remote: So
         conn.close(0u32.into(), b"no key");
         return;
     };
-    let exchange = async {
-        let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let read = async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
         let bytes = recv.read_to_end(MAX_JOIN_MESSAGE).await.ok()?;
-        let answer = match serde_json::from_slice::<JoinRequest>(&bytes) {
-            Ok(request) if request.version == JOIN_VERSION => {
-                join(&shared, &request.secret, fingerprint, remote).await
-            }
-            Ok(_) => refused(Refusal::Version),
-            Err(_) => return None,
-        };
-        let text = serde_json::to_vec(&answer).ok()?;
-        send.write_all(&text).await.ok()?;
-        send.finish().ok()?;
-        Some(())
+        Some((send, serde_json::from_slice::<JoinRequest>(&bytes).ok()?))
     };
-    let done = tokio::time::timeout(JOIN_REQUEST_TIMEOUT + LIST_TIMEOUT, exchange).await;
-    if !matches!(done, Ok(Some(()))) {
+    let Ok(Some((mut send, request))) = tokio::time::timeout(JOIN_REQUEST_TIMEOUT, read).await
+    else {
         tracing::info!(%remote, "a join ended without a request in time");
         conn.close(0u32.into(), b"no join request");
+        return;
+    };
+    // Bounded by LIST_TIMEOUT within.
+    let answer = match request.version {
+        JOIN_VERSION => join(&shared, &request.secret, fingerprint, remote).await,
+        _ => refused(Refusal::Version),
+    };
+    let write = async {
+        let text = serde_json::to_vec(&answer).ok()?;
+        send.write_all(&text).await.ok()?;
+        send.finish().ok()
+    };
+    if tokio::time::timeout(JOIN_REQUEST_TIMEOUT, write)
+        .await
+        .is_err()
+    {
+        conn.close(0u32.into(), b"answer not read");
         return;
     }
     // The agent closes once it read the answer.
