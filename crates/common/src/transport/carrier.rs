@@ -105,7 +105,9 @@ pub fn transport(mut config: TransportConfig) -> TransportConfig {
 /// Measured over the lossy lab (20 ms and 2% loss each way), two runs of 15 s each, side by
 /// side: one stream 182.4 and 190.2 Mbit/s, where quinn's BBR on top carried 183.1 and 165.8
 /// and rathole (Noise) 182.7 and 194.7; a request beside a bulk transfer p99 366.8 and 323.6
-/// ms, with BBR 397.8 and 488.7.
+/// ms, with BBR 397.8 and 488.7. On loopback, two runs of 5 s each, side by side: one stream
+/// 6,312 and 6,350 Mbit/s (with BBR 4,891 and 5,956), 1.99 and 2.01 CPU seconds per GB (2.49
+/// and 2.07), added request/response p50 133 and 112 us (204 and 170).
 #[derive(Debug, Clone, Copy)]
 struct LeftToTcp;
 
