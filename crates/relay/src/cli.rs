@@ -292,8 +292,8 @@ fn init(dir: &Path, listen: SocketAddr) -> ExitCode {
         "Firewall: open {port}/udp and {port}/tcp (agents connect there: over TCP when UDP",
         port = listen.port()
     );
-    println!("does not pass), and the public ports each agent is");
-    println!("allowed in relay.toml (such as 2222/tcp for ssh, 60000-60010/udp for mosh).");
+    println!("does not pass), and the public ports each agent is allowed in relay.toml (such as");
+    println!("2222/tcp for ssh, 60000-60010/udp for mosh).");
     ExitCode::SUCCESS
 }
 
