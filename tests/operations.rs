@@ -278,6 +278,15 @@ async fn status_and_metrics_show_the_agents_forwards_and_what_they_carried() {
         );
         assert_eq!(code, 0);
         assert!(table.contains("1 agent connected of 1 listed"), "{table}");
+        assert!(table.starts_with("relay 127.0.0.1:"), "{table}");
+        assert!(
+            table
+                .lines()
+                .next()
+                .unwrap()
+                .contains(", this relay's key SHA256:"),
+            "{table}"
+        );
         let row = table.lines().find(|l| l.starts_with("home  ")).unwrap();
         assert!(
             row.contains(" up ") && row.contains("127.0.0.1:"),
@@ -308,6 +317,19 @@ async fn status_and_metrics_show_the_agents_forwards_and_what_they_carried() {
         assert_eq!(code, 0);
         assert!(
             table.contains("connected to the relay, 2 forwards"),
+            "{table}"
+        );
+        // The key the agent pins is named as such, beside the agent's own.
+        let mut lines = table.lines();
+        assert!(
+            lines.next().unwrap().contains(", pinned relay key SHA256:"),
+            "{table}"
+        );
+        assert!(
+            lines
+                .next()
+                .unwrap()
+                .starts_with("this agent's key SHA256:"),
             "{table}"
         );
         assert!(table.contains("4.9 KiB"), "{table}");

@@ -991,6 +991,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_draining_relays_refusal_is_told_apart() {
+        let address: SocketAddr = "192.0.2.1:4433".parse().unwrap();
+        let closed = |code| ConnectError::Handshake {
+            address,
+            source: quinn::ConnectionError::ConnectionClosed(quinn::ConnectionClose {
+                error_code: code,
+                frame_type: None,
+                reason: bytes::Bytes::new(),
+            }),
+        };
+        let refused = closed(quinn::TransportErrorCode::CONNECTION_REFUSED);
+        assert!(refused.relay_draining());
+        let timeout = ConnectError::Timeout {
+            relay: "relay".into(),
+            limit: CONNECT_TIMEOUT,
+        };
+        let both = ConnectError::Neither {
+            quic: Box::new(refused),
+            tcp: Box::new(timeout),
+        };
+        assert!(both.relay_draining());
+        assert!(!closed(quinn::TransportErrorCode::PROTOCOL_VIOLATION).relay_draining());
+    }
+
+    #[test]
     fn an_unanswered_relay_is_probed_for_the_first_minutes_only() {
         let mut unanswered = Unanswered::default();
         let start = Instant::now();

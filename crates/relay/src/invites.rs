@@ -412,7 +412,10 @@ pub async fn serve_join(shared: Arc<Shared>, conn: quinn::Connection, remote: So
     };
     let Ok(Some((mut send, request))) = tokio::time::timeout(JOIN_REQUEST_TIMEOUT, read).await
     else {
-        tracing::info!(%remote, "a join ended without a request in time");
+        shared.refused_handshakes.record(
+            "join without a request in time",
+            &remote.ip().to_canonical(),
+        );
         conn.close(0u32.into(), b"no join request");
         return;
     };
