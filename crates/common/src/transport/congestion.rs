@@ -29,7 +29,8 @@
 //! stream fell from 178 to 5.6 Mbit/s: the cap measured only itself); a cap from the best rate
 //! of the last round trips, let go as soon as the queue was down (p50 130.7 ms: right after the
 //! cap bites, quinn paces by the old, long round trip, the queue empties, the cap let go and
-//! BBR filled the queue again). The TCP path has no QUIC controller at all (`carrier::LeftToTcp`).
+//! BBR filled the queue again). The TCP path has no QUIC controller at all
+//! (`carrier::LeftToTcp`).
 //!
 //! A queue that never drains would pass for the path's own round trip once the least one
 //! measured ages out, and the cap would creep up with it. So while capping, every
