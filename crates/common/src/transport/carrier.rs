@@ -21,16 +21,16 @@
 //! and account for per byte carried.
 //!
 //! What it costs, measured on loopback against tether over QUIC and rathole (Noise, over TCP)
-//! (`bench/run`, bench/RESULTS.md, 2 cores, medians of 3 runs): one stream 5,202 Mbit/s, 1.62x
-//! QUIC's and 1.77x rathole's; four streams 4,225 Mbit/s; added request/response p50 178 us
-//! (QUIC 181); an idle visitor connection 6.64 KiB, as over QUIC; the relay at rest with one
-//! agent on TCP 7,688 KiB (on QUIC 7,496). Over the lossy lab (20 ms and 2% loss each way),
-//! with quinn's BBR on top of TCP then: one stream 147.5 Mbit/s, where QUIC carried 500.9 and
-//! rathole 179.8 (0.82x); beside a bulk transfer, a request waited 160.5 ms (p50), where
-//! QUIC's waited 47.2. Both this path and rathole are one TCP connection there, whose
-//! retransmissions hold up everything behind a loss; with a 1 MiB stream window instead of 8,
-//! this path carried 50.8 (one run). QUIC's own congestion control is now left out on a
-//! carrier (`LeftToTcp`, with its figures).
+//! (`bench/run`, bench/RESULTS.md, 2 cores, medians of 3 runs): one stream 5,797 Mbit/s, 1.73x
+//! QUIC's and 1.90x rathole's; four streams 5,673 Mbit/s; added request/response p50 158 us
+//! (QUIC 183); an idle visitor connection 6.65 KiB (QUIC 6.71); the relay at rest with one
+//! agent on TCP 7,964 KiB (on QUIC 7,924). Over the lossy lab (20 ms and 2% loss each way):
+//! one stream 156.6 Mbit/s, where QUIC carried 512.7 and rathole 182.5 (0.86x; with quinn's
+//! BBR on top of TCP, the run before: 147.5 against 179.8, 0.82x); beside a bulk transfer, a
+//! request waited 159.3 ms (p50), where QUIC's waited 48.7. Both this path and rathole are one
+//! TCP connection there, whose retransmissions hold up everything behind a loss; with a 1 MiB
+//! stream window instead of 8, this path carried 50.8 (one run). QUIC's own congestion control
+//! is left out on a carrier (`LeftToTcp`, with its side-by-side figures).
 //!
 //! [`tls::ALPN_TCP`]: crate::trust::tls::ALPN_TCP
 
