@@ -94,7 +94,8 @@ pub fn render_lab(
     let _ = writeln!(
         out,
         "- TCP congestion control: {vps} on the VPS side, {home} on the home side (the \
-         kernel's, for the peers' TCP; tether's QUIC uses BBR of its own)"
+         kernel's, for the peers' TCP and tether's TCP path; tether's QUIC over UDP uses BBR of \
+         its own)"
     );
 
     section(
