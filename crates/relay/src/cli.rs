@@ -80,37 +80,44 @@ enum Command {
         /// else this machine's outward address)
         #[arg(long, value_name = "HOST")]
         host: Option<String>,
-        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// The status socket, instead of the config's status_socket
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        running: Running,
     },
     /// List the pending invites, or revoke one
     Invites {
         /// Revoke the invite with this id
         #[arg(long, value_name = "ID")]
         revoke: Option<String>,
-        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// The status socket, instead of the config's status_socket
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        running: Running,
         /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
     /// Show the running relay's agents and forwards, and what they carried
     Status {
-        #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
-        config: PathBuf,
-        /// The status socket, instead of the config's status_socket
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        running: Running,
         /// Print JSON, for scripts
         #[arg(long)]
         json: bool,
     },
+}
+
+/// Where the running relay answers: the status socket its config names, or the one given.
+#[derive(clap::Args)]
+struct Running {
+    #[arg(short, long, value_name = "FILE", default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// The status socket, instead of the config's status_socket
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
+impl Running {
+    fn socket(self) -> PathBuf {
+        common::status_socket_path(self.socket, &self.config, RELAY_STATUS_SOCKET)
+    }
 }
 
 /// Parses the command line and runs the command; the whole of `main`.
@@ -146,34 +153,24 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Status {
-            config,
-            socket,
-            json,
-        } => {
-            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
-            common::print_status(&socket, json, RelayStatus::render)
+        Command::Status { running, json } => {
+            common::print_status(&running.socket(), json, RelayStatus::render)
         }
         Command::Invite {
             name,
             ports,
             expires,
             host,
-            config,
-            socket,
+            running,
         } => {
-            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
-            crate::enroll::invite(&config, &socket, &name, &ports, expires, host)
+            let config = running.config.clone();
+            crate::enroll::invite(&config, &running.socket(), &name, &ports, expires, host)
         }
         Command::Invites {
             revoke,
-            config,
-            socket,
+            running,
             json,
-        } => {
-            let socket = common::status_socket_path(socket, &config, RELAY_STATUS_SOCKET);
-            crate::enroll::invites(&socket, revoke.as_deref(), json)
-        }
+        } => crate::enroll::invites(&running.socket(), revoke.as_deref(), json),
         Command::Run { config: file, key } => {
             let Ok((config, identity)) = load(&file, key.as_deref()) else {
                 return usage_error();
