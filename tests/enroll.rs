@@ -416,6 +416,18 @@ async fn joins_at_once_are_capped_and_their_seats_come_back() {
         // Silent until the relay gives up: its seat is back too (a join session needs an
         // invite pending, hence another).
         let _next = Invite::make(&relay, "next", "2501/tcp", &[]).await;
+        // Many in a row, each closed at once or with a request that is none: no seat is kept.
+        for n in 0..200 {
+            let conn = connect(1000 + n).await;
+            if n % 2 == 0 {
+                conn.close(0u32.into(), b"gone");
+            } else {
+                let (mut send, _recv) = conn.open_bi().await.unwrap();
+                send.write_all(b"not a join request").await.unwrap();
+                send.finish().unwrap();
+                let _ = within("the relay to close", conn.closed()).await;
+            }
+        }
         let silent = connect(MAX_JOINING + 1).await;
         let start = std::time::Instant::now();
         assert_eq!(closed_by_relay(silent).await, "no join request");
