@@ -326,9 +326,9 @@ mod tests {
             let socket = SockRef::from(&server);
             assert!(server.nodelay().unwrap());
             assert!(socket.keepalive().unwrap());
-            assert_eq!(socket.keepalive_time().unwrap(), Duration::from_secs(30));
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
             assert_eq!(
-                socket.keepalive_interval().unwrap(),
+                socket.tcp_keepalive_interval().unwrap(),
                 Duration::from_secs(30)
             );
 
