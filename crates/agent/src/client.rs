@@ -673,7 +673,7 @@ impl Agent {
                         })?
                 }
             };
-            let _ = tcp.set_nodelay(true);
+            carrier::tune(&tcp);
             let addresses = tcp.local_addr().and_then(|l| Ok((l, tcp.peer_addr()?)));
             let (local, peer) = addresses.map_err(|source| ConnectError::Tcp {
                 relay: relay.to_string(),

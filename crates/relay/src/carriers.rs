@@ -68,7 +68,7 @@ async fn serve(shared: Arc<Shared>, setup: Setup, tcp: TcpStream, peer: SocketAd
         Ok(local) => local,
         Err(_) => return,
     };
-    let _ = tcp.set_nodelay(true);
+    carrier::tune(&tcp);
     let tls = tokio::select! {
         tls = tokio::time::timeout_at(deadline, setup.tls.accept(tcp)) => tls,
         () = place.evicted() => {

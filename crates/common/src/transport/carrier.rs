@@ -69,6 +69,25 @@ const INBOUND_PACKETS: usize = 64;
 /// this bounds how much of the endpoint's receive buffer is ever touched.
 const RECV_BATCH: usize = 8;
 
+/// Bytes the kernel holds for a carrier's TCP connection beyond what it has in flight, at most
+/// (`TCP_NOTSENT_LOWAT`): the rest waits in the carrier's own queue, where a keystroke's packet
+/// is not behind megabytes of bulk data already handed to the kernel.
+///
+/// Over the lossy lab (20 ms and 2% loss each way), three rounds of 15 s, each with and without
+/// it and rathole (Noise) side by side (`peers --lab --runs 1 --seconds 15`): one stream 160.8,
+/// 186.5 and 175.6 Mbit/s, where without it 132.1, 120.4 and 139.4, and rathole 194.5, 170.4
+/// and 191.5 (medians: 175.6, 132.1, 191.5); a request beside a bulk transfer waited 126.0,
+/// 130.7 and 122.5 ms (p50), without it 160.2, 164.6 and 155.1; the bulk transfer beside it
+/// carried 167.3, 163.4 and 128.9 Mbit/s, without it 176.3, 185.2 and 196.6.
+const KERNEL_UNSENT: u32 = 128 * 1024;
+
+/// Sets up a carrier's TCP connection, on either end: no Nagle delay (QUIC packets go as they
+/// are written), and a short unsent queue in the kernel ([`KERNEL_UNSENT`]).
+pub fn tune(tcp: &tokio::net::TcpStream) {
+    let _ = tcp.set_nodelay(true);
+    let _ = socket2::SockRef::from(tcp).set_tcp_notsent_lowat(KERNEL_UNSENT);
+}
+
 /// How long a carrier whose session ended still writes what it queued (the session's
 /// goodbye) before it closes.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
