@@ -121,7 +121,7 @@ async fn tick(interval: &mut Option<tokio::time::Interval>) {
 
 /// `$NOTIFY_SOCKET` as an address: a path, or with a leading `@` a name in Linux's abstract
 /// namespace.
-fn socket_address(text: &str) -> Result<SocketAddr, String> {
+pub(crate) fn socket_address(text: &str) -> Result<SocketAddr, String> {
     match text.strip_prefix('@') {
         Some(name) => abstract_address(name.as_bytes()),
         None if text.starts_with('/') => SocketAddr::from_pathname(text).map_err(|e| e.to_string()),
