@@ -254,9 +254,10 @@ async fn the_copy_loop_counts_the_bytes_each_way() {
                 stream: &stream,
                 window: Duration::ZERO,
                 stop: &stop,
+                hand_over: None,
                 meter: meter.at_visitor(),
             };
-            splice(inside, link, held).await
+            splice(inside, Some(link), held).await
         });
 
         let (up, down) = (pattern(300_001), pattern(700_003));

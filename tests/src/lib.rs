@@ -6,6 +6,7 @@ pub mod connect_proxy;
 pub mod cut;
 pub mod gate;
 pub mod lab;
+pub mod manager;
 pub mod mosh;
 pub mod process;
 pub mod raw;

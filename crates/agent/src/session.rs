@@ -93,6 +93,7 @@ fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
         quinn::ConnectionError::ApplicationClosed(close) => {
             match CloseCode::from_code(close.error_code)? {
                 CloseCode::RelayShutdown => Some("relay is restarting"),
+                CloseCode::RelayRestart => Some("relay is restarting and holds the connections"),
                 CloseCode::Reconfigured => Some("the relay's config for this agent changed"),
                 _ => None,
             }
@@ -588,9 +589,10 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             stream: &stream,
             window: cx.window,
             stop: &cx.shutdown,
+            hand_over: None,
             meter: traffic.at_service(),
         };
-        match splice(tcp, link, held).await {
+        match splice(tcp, Some(link), held).await {
             (moved, Ok(())) => tracing::debug!(
                 bytes_in = moved.to_tcp,
                 bytes_out = moved.to_stream,

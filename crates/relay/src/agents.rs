@@ -535,6 +535,63 @@ impl Table {
     }
 }
 
+/// What a relay that restarts hands over of one agent: the session its visitors wait for, and
+/// the ports they came in on.
+pub struct KeptAgent {
+    pub name: String,
+    /// The agent's latest session, which its next Hello resumes.
+    pub session: SessionId,
+    pub next_stream: u64,
+    pub forwards: Vec<(ForwardId, ForwardRequest)>,
+    pub ports: Vec<((Proto, u16), Listening)>,
+}
+
+impl Table {
+    /// Takes out every agent whose latest session may be resumed, with its ports, for the
+    /// next process (see `handover`); the ports are left open.
+    pub fn hand_over(&mut self) -> Vec<KeptAgent> {
+        let mut kept = Vec::new();
+        for (name, slot) in &mut self.agents {
+            let Some((session, _)) = &slot.latest else {
+                continue;
+            };
+            kept.push(KeptAgent {
+                name: name.clone(),
+                session: *session,
+                next_stream: slot.next_stream.load(std::sync::atomic::Ordering::Acquire),
+                forwards: slot
+                    .forwards
+                    .iter()
+                    .map(|asked| (asked.id, asked.request.clone()))
+                    .collect(),
+                ports: std::mem::take(&mut slot.ports).into_iter().collect(),
+            });
+        }
+        kept
+    }
+
+    /// Puts `agent` back as the previous process left it: away, its session `lost` to be
+    /// resumed, stream ids going on from `next_stream`. Its forwards were opened again with
+    /// [`Table::open_forwards`] first. Returns the generation to pass to
+    /// [`Table::release_if_still_away`], and the table its streams are restored to.
+    pub fn restore_away(
+        &mut self,
+        agent: &str,
+        lost: SessionId,
+        next_stream: u64,
+        udp_forwards: Vec<(ForwardId, std::time::Duration)>,
+        limits: &Limits,
+    ) -> Option<(u64, Arc<HeldStreams>)> {
+        let slot = self.agents.get_mut(agent)?;
+        slot.next_stream
+            .store(next_stream.max(1), std::sync::atomic::Ordering::Release);
+        slot.latest = Some((lost, Arc::new(SessionFlows::new(udp_forwards, limits))));
+        slot.since = Some(SystemTime::now());
+        slot.generation += 1;
+        Some((slot.generation, slot.streams.clone()))
+    }
+}
+
 /// Whether `routes` still let the visitor of data stream `header` in.
 /// The visitor connections open now on the public ports of `spec`.
 fn visitors_of(streams: &HeldStreams, spec: PortSpec) -> Vec<VisitorState> {

@@ -1,6 +1,7 @@
 //! `tether-relay`'s command line: init, fingerprint, check, run, status, invite, invites.
 
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,11 +10,12 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tether_common::config::{RelayConfig, RELAY_STATUS_SOCKET};
 use tether_common::service::cli::{self as common, failure, usage_error};
-use tether_common::service::notify;
+use tether_common::service::{fdstore, notify};
 use tether_common::trust::identity::Identity;
+use tokio_util::sync::CancellationToken;
 
 use crate::status::RelayStatus;
-use crate::{Limits, Relay};
+use crate::{Control, Limits, Relay};
 
 const DEFAULT_CONFIG: &str = "/etc/tether/relay.toml";
 
@@ -176,7 +178,10 @@ pub fn main() -> ExitCode {
                 return usage_error();
             };
             common::init_logging(cli.verbose);
-            run(file, config, identity)
+            // What the previous process handed over through systemd, before anything else
+            // opens a descriptor.
+            let passed = fdstore::take_passed();
+            run(file, config, identity, passed)
         }
     }
 }
@@ -189,7 +194,12 @@ pub(crate) fn load(file: &Path, key: Option<&Path>) -> Result<(RelayConfig, Iden
     common::load_config_and_key(file, RelayConfig::load, |c| &mut c.key, key)
 }
 
-fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
+fn run(
+    file: PathBuf,
+    config: RelayConfig,
+    identity: Identity,
+    passed: Vec<(String, OwnedFd)>,
+) -> ExitCode {
     common::run_until_signal(|shutdown| async move {
         let (status_socket, metrics) = (config.status_socket.clone(), config.metrics);
         let key = config.key.clone();
@@ -198,7 +208,9 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
         let limits = Limits::default().within_open_files(common::raise_open_files_limit());
         match Relay::bind_with(config, &identity, limits) {
             Ok(relay) => {
+                relay.adopt(passed);
                 let control = relay.control();
+                tokio::spawn(restart_on_sigusr2(control.clone(), shutdown.clone()));
                 let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));
                 let reload = {
                     let (control, key) = (control.clone(), key.clone());
@@ -244,6 +256,28 @@ fn run(file: PathBuf, config: RelayConfig, identity: Identity) -> ExitCode {
             }
         }
     })
+}
+
+/// On SIGUSR2, stops the relay as a restart that keeps its connections: the unit's
+/// `RestartKillSignal`, so that `systemctl restart` sends it where `systemctl stop` sends
+/// SIGTERM.
+async fn restart_on_sigusr2(control: Control, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut restart = match signal(SignalKind::user_defined2()) {
+        Ok(restart) => restart,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGUSR2; a restart drains as a stop does");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = restart.recv() => {
+            tracing::info!("SIGUSR2 received, restarting: connections go to the next process");
+            control.request_restart();
+            shutdown.cancel();
+        }
+        () = shutdown.cancelled() => {}
+    }
 }
 
 fn init(dir: &Path, listen: SocketAddr) -> ExitCode {

@@ -8,6 +8,7 @@ mod carriers;
 pub mod cli;
 mod enroll;
 mod flows;
+pub mod handover;
 mod handshakes;
 pub mod invites;
 pub mod limits;

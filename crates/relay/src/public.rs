@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
@@ -18,6 +19,19 @@ pub struct Listening {
     pub tcp: Option<Arc<TcpListener>>,
     /// A UDP port's socket, where answers to its visitors leave from.
     pub udp: Option<Arc<UdpSocket>>,
+}
+
+impl Listening {
+    /// The port's socket, for the next process to take over (see `handover`): from here on,
+    /// dropping this no longer stops the listener, which goes on in that process.
+    pub fn hand_over(mut self) -> io::Result<OwnedFd> {
+        let socket = match (self.tcp.take(), &self.udp) {
+            (Some(tcp), _) => tcp.as_fd().try_clone_to_owned(),
+            (None, Some(udp)) => udp.as_fd().try_clone_to_owned(),
+            (None, None) => Err(io::Error::other("a port without a socket")),
+        };
+        socket
+    }
 }
 
 impl Drop for Listening {

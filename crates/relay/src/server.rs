@@ -1,11 +1,14 @@
 //! The relay: a QUIC endpoint that admits listed agents, and the drain on shutdown.
 
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tether_common::config::RelayConfig;
+use tether_common::net::ports::Proto;
+use tether_common::service::fdstore::Store;
 use tether_common::transport::{carrier, quic, socket, Path};
 use tether_common::trust::identity::{Fingerprint, Identity};
 use tether_common::trust::tls::{self, AgentPins, TlsError};
@@ -16,9 +19,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::agents::Summary;
+use crate::agents::{self, Summary};
 use crate::audit::Audit;
 use crate::carriers::{self, TcpPath};
+use crate::handover::{self, HandOver};
 use crate::handshakes::{Pending, Verdict};
 use crate::invites::Invites;
 use crate::limits::Limits;
@@ -27,6 +31,7 @@ use crate::session;
 use crate::shared::Shared;
 use crate::status::RelayStatus;
 use crate::tally::{self, Tally};
+use crate::visitor;
 
 /// How long a draining relay waits, at most, for its closed connections to go idle.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
@@ -53,6 +58,8 @@ pub struct Relay {
     tcp: Option<TcpPath>,
     shared: Arc<Shared>,
     fingerprint: tether_common::trust::identity::Fingerprint,
+    /// Signs the state a restart leaves for the next process.
+    state_key: ring::hmac::Key,
 }
 
 impl Relay {
@@ -124,12 +131,15 @@ impl Relay {
             visitors,
             audit: Audit::default(),
             refused_handshakes,
+            hand_over: HandOver::default(),
+            adopted_ports: Mutex::default(),
         });
         Ok(Self {
             endpoint,
             tcp,
             shared,
             fingerprint: identity.fingerprint(),
+            state_key: handover::state_key(identity),
         })
     }
 
@@ -168,9 +178,38 @@ impl Relay {
         self.shared.udp.clone()
     }
 
+    /// Takes over what the previous process handed over (see [`handover`]): each agent it
+    /// kept is put back as if its session had just been lost, its ports listening on the same
+    /// sockets and its visitor connections held for its next session. Call before
+    /// [`Relay::run`], within the runtime.
+    pub fn adopt(&self, passed: Vec<(String, std::os::fd::OwnedFd)>) -> handover::Counts {
+        let shared = &self.shared;
+        let path = handover::state_path(&shared.config.status_socket);
+        let passed_any = !passed.is_empty();
+        let adopted = handover::adopt(
+            passed,
+            &path,
+            &self.state_key,
+            shared.agents().len(),
+            shared.config.resume_window,
+        );
+        // Kept by systemd until now, taken or refused: a connection closed from here on must
+        // close for real.
+        if passed_any {
+            if let Some(store) = Store::from_env().and_then(Result::ok) {
+                if let Err(error) = store.forget(handover::FD_NAME) {
+                    tracing::warn!(%error, "cannot ask systemd to forget the handed-over sockets");
+                }
+            }
+        }
+        restore(shared, adopted)
+    }
+
     /// Serves agents and visitors until `shutdown` is cancelled, then drains: stops accepting,
     /// closes every session with [`CloseCode::RelayShutdown`] so agents reconnect at once, and
-    /// returns within [`Limits::shutdown_grace`].
+    /// returns within [`Limits::shutdown_grace`]. If the relay was asked to restart
+    /// ([`Control::request_restart`]) and systemd keeps descriptors for it, it hands its ports
+    /// and visitor connections over instead (see [`handover`]).
     pub async fn run(self, shutdown: CancellationToken) {
         let listen_tcp = self.tcp_addr().map_or("off".into(), |a| a.to_string());
         let Relay {
@@ -178,6 +217,7 @@ impl Relay {
             tcp,
             shared,
             fingerprint,
+            state_key,
         } = self;
         tracing::info!(
             listen = %endpoint.local_addr().map_or("?".into(), |a| a.to_string()),
@@ -232,8 +272,21 @@ impl Relay {
         shared.audit.flush(period);
         // No new agent over TCP; those connected are closed with their sessions.
         drop(tcp);
+        let store = shared
+            .hand_over
+            .is_requested()
+            .then(store_for_restart)
+            .flatten();
+        let code = match store {
+            Some(_) => {
+                // First, so that every visitor connection stops where it is before the
+                // sessions close under it.
+                shared.hand_over.token.cancel();
+                CloseCode::RelayRestart
+            }
+            None => CloseCode::RelayShutdown,
+        };
         shared.shutdown.cancel();
-        let code = CloseCode::RelayShutdown;
         endpoint.close(code.code(), code.reason().as_bytes());
         shared.tasks.close();
         let drained = async {
@@ -247,8 +300,217 @@ impl Relay {
         if tokio::time::timeout(grace, drained).await.is_err() {
             tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
+        if let Some(store) = store {
+            match hand_over(&shared, &store, &state_key) {
+                Ok(counts) => tracing::info!(
+                    agents = counts.agents,
+                    ports = counts.ports,
+                    connections = counts.connections,
+                    "relay stopped; its ports and connections wait in systemd for the next start"
+                ),
+                Err(error) => tracing::error!(
+                    %error,
+                    "cannot hand the ports and connections to systemd; they close"
+                ),
+            }
+            return;
+        }
         tracing::info!("relay stopped");
     }
+}
+
+/// systemd's descriptor store, for a relay asked to restart; `None`, with a log line saying
+/// why, where there is none to keep its connections (it then drains as for a stop).
+fn store_for_restart() -> Option<Store> {
+    let no_store = |why: &str| {
+        tracing::warn!("asked to restart keeping connections, but {why}: draining instead");
+    };
+    if std::env::var("FDSTORE").is_ok_and(|max| max.trim() == "0") {
+        no_store("the unit keeps no descriptors (FileDescriptorStoreMax=0)");
+        return None;
+    }
+    match Store::from_env() {
+        Some(Ok(store)) => Some(store),
+        Some(Err(error)) => {
+            no_store(&format!("systemd's notify socket cannot be used ({error})"));
+            None
+        }
+        None => {
+            no_store("no service manager keeps descriptors here (not started by systemd)");
+            None
+        }
+    }
+}
+
+/// Hands the ports and visitor connections of every agent whose session may be resumed to
+/// systemd, and writes what the next process needs beside them. Visitors of other agents, and
+/// those whose agent is not known, close as the process exits.
+fn hand_over(
+    shared: &Shared,
+    store: &Store,
+    key: &ring::hmac::Key,
+) -> io::Result<handover::Counts> {
+    let handed = shared.hand_over.take();
+    let kept = shared.table().hand_over();
+    let mut counts = handover::Counts::default();
+    let mut sockets = Vec::new();
+    let mut owner = HashMap::new();
+    let mut agents = Vec::with_capacity(kept.len());
+    for (index, agent) in kept.into_iter().enumerate() {
+        for ((proto, port), listening) in agent.ports {
+            if proto == Proto::Tcp {
+                owner.insert(port, index);
+            }
+            match listening.hand_over() {
+                Ok(fd) => {
+                    sockets.push(fd);
+                    counts.ports += 1;
+                }
+                Err(error) => tracing::warn!(port, %error, "cannot hand a public port over"),
+            }
+        }
+        agents.push(handover::AgentState {
+            name: agent.name,
+            session: agent.session,
+            next_stream: agent.next_stream,
+            forwards: agent.forwards,
+            streams: Vec::new(),
+        });
+    }
+    for handed in handed {
+        let Some(&index) = owner.get(&handed.snapshot.header.port) else {
+            continue;
+        };
+        let Ok(public) = handed.tcp.local_addr() else {
+            continue;
+        };
+        agents[index].streams.push(handover::StreamState {
+            snapshot: handed.snapshot,
+            public: handover::canonical(public),
+        });
+        sockets.push(std::os::fd::OwnedFd::from(handed.tcp));
+        counts.connections += 1;
+    }
+    counts.agents = agents.len();
+    let state = handover::State {
+        written: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        boot_id: handover::boot_id(),
+        agents,
+    };
+    let path = handover::state_path(&shared.config.status_socket);
+    handover::keep(store, &sockets, &state, key, &path)?;
+    Ok(counts)
+}
+
+/// Puts back each agent of the previous process's state that is still listed (see
+/// [`Relay::adopt`]); whatever is not put back is closed, with a log line.
+fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts {
+    let mut counts = handover::Counts::default();
+    let handover::Adopted {
+        ports,
+        mut connections,
+        state,
+    } = adopted;
+    let Some(state) = state else {
+        return counts;
+    };
+    let (port_count, sockets) = (ports.len(), ports.len() + connections.len());
+    *shared
+        .adopted_ports
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = ports;
+    let streams: usize = state.agents.iter().map(|a| a.streams.len()).sum();
+    if sockets == 0 && streams > 0 {
+        tracing::warn!(
+            "the previous process kept {streams} visitor connections but systemd passed no \
+             socket (the unit needs FileDescriptorStoreMax=); they are closed"
+        );
+    }
+    for agent in state.agents {
+        let Some(entry) = shared
+            .agents()
+            .iter()
+            .find(|a| a.name == agent.name)
+            .cloned()
+        else {
+            tracing::info!(
+                agent = agent.name,
+                connections = agent.streams.len(),
+                "the previous process kept this agent's connections, but it is no longer \
+             listed; they are closed"
+            );
+            continue;
+        };
+        let restored = {
+            let mut table = shared.table();
+            let doors = session::PublicPorts(shared);
+            let (results, routes) =
+                table.open_forwards(&doors, &shared.limits, &entry, &agent.forwards);
+            let udp = agents::udp_forwards(&agent.forwards, &results).collect();
+            let away = table.restore_away(
+                &entry.name,
+                agent.session,
+                agent.next_stream,
+                udp,
+                &shared.limits,
+            );
+            away.map(|(generation, streams)| (generation, streams, routes))
+        };
+        let Some((generation, streams, routes)) = restored else {
+            continue;
+        };
+        session::hold_ports(shared, &entry.name, generation, true);
+        counts.agents += 1;
+        let (mut carried, mut closed) = (0, 0);
+        for stream in agent.streams {
+            let header = stream.snapshot.header;
+            let Some(tcp) = connections.remove(&(stream.public, header.visitor)) else {
+                closed += 1;
+                continue;
+            };
+            let adopted = routes
+                .get(&(Proto::Tcp, header.port))
+                .ok_or("its forward is no longer open")
+                .and_then(|route| {
+                    let (held, registration) = streams
+                        .restore(stream.snapshot, agent.session)
+                        .ok_or("its offsets or bytes do not hold")?;
+                    visitor::adopt(shared, tcp, route.clone(), held, registration)
+                });
+            match adopted {
+                Ok(()) => carried += 1,
+                Err(why) => {
+                    tracing::info!(agent = entry.name, visitor = %header.visitor, "a handed-over connection is closed: {why}");
+                    closed += 1;
+                }
+            }
+        }
+        counts.connections += carried;
+        tracing::info!(
+            agent = entry.name,
+            connections = carried,
+            closed,
+            "took over the agent's ports and connections from the previous process; they wait \
+             for its next session"
+        );
+    }
+    if !connections.is_empty() {
+        tracing::info!(
+            count = connections.len(),
+            "handed-over connections that no kept stream names are closed"
+        );
+    }
+    // Ports no agent asked for again close here.
+    let leftover = std::mem::take(
+        &mut *shared
+            .adopted_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()),
+    );
+    counts.ports = port_count - leftover.len();
+    counts
 }
 
 /// What a reload changed, by agent name.
@@ -310,6 +572,12 @@ impl std::fmt::Debug for Control {
 }
 
 impl Control {
+    /// Asks the relay's next stop to be a restart that keeps its connections (see
+    /// [`handover`]); the stop itself comes from the shutdown token, as any stop's.
+    pub fn request_restart(&self) {
+        self.shared.hand_over.request();
+    }
+
     /// Applies a new config's agents: a removed agent (or one whose key changed) is disconnected
     /// and its ports closed, a new one is accepted from now on, and an agent whose allowlist
     /// changed what its session may open reconnects to ask again. Other sessions go on

@@ -316,8 +316,12 @@ impl Session<'_> {
                 () = self.shared.shutdown.cancelled() => {
                     // Said here, not left to the endpoint's close: once this task ends, nothing
                     // may hold the connection, and quinn would close it with code 0 first.
-                    CloseCode::RelayShutdown.close(conn);
-                    return CloseCode::RelayShutdown.reason().to_owned();
+                    let code = match self.shared.hand_over.token.is_cancelled() {
+                        true => CloseCode::RelayRestart,
+                        false => CloseCode::RelayShutdown,
+                    };
+                    code.close(conn);
+                    return code.reason().to_owned();
                 }
                 error = conn.closed() => return ended(&error),
                 batch = self.live.acks.next_batch() => {
@@ -394,7 +398,7 @@ impl Session<'_> {
 }
 
 /// The relay's public ports, as the table of agents opens them.
-struct PublicPorts<'a>(&'a Arc<Shared>);
+pub struct PublicPorts<'a>(pub &'a Arc<Shared>);
 
 impl Doors for PublicPorts<'_> {
     fn open(
@@ -415,13 +419,18 @@ impl Doors for PublicPorts<'_> {
     }
 }
 
-/// Marks the agent away and closes its ports if it does not come back within the hold time: a
-/// session that may be resumed holds them as long as its visitor connections, so that its UDP
-/// flows find their ports again too.
+/// Marks the agent away and closes its ports if it does not come back within the hold time.
 fn end_session(shared: &Arc<Shared>, agent: &str, id: SessionId, resumable: bool) {
     let Some(generation) = shared.table().session_ended(agent, id, resumable) else {
         return; // A newer session of the agent has taken over.
     };
+    hold_ports(shared, agent, generation, resumable);
+}
+
+/// Closes the ports of an agent away since `generation` if it does not come back within the
+/// hold time: a session that may be resumed holds them as long as its visitor connections, so
+/// that its UDP flows find their ports again too.
+pub fn hold_ports(shared: &Arc<Shared>, agent: &str, generation: u64, resumable: bool) {
     let shared2 = shared.clone();
     let agent = agent.to_owned();
     let hold = async move {

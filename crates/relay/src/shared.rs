@@ -2,9 +2,12 @@
 //! lists now, the table of agents, the tasks and the token that ends them, and the counters and
 //! places that every public port uses.
 
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tether_common::config::{AgentEntry, RelayConfig};
+use tether_common::net::ports::Proto;
 use tether_common::trust::identity::Fingerprint;
 use tether_common::trust::tls::AgentPins;
 use tether_common::wire::datagram::UdpCounters;
@@ -13,6 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::agents::Table;
 use crate::audit::Audit;
+use crate::handover::HandOver;
 use crate::invites::Invites;
 use crate::limits::Limits;
 use crate::places::Seats;
@@ -39,6 +43,11 @@ pub struct Shared {
     /// Who connected, for the log.
     pub audit: Audit,
     pub refused_handshakes: Arc<Tally>,
+    /// Where visitor connections go when the relay restarts and keeps them.
+    pub hand_over: HandOver,
+    /// Public ports' sockets the previous process left, until the agent that held each one
+    /// asks for it again (see `handover`).
+    pub(crate) adopted_ports: Mutex<HashMap<(Proto, u16), OwnedFd>>,
 }
 
 impl Shared {
@@ -53,6 +62,23 @@ impl Shared {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// The socket of public `port` that the previous process left, if it is bound where this
+    /// relay's `public_bind` says; one bound elsewhere is closed.
+    pub fn adopted_port(&self, proto: Proto, port: u16) -> Option<socket2::Socket> {
+        let fd = self
+            .adopted_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(proto, port))?;
+        let socket = socket2::Socket::from(fd);
+        let ip = socket.local_addr().ok()?.as_socket()?.ip().to_canonical();
+        let here = match self.config.public_bind {
+            Some(bind) => bind.to_canonical() == ip,
+            None => ip.is_unspecified(),
+        };
+        (here && socket.set_nonblocking(true).is_ok()).then_some(socket)
     }
 
     /// The listed agent with this key, if any.

@@ -34,7 +34,11 @@ pub fn listen(
     port: u16,
     session: SessionWatch,
 ) -> io::Result<Listening> {
-    let socket = Arc::new(bind_udp(shared.config.public_bind, port)?);
+    let socket = match shared.adopted_port(Proto::Udp, port) {
+        Some(socket) => UdpSocket::from_std(socket.into())?,
+        None => bind_udp(shared.config.public_bind, port)?,
+    };
+    let socket = Arc::new(socket);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port, proto = "udp");
     let task = receive_loop(

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockRef, TcpKeepalive};
-use tether_common::carry::resume::{HeldStream, Link, Resume, ResumeError};
-use tether_common::carry::splice::{self, splice, Held};
+use tether_common::carry::resume::{HeldStream, Link, Registration, Resume, ResumeError};
+use tether_common::carry::splice::{self, splice, Held, SpliceError};
 use tether_common::net::ports::Proto;
 use tether_common::wire::protocol::{ResumeHeader, StreamHeader};
 use tokio::net::{TcpListener, TcpStream};
@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::admission::{Admission, Refused};
-use crate::live::{LiveSession, SessionWatch};
+use crate::live::{LiveSession, Route, SessionWatch};
 use crate::places::{Place, Seat};
 use crate::public::{self, Listening};
 use crate::shared::Shared;
@@ -31,7 +31,11 @@ pub fn listen(
     port: u16,
     session: SessionWatch,
 ) -> io::Result<Listening> {
-    let listener = Arc::new(bind_tcp(shared.config.public_bind, port)?);
+    let listener = match shared.adopted_port(Proto::Tcp, port) {
+        Some(socket) => TcpListener::from_std(socket.into())?,
+        None => bind_tcp(shared.config.public_bind, port)?,
+    };
+    let listener = Arc::new(listener);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port);
     let door = Door {
@@ -172,9 +176,14 @@ fn serve(
                 .is_some_and(|s| s.routes().contains_key(&(Proto::Tcp, port)))
         };
         let wait = shared.limits.visitor_wait;
-        let live = match tokio::time::timeout(wait, session.wait_for(ready)).await {
-            Ok(Ok(live)) => live.clone(),
-            _ => None,
+        let live = tokio::select! {
+            // A relay that stops (or restarts) does not wait for an agent that is away.
+            biased;
+            () = shared.shutdown.cancelled() => None,
+            live = tokio::time::timeout(wait, session.wait_for(ready)) => match live {
+                Ok(Ok(live)) => live.clone(),
+                _ => None,
+            },
         };
         let Some((live, route)) =
             live.and_then(|l| Some((l.clone(), l.routes().get(&(Proto::Tcp, port))?.clone())))
@@ -223,9 +232,14 @@ fn serve(
             stream: &stream,
             window: shared.config.resume_window,
             stop: &shared.shutdown,
+            hand_over: Some(&shared.hand_over.token),
             meter: route.traffic.at_visitor(),
         };
-        let (moved, result) = splice(tcp, link, held).await;
+        let (moved, result) = splice(tcp, Some(link), held).await;
+        if let Err(SpliceError::HandedOver(Some(tcp))) = result {
+            shared.hand_over.give(tcp, stream.snapshot());
+            return;
+        }
         match logged {
             Some(logged) => shared
                 .audit
@@ -233,6 +247,59 @@ fn serve(
             None => tracing::debug!(?result, "visitor disconnected"),
         }
     }
+}
+
+/// Carries on a visitor connection that the previous process handed over, its stream as that
+/// process left it: held until the agent's next session resumes it, within the resume window.
+/// It takes its places as a visitor arriving now would; refused (the relay or the forward is
+/// full, or the forward no longer admits its address), it is closed.
+pub fn adopt(
+    shared: &Arc<Shared>,
+    tcp: std::net::TcpStream,
+    route: Route,
+    stream: Arc<HeldStream>,
+    registration: Registration,
+) -> Result<(), &'static str> {
+    let visitor = stream.header.visitor;
+    let seat = shared
+        .visitors
+        .take()
+        .ok_or("the relay has its most visitor connections")?;
+    let forward = route
+        .admission
+        .admit(visitor.ip())
+        .map_err(|r| r.reason())?;
+    let tcp = tcp
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(tcp))
+        .map_err(|_| "the socket cannot be registered")?;
+    let shared2 = shared.clone();
+    let task = async move {
+        let shared = shared2;
+        let _admitted = Admitted {
+            _relay: seat,
+            forward: Some(forward),
+        };
+        let _registration = registration;
+        let _open = route.traffic.visitor();
+        let held = Held {
+            stream: &stream,
+            window: shared.config.resume_window,
+            stop: &shared.shutdown,
+            hand_over: Some(&shared.hand_over.token),
+            meter: route.traffic.at_visitor(),
+        };
+        let (_, result) = splice(tcp, None, held).await;
+        match result {
+            Err(SpliceError::HandedOver(Some(tcp))) => {
+                shared.hand_over.give(tcp, stream.snapshot());
+            }
+            result => tracing::debug!(?result, "visitor disconnected"),
+        }
+    };
+    let span = tracing::debug_span!("visitor", %visitor);
+    shared.tasks.spawn(task.instrument(span));
+    Ok(())
 }
 
 /// How a held stream goes on in the new session `live`: the relay opens a data stream, says
@@ -326,7 +393,10 @@ mod tests {
             let socket = SockRef::from(&server);
             assert!(server.nodelay().unwrap());
             assert!(socket.keepalive().unwrap());
-            assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(30));
+            assert_eq!(
+                socket.tcp_keepalive_time().unwrap(),
+                Duration::from_secs(30)
+            );
             assert_eq!(
                 socket.tcp_keepalive_interval().unwrap(),
                 Duration::from_secs(30)

@@ -160,6 +160,39 @@ impl Drop for HeldStream {
     }
 }
 
+/// All of a held stream at one moment: what a relay that restarts writes down for the process
+/// that takes its connections over, which adds the stream again from it
+/// ([`HeldStreams::restore`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub header: StreamHeader,
+    /// When the stream was added, in seconds since the Unix epoch.
+    pub opened: u64,
+    /// The offset of the first byte held; `held` are the bytes from there on.
+    pub start: u64,
+    pub held: Bytes,
+    /// Whether the TCP connection's end was read (it follows the held bytes).
+    pub ended: bool,
+    /// The highest offset the peer confirmed.
+    pub confirmed: u64,
+    /// The received offset (see [`HeldStream::received`]).
+    pub received: u64,
+    pub peer_ended: bool,
+}
+
+impl Snapshot {
+    /// Whether the offsets agree with one another, as those of a stream that ran do: the peer
+    /// confirmed at least up to the first byte held and at most what was sent, and a peer's end
+    /// counts in the received offset.
+    fn is_consistent(&self) -> bool {
+        let end = self
+            .start
+            .checked_add(self.held.len() as u64 + u64::from(self.ended));
+        end.is_some_and(|end| self.start <= self.confirmed && self.confirmed <= end)
+            && (!self.peer_ended || self.received > 0)
+    }
+}
+
 /// Room for one chunk taken from a stream's caps; what the chunk does not use goes back.
 pub struct Reservation<'a> {
     stream: &'a HeldStream,
@@ -210,6 +243,26 @@ impl HeldStream {
             opened: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
+        }
+    }
+
+    /// The stream as it is now; see [`Snapshot`]. Taken once nothing carries it any more, it
+    /// is all the stream is.
+    pub fn snapshot(&self) -> Snapshot {
+        let outbox = self.outbox();
+        let mut held = bytes::BytesMut::with_capacity(outbox.held_len as usize);
+        for chunk in &outbox.held {
+            held.extend_from_slice(chunk);
+        }
+        Snapshot {
+            header: self.header,
+            opened: self.opened,
+            start: outbox.start,
+            held: held.freeze(),
+            ended: outbox.ended,
+            confirmed: outbox.confirmed,
+            received: self.received(),
+            peer_ended: self.has_peer_ended(),
         }
     }
 
@@ -600,6 +653,49 @@ impl HeldStreams {
             return None;
         }
         let stream = Arc::new(HeldStream::new(header, self.per_stream, self.room.clone()));
+        streams.insert(id, (stream.clone(), session));
+        self.added().insert(id);
+        let registration = Registration {
+            streams: self.clone(),
+            id,
+        };
+        Some((stream, registration))
+    }
+
+    /// Adds the stream of `snapshot` again, in the lost `session`, as it was when the snapshot
+    /// was taken. `None` if it cannot be: a stream of that id is held already, its offsets do
+    /// not agree, or its bytes do not fit the stream's cap or the room left.
+    pub fn restore(
+        self: &Arc<Self>,
+        snapshot: Snapshot,
+        session: SessionId,
+    ) -> Option<(Arc<HeldStream>, Registration)> {
+        let len = snapshot.held.len();
+        if !snapshot.is_consistent() || len > self.per_stream {
+            return None;
+        }
+        let id = snapshot.header.id;
+        let mut streams = self.lock();
+        if streams.contains_key(&id) {
+            return None;
+        }
+        self.room
+            .try_acquire_many(u32::try_from(len).ok()?)
+            .ok()?
+            .forget();
+        let mut stream = HeldStream::new(snapshot.header, self.per_stream, self.room.clone());
+        let outbox = stream.outbox.get_mut().unwrap_or_else(|e| e.into_inner());
+        outbox.start = snapshot.start;
+        outbox.confirmed = snapshot.confirmed;
+        outbox.ended = snapshot.ended;
+        outbox.held_len = len as u64;
+        if len > 0 {
+            outbox.held.push_back(snapshot.held);
+        }
+        *stream.received.get_mut() = snapshot.received;
+        *stream.peer_ended.get_mut() = snapshot.peer_ended;
+        stream.opened = snapshot.opened;
+        let stream = Arc::new(stream);
         streams.insert(id, (stream.clone(), session));
         self.added().insert(id);
         let registration = Registration {

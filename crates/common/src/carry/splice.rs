@@ -13,6 +13,10 @@
 //! - A shutdown is no failure either: when this process stops, or the peer closes the session
 //!   because it stops, the TCP connection ends with a FIN, as any server that is stopped closes
 //!   its connections.
+//! - A hand-over leaves the TCP connection as it is: when the relay restarts and its next
+//!   process takes the connection over, the splice stops where it is, touches neither the
+//!   connection nor the stream, and hands the connection back to its caller; the held stream
+//!   says exactly what was read and written.
 //! - The bytes are counted as they go, into the forward's [`Meter`], so that status and metrics
 //!   see a long transfer move; bytes sent again on a resumed stream are not counted twice.
 //! - Memory is bounded: a stream keeps at most its cap of bytes the peer has not confirmed, one
@@ -83,6 +87,10 @@ pub enum SpliceError {
     Stopping,
     #[error("closed: the connection may no longer go on (its address is no longer admitted)")]
     Revoked,
+    /// The connection goes on in the next process: given back as it is (`None` only inside
+    /// the loop, before it is handed back).
+    #[error("handed over to the next process")]
+    HandedOver(Option<TcpStream>),
 }
 
 /// What a splice needs besides its TCP connection and first data stream.
@@ -92,12 +100,16 @@ pub struct Held<'a> {
     pub window: Duration,
     /// Cancelled when this process stops.
     pub stop: &'a CancellationToken,
+    /// Cancelled when this process hands its connections over to the next one (a relay that
+    /// restarts); `None` where that never happens.
+    pub hand_over: Option<&'a CancellationToken>,
     pub meter: Meter<'a>,
 }
 
 /// Carries bytes both ways between `tcp` and the data stream of `link` until both directions
 /// have ended and the peer confirmed this side's bytes, across as many lost and resumed
-/// sessions as it takes; returns what it carried each way, and how it ended.
+/// sessions as it takes; returns what it carried each way, and how it ended. Without a `link`,
+/// the stream's session is lost already: it starts by waiting for one that resumes it.
 ///
 /// One of these waits per forwarded connection, most of them idle, so its size counts: the
 /// body is an `async move` block, whose captures are used in place (an `async fn` would keep
@@ -108,46 +120,54 @@ pub struct Held<'a> {
 )]
 pub fn splice<'a>(
     mut tcp: TcpStream,
-    mut link: Link,
+    mut link: Option<Link>,
     held: Held<'a>,
 ) -> impl Future<Output = (Transferred, Result<(), SpliceError>)> + Send + 'a {
     async move {
         let mut moved = Transferred::default();
         let result = loop {
-            let error = match carry(&mut tcp, &mut link, &held, &mut moved).await {
-                Ok(()) => break Ok(()),
-                Err(error) => error,
-            };
-            if error.is_shutdown() {
-                let _ = link.send.finish();
-                let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
-                break Err(error);
-            }
-            if error.is_lost() && !held.window.is_zero() {
-                tracing::debug!(%error, "holding the connection until the session is back");
-                match Box::pin(wait_for_link(&held)).await {
+            let current = match &mut link {
+                Some(current) => current,
+                None => match Box::pin(wait_for_link(&held)).await {
                     Ok(next) => {
                         tracing::debug!(
                             received = held.stream.received(),
                             peer_received = next.peer_received,
                             "resumed"
                         );
-                        link = next;
-                        continue;
+                        link.insert(next)
+                    }
+                    Err(SpliceError::HandedOver(_)) => {
+                        break Err(SpliceError::HandedOver(Some(tcp)))
                     }
                     Err(error) => {
                         reset_tcp(&tcp);
                         break Err(error);
                     }
-                }
+                },
+            };
+            let error = match carry(&mut tcp, current, &held, &mut moved).await {
+                Ok(()) => break Ok(()),
+                Err(SpliceError::HandedOver(_)) => break Err(SpliceError::HandedOver(Some(tcp))),
+                Err(error) => error,
+            };
+            if error.is_shutdown() {
+                let _ = current.send.finish();
+                let _ = SockRef::from(&tcp).shutdown(Shutdown::Write);
+                break Err(error);
+            }
+            if error.is_lost() && !held.window.is_zero() {
+                tracing::debug!(%error, "holding the connection until the session is back");
+                link = None;
+                continue;
             }
             // Whichever side failed, tell the other one that this is no clean end.
             let code = match error {
                 SpliceError::Resume(_) => StreamCode::NotResumable,
                 _ => StreamCode::Aborted,
             };
-            let _ = link.send.reset(code.code());
-            let _ = link.recv.stop(code.code());
+            let _ = current.send.reset(code.code());
+            let _ = current.recv.stop(code.code());
             if !matches!(error, SpliceError::TcpRead(_) | SpliceError::TcpWrite(_)) {
                 reset_tcp(&tcp);
             }
@@ -162,6 +182,8 @@ async fn wait_for_link(held: &Held<'_>) -> Result<Link, SpliceError> {
     let deadline = Instant::now() + held.window;
     let give_up = async {
         tokio::select! {
+            biased;
+            () = handing_over(held.hand_over) => SpliceError::HandedOver(None),
             () = held.stop.cancelled() => SpliceError::Stopping,
             () = held.stream.revoked() => SpliceError::Revoked,
             () = tokio::time::sleep_until(deadline) => SpliceError::NotResumed(held.window),
@@ -229,8 +251,10 @@ async fn carry(
     let (mut outgoing_done, mut incoming_done) = (false, false);
     while !(outgoing_done && incoming_done) {
         tokio::select! {
-            // Checked first: once stopping, the errors of the closing session are no failures.
+            // Checked first: once stopping, the errors of the closing session are no failures;
+            // a hand-over first of all, as the relay stops its sessions after it asked for one.
             biased;
+            () = handing_over(held.hand_over) => return Err(SpliceError::HandedOver(None)),
             () = held.stop.cancelled() => return Err(SpliceError::Stopping),
             () = stream.revoked() => return Err(SpliceError::Revoked),
             // The directions may both be waiting on something other than the session: the
@@ -247,6 +271,14 @@ async fn carry(
         }
     }
     Ok(())
+}
+
+/// Completes once `token`, if any, is cancelled.
+async fn handing_over(token: Option<&CancellationToken>) {
+    match token {
+        Some(token) => token.cancelled().await,
+        None => std::future::pending().await,
+    }
 }
 
 impl SpliceError {

@@ -245,6 +245,23 @@ const TYPE_WELCOME: u8 = 0x81;
 const TYPE_UPDATED: u8 = 0x82;
 const TYPE_RELAY_ACKS: u8 = 0x83;
 
+impl Update {
+    /// The message's body alone, without a frame's header: what a relay that restarts keeps
+    /// of an agent's forwards for its next process.
+    pub fn encode_body(&self) -> Bytes {
+        let mut body = BytesMut::new();
+        self.encode(&mut body);
+        body.freeze()
+    }
+
+    /// Reads a body [`Update::encode_body`] wrote, all of it.
+    pub fn decode_body(mut body: &[u8]) -> Result<Self, DecodeError> {
+        let update = Update::decode(&mut body)?;
+        ensure_consumed(body)?;
+        Ok(update)
+    }
+}
+
 impl AgentMessage {
     pub fn encode(&self) -> Bytes {
         match self {
@@ -699,7 +716,7 @@ impl StreamHeader {
 pub enum CloseCode {
     /// The agent is stopping.
     AgentShutdown,
-    /// The relay is stopping or restarting: reconnect at once.
+    /// The relay is stopping, or restarting without keeping its visitors: reconnect at once.
     RelayShutdown,
     /// A newer session of the same agent took over.
     Replaced,
@@ -722,10 +739,14 @@ pub enum CloseCode {
     /// The agent moved to another path to the relay (UDP or TCP); a session there resumes
     /// this one.
     PathChanged,
+    /// The relay is restarting and its next process keeps the visitor connections: reconnect
+    /// at once and resume this session, which a relay that said [`CloseCode::RelayShutdown`]
+    /// would not.
+    RelayRestart,
 }
 
 impl CloseCode {
-    const ALL: [CloseCode; 11] = [
+    const ALL: [CloseCode; 12] = [
         CloseCode::AgentShutdown,
         CloseCode::RelayShutdown,
         CloseCode::Replaced,
@@ -737,6 +758,7 @@ impl CloseCode {
         CloseCode::Reconfigured,
         CloseCode::PathLost,
         CloseCode::PathChanged,
+        CloseCode::RelayRestart,
     ];
 
     pub fn code(self) -> quinn::VarInt {
@@ -752,6 +774,7 @@ impl CloseCode {
             CloseCode::Reconfigured => 9,
             CloseCode::PathLost => 10,
             CloseCode::PathChanged => 11,
+            CloseCode::RelayRestart => 12,
         })
     }
 
@@ -773,6 +796,7 @@ impl CloseCode {
             CloseCode::Reconfigured => "the relay's config for this agent changed",
             CloseCode::PathLost => "the TCP connection under the session ended",
             CloseCode::PathChanged => "the agent moved to another path",
+            CloseCode::RelayRestart => "relay restarting; its visitors wait for this session",
         }
     }
 

@@ -1,0 +1,299 @@
+//! Restarting the relay without dropping anyone's connection: the old process hands its
+//! public ports and visitor connections to the next one through systemd.
+//!
+//! Asked to restart (`RestartKillSignal=SIGUSR2` in the unit: `systemctl restart`, a package's
+//! upgrade), the relay stops accepting, freezes every visitor connection where it is (the
+//! splice stops between two reads and two writes, touching neither the connection nor its
+//! stream), closes each agent's session with [`CloseCode::RelayRestart`] (the agent holds its
+//! connections and reconnects at once), hands the sockets of its public ports and visitor
+//! connections to systemd's descriptor store, writes what each stream was in a state file
+//! beside the status socket ([`state`]), and exits. A stop (`SIGTERM`) drains as before.
+//!
+//! The next process takes the sockets back ([`adopt`]), reads the state file once and deletes
+//! it, asks systemd to forget the sockets (so that a connection it closes is closed), and puts
+//! each agent back as if its session had just been lost: its ports listening on the same
+//! sockets, its visitors held for the resume window. The agent's next Hello names the session
+//! the old process closed, and every stream resumes from the offsets both sides kept.
+//!
+//! Nothing is taken on trust: a state file that another relay wrote, that is changed, cut,
+//! too old or of another format is refused whole, with a log line saying why, and the sockets
+//! that came with it are closed; a socket that no stream names, or a stream whose socket did
+//! not come, is closed; an agent no longer listed gets nothing back. What is restored takes
+//! the same places and room as on a running relay.
+//!
+//! [`CloseCode::RelayRestart`]: tether_common::wire::protocol::CloseCode::RelayRestart
+
+pub mod state;
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use socket2::SockRef;
+use tether_common::carry::resume::Snapshot;
+use tether_common::net::ports::Proto;
+use tether_common::service::fdstore::Store;
+use tokio_util::sync::CancellationToken;
+
+pub use state::{AgentState, State, StateError, StreamState};
+
+/// The name the relay's descriptors are kept under in systemd's store.
+pub const FD_NAME: &str = "tether-relay";
+
+/// The state file's name, in the folder of the status socket (the unit's runtime directory).
+const STATE_FILE: &str = "handover";
+
+/// Where the state file is for a relay whose status socket is `status_socket`.
+pub fn state_path(status_socket: &Path) -> PathBuf {
+    status_socket.with_file_name(STATE_FILE)
+}
+
+/// The key that signs the state file: the relay's own, for this purpose alone.
+pub fn state_key(identity: &tether_common::trust::identity::Identity) -> ring::hmac::Key {
+    let secret = identity.derive_secret("relay handover state");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret)
+}
+
+/// The kernel's id of this boot: a socket never outlives it.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|id| id.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// A visitor connection its task handed over, with its stream as it stood.
+pub struct Handed {
+    pub tcp: std::net::TcpStream,
+    pub snapshot: Snapshot,
+}
+
+/// Where the relay's tasks hand their connections when the relay restarts.
+#[derive(Default)]
+pub struct HandOver {
+    /// Set when the relay is asked to restart (SIGUSR2): its stop hands over, if it can,
+    /// rather than drains.
+    requested: AtomicBool,
+    /// Cancelled when the relay hands its connections over rather than drains.
+    pub token: CancellationToken,
+    handed: Mutex<Vec<Handed>>,
+}
+
+impl HandOver {
+    /// Asks the relay's next stop to hand its connections over.
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Whether the relay was asked to restart.
+    pub fn is_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Keeps a visitor connection, frozen with its stream, for the next process.
+    pub fn give(&self, tcp: tokio::net::TcpStream, snapshot: Snapshot) {
+        match tcp.into_std() {
+            Ok(tcp) => self.lock().push(Handed { tcp, snapshot }),
+            Err(error) => tracing::warn!(%error, "cannot hand a visitor connection over"),
+        }
+    }
+
+    /// Every connection handed over so far.
+    pub fn take(&self) -> Vec<Handed> {
+        std::mem::take(&mut *self.lock())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Handed>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What one hand-over took: for the log, and for the tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counts {
+    pub agents: usize,
+    pub ports: usize,
+    pub connections: usize,
+}
+
+/// Hands `sockets` to systemd and writes `state` where the next process finds it. The sockets
+/// go first: a state file always has its sockets in the store, while sockets without a state
+/// file are closed by the next process.
+pub fn keep(
+    store: &Store,
+    sockets: &[OwnedFd],
+    state: &State,
+    key: &ring::hmac::Key,
+    path: &Path,
+) -> io::Result<()> {
+    let borrowed: Vec<_> = sockets.iter().map(AsFd::as_fd).collect();
+    store.keep(FD_NAME, &borrowed)?;
+    write_private(path, &state.encode(key))
+}
+
+/// Writes `bytes` to `path` through a new file readable by this user alone, renamed over
+/// whatever was there.
+fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let partial = path.with_extension("partial");
+    let _ = std::fs::remove_file(&partial);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&partial)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
+}
+
+/// What the previous process left: its sockets by what they are, and its state if it holds.
+#[derive(Default)]
+pub struct Adopted {
+    /// Public ports' sockets, listening (TCP) or bound (UDP), by protocol and port.
+    pub ports: HashMap<(Proto, u16), OwnedFd>,
+    /// Visitor connections, by (the relay's end, the visitor's end).
+    pub connections: HashMap<(SocketAddr, SocketAddr), std::net::TcpStream>,
+    pub state: Option<State>,
+}
+
+impl Adopted {
+    /// Whether nothing was left.
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty() && self.connections.is_empty() && self.state.is_none()
+    }
+}
+
+/// Takes over what the previous process left: the sockets systemd handed this one (`passed`)
+/// and the state file at `path`, read once and deleted. A state that does not hold is logged
+/// and everything that came with it is closed. `agents` is how many agents the relay lists
+/// (it bounds the state), `max_age` how old a state may be (the resume window: past it, the
+/// agents gave up on their connections).
+pub fn adopt(
+    passed: Vec<(String, OwnedFd)>,
+    path: &Path,
+    key: &ring::hmac::Key,
+    agents: usize,
+    max_age: Duration,
+) -> Adopted {
+    let mut adopted = Adopted::default();
+    for (name, fd) in passed {
+        if name != FD_NAME {
+            tracing::warn!(name = %tether_common::wire::text::printable(&name), "a descriptor systemd passed is not one of the relay's; closed");
+            continue;
+        }
+        match classify(fd) {
+            Ok(Socket::Port(proto, port, fd)) => {
+                adopted.ports.insert((proto, port), fd);
+            }
+            Ok(Socket::Connection(ends, tcp)) => {
+                adopted.connections.insert(ends, tcp);
+            }
+            Err(why) => tracing::warn!("a descriptor systemd passed is refused: {why}; closed"),
+        }
+    }
+    let file = match read_once(path, State::max_len(agents)) {
+        Ok(file) => file,
+        Err(error) => {
+            if !(adopted.ports.is_empty() && adopted.connections.is_empty()) {
+                tracing::warn!(
+                    path = %path.display(),
+                    %error,
+                    "systemd passed {} sockets but the hand-over state cannot be read; they are closed",
+                    adopted.ports.len() + adopted.connections.len(),
+                );
+            }
+            return Adopted::default();
+        }
+    };
+    let state = State::decode(&file, key, agents)
+        .map_err(|e| e.to_string())
+        .and_then(|state| check_fresh(state, max_age));
+    match state {
+        Ok(state) => adopted.state = Some(state),
+        Err(why) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the hand-over state is refused: {why}; the {} sockets that came with it are closed",
+                adopted.ports.len() + adopted.connections.len(),
+            );
+            return Adopted::default();
+        }
+    }
+    adopted
+}
+
+/// The state, if it was written on this boot and within `max_age`.
+fn check_fresh(state: State, max_age: Duration) -> Result<State, String> {
+    if state.boot_id != boot_id() {
+        return Err("it was written before the machine restarted".into());
+    }
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let age = now.saturating_sub(state.written);
+    if age > max_age.as_secs() {
+        return Err(format!(
+            "it was written {age} s ago, past the resume window ({} s)",
+            max_age.as_secs()
+        ));
+    }
+    Ok(state)
+}
+
+/// The file at `path`, at most `max` bytes, deleted once read: a state is taken over once.
+fn read_once(path: &Path, max: usize) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let _ = std::fs::remove_file(path);
+    let mut bytes = Vec::new();
+    file.take(max as u64 + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+enum Socket {
+    Port(Proto, u16, OwnedFd),
+    Connection((SocketAddr, SocketAddr), std::net::TcpStream),
+}
+
+/// What a passed descriptor is: a public port's socket, a visitor connection, or nothing the
+/// relay uses.
+fn classify(fd: OwnedFd) -> Result<Socket, String> {
+    let socket = SockRef::from(&fd);
+    let kind = socket
+        .r#type()
+        .map_err(|e| format!("it is not a socket ({e})"))?;
+    let local = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or("it is not an IP socket")?;
+    let local = canonical(local);
+    if kind == socket2::Type::DGRAM {
+        return Ok(Socket::Port(Proto::Udp, local.port(), fd));
+    }
+    if kind != socket2::Type::STREAM {
+        return Err(format!("a socket of another type ({kind:?})"));
+    }
+    if socket.is_listener().unwrap_or(false) {
+        return Ok(Socket::Port(Proto::Tcp, local.port(), fd));
+    }
+    let peer = socket
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or("a TCP socket neither listening nor connected")?;
+    Ok(Socket::Connection(
+        (local, canonical(peer)),
+        std::net::TcpStream::from(fd),
+    ))
+}
+
+/// `address` with an IPv4 address mapped into IPv6 written as IPv4, as visitors are named.
+pub fn canonical(address: SocketAddr) -> SocketAddr {
+    SocketAddr::new(address.ip().to_canonical(), address.port())
+}
