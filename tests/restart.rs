@@ -25,6 +25,8 @@ struct Scene {
     relay: Process,
     echo_port: u16,
     ssh_port: u16,
+    /// A public UDP port, forwarded to a UDP echo service.
+    udp_port: u16,
 }
 
 impl Scene {
@@ -33,7 +35,10 @@ impl Scene {
         let (relay_identity, _) = keys.identity("relay");
         let (agent_identity, _) = keys.identity("agent");
         let quic = free_udp_port();
-        let (echo_port, ssh_port) = (free_port(), free_port());
+        let (echo_port, ssh_port, udp_port) = (free_port(), free_port(), free_udp_port());
+        let udp_echo = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let udp_local = udp_echo.local_addr().unwrap();
+        tether_tests::udp::udp_echo(udp_echo);
         let relay_toml = keys.path().join("relay.toml");
         std::fs::write(
             &relay_toml,
@@ -41,7 +46,7 @@ impl Scene {
                 "listen = \"127.0.0.1:{quic}\"\nlisten_tcp = \"off\"\nkey = \"relay.key\"\n\
                  public_bind = \"127.0.0.1\"\nstatus_socket = \"run/relay.sock\"\n{extra}\n\
                  [[agent]]\nname = \"home\"\nfingerprint = \"{}\"\n\
-                 ports = [\"{echo_port}/tcp\", \"{ssh_port}/tcp\"]\n",
+                 ports = [\"{echo_port}/tcp\", \"{ssh_port}/tcp\", \"{udp_port}/udp\"]\n",
                 agent_identity.fingerprint()
             ),
         )
@@ -56,6 +61,7 @@ impl Scene {
                 "relay = \"127.0.0.1:{quic}\"\nrelay_fingerprint = \"{}\"\nkey = \"agent.key\"\n\
                  status_socket = \"agent.sock\"\ntransport = \"quic\"\n\
                  [[forward]]\nname = \"echo\"\nproto = \"tcp\"\nremote = {echo_port}\nlocal = \"{echo}\"\n\
+                 [[forward]]\nname = \"udp\"\nproto = \"udp\"\nremote = {udp_port}\nlocal = \"{udp_local}\"\n\
                  {ssh_forward}",
                 relay_identity.fingerprint(),
             ),
@@ -76,6 +82,7 @@ impl Scene {
             relay,
             echo_port,
             ssh_port,
+            udp_port,
         }
     }
 
@@ -410,6 +417,38 @@ async fn with_the_agent_restarted_at_the_same_moment_kept_connections_close_and_
         assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
         let mut fresh = TcpStream::connect(public(scene.echo_port)).await.unwrap();
         assert!(echoes(&mut fresh).await, "a visitor after both restarted");
+        let _ = scene.agent.signal_and_wait("TERM").await;
+        let _ = scene.relay.signal_and_wait("TERM").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_udp_visitor_is_answered_again_on_the_same_port_after_a_restart() {
+    within_for("the whole test", Duration::from_secs(60), async {
+        let keys = Keys::new();
+        let echo = echo_service().await;
+        let mut scene = Scene::start(&keys, echo, None, "").await;
+        let to = public(scene.udp_port);
+        let mosh = tether_tests::udp::visitor("127.0.0.1").await;
+        let asked = tether_tests::udp::ask(&mosh, to, b"before").await;
+        assert_eq!(asked.as_deref(), Some(&b"before"[..]));
+        for round in 0..2 {
+            let before = scene.ask_restart();
+            scene.take_over(before).await;
+            // Datagrams sent while the agent reconnects may be dropped, as on any lost link;
+            // the same visitor socket is answered again on the same port once it is back.
+            let payload = format!("after restart {round}");
+            let answered = within("an answer after the restart", async {
+                loop {
+                    let answer = tether_tests::udp::ask(&mosh, to, payload.as_bytes()).await;
+                    if answer.as_deref() == Some(payload.as_bytes()) {
+                        break;
+                    }
+                }
+            });
+            answered.await;
+        }
         let _ = scene.agent.signal_and_wait("TERM").await;
         let _ = scene.relay.signal_and_wait("TERM").await;
     })

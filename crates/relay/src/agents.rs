@@ -20,7 +20,7 @@ use tether_common::net::ports::{PortSpec, Proto};
 use tether_common::service::cli::count;
 use tether_common::service::report;
 use tether_common::transport::Path;
-use tether_common::wire::datagram::DatagramSender;
+use tether_common::wire::datagram::{DatagramSender, FlowId};
 use tether_common::wire::protocol::{
     CloseCode, ForwardId, ForwardRequest, ForwardResult, Refusal, SessionId, StreamHeader, StreamId,
 };
@@ -542,6 +542,8 @@ pub struct KeptAgent {
     /// The agent's latest session, which its next Hello resumes.
     pub session: SessionId,
     pub next_stream: u64,
+    /// Where the numbering of UDP flows stood (see [`SessionFlows::numbering`]).
+    pub flows: (FlowId, bool),
     pub forwards: Vec<(ForwardId, ForwardRequest)>,
     pub ports: Vec<((Proto, u16), Listening)>,
 }
@@ -552,12 +554,13 @@ impl Table {
     pub fn hand_over(&mut self) -> Vec<KeptAgent> {
         let mut kept = Vec::new();
         for (name, slot) in &mut self.agents {
-            let Some((session, _)) = &slot.latest else {
+            let Some((session, flows)) = &slot.latest else {
                 continue;
             };
             kept.push(KeptAgent {
                 name: name.clone(),
                 session: *session,
+                flows: flows.numbering(),
                 next_stream: slot.next_stream.load(std::sync::atomic::Ordering::Acquire),
                 forwards: slot
                     .forwards
@@ -571,21 +574,23 @@ impl Table {
     }
 
     /// Puts `agent` back as the previous process left it: away, its session `lost` to be
-    /// resumed, stream ids going on from `next_stream`. Its forwards were opened again with
-    /// [`Table::open_forwards`] first. Returns the generation to pass to
-    /// [`Table::release_if_still_away`], and the table its streams are restored to.
+    /// resumed, stream ids going on from `next_stream` and flow ids from `flows`. Its forwards
+    /// were opened again with [`Table::open_forwards`] first. Returns the generation to pass
+    /// to [`Table::release_if_still_away`], and the table its streams are restored to.
     pub fn restore_away(
         &mut self,
         agent: &str,
         lost: SessionId,
-        next_stream: u64,
+        (next_stream, flows): (u64, (FlowId, bool)),
         udp_forwards: Vec<(ForwardId, std::time::Duration)>,
         limits: &Limits,
     ) -> Option<(u64, Arc<HeldStreams>)> {
         let slot = self.agents.get_mut(agent)?;
         slot.next_stream
             .store(next_stream.max(1), std::sync::atomic::Ordering::Release);
-        slot.latest = Some((lost, Arc::new(SessionFlows::new(udp_forwards, limits))));
+        let table = SessionFlows::new(udp_forwards, limits);
+        table.number_on_from(flows);
+        slot.latest = Some((lost, Arc::new(table)));
         slot.since = Some(SystemTime::now());
         slot.generation += 1;
         Some((slot.generation, slot.streams.clone()))

@@ -139,6 +139,21 @@ impl SessionFlows {
         Some(id)
     }
 
+    /// Where the numbering of flows stands: the next id, and whether ids came round.
+    pub fn numbering(&self) -> (FlowId, bool) {
+        let flows = self.lock();
+        (flows.next_id, flows.wrapped)
+    }
+
+    /// Goes on numbering flows from where another table of the same agent stood (see
+    /// [`SessionFlows::numbering`]): a relay that restarts never gives a new flow the id of one
+    /// the agent may still hold.
+    pub fn number_on_from(&self, (next_id, wrapped): (FlowId, bool)) {
+        let mut flows = self.lock();
+        flows.next_id = next_id;
+        flows.wrapped |= wrapped;
+    }
+
     /// The forward, public port and visitor of flow `id`, marking it seen.
     pub fn visitor_of(&self, id: FlowId) -> Option<(u16, u16, SocketAddr)> {
         let mut flows = self.lock();
@@ -201,6 +216,24 @@ mod tests {
 
     fn visitor(text: &str) -> SocketAddr {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_table_that_numbers_on_from_another_gives_none_of_its_ids_again() {
+        let (counters, traffic) = (UdpCounters::default(), ForwardTraffic::default());
+        let forwards = [(1, Duration::from_secs(120))];
+        let before = SessionFlows::new(forwards, &limits(8, 8));
+        let old: Vec<_> = (0..3)
+            .map(|n| {
+                let v = visitor(&format!("203.0.113.5:{}", 4000 + n));
+                before.flow_for(1, 60001, v, &counters, &traffic).unwrap()
+            })
+            .collect();
+        let after = SessionFlows::new(forwards, &limits(8, 8));
+        after.number_on_from(before.numbering());
+        let new = after.flow_for(1, 60001, visitor("203.0.113.5:4000"), &counters, &traffic);
+        assert!(!old.contains(&new.unwrap()), "{new:?} was given before");
+        assert!(old.iter().all(|&id| after.ever_opened(id)));
     }
 
     #[test]

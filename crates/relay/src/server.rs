@@ -373,6 +373,7 @@ fn hand_over(
             name: agent.name,
             session: agent.session,
             next_stream: agent.next_stream,
+            next_flow: agent.flows,
             forwards: agent.forwards,
             streams: Vec::new(),
         });
@@ -452,7 +453,7 @@ fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts
             let away = table.restore_away(
                 &entry.name,
                 agent.session,
-                agent.next_stream,
+                (agent.next_stream, agent.next_flow),
                 udp,
                 &shared.limits,
             );

@@ -10,7 +10,8 @@
 //! ```text
 //! magic "tether handover\n" (16), format (2), written (8, seconds since the Unix epoch),
 //! boot id (2 + that many bytes), agents (4), then per agent:
-//!   name (2 + bytes), session (8), next stream id (8), forwards (4 + an Update's body),
+//!   name (2 + bytes), session (8), next stream id (8), next flow id (4), flow ids came
+//!   round (1), forwards (4 + an Update's body),
 //!   streams (4), then per stream:
 //!     header (StreamHeader, 31), public address (16 + 2), opened (8), start (8),
 //!     confirmed (8), received (8), flags (1: ended, peer ended), held bytes (4 + bytes)
@@ -21,6 +22,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tether_common::carry::resume::{Snapshot, HELD_PER_SESSION, HELD_PER_STREAM};
+use tether_common::wire::datagram::FlowId;
 use tether_common::wire::protocol::{
     is_valid_name, ForwardId, ForwardRequest, SessionId, StreamHeader, Update, MAX_FRAME_LEN,
 };
@@ -53,6 +55,9 @@ pub struct AgentState {
     pub session: SessionId,
     /// The id the next data stream gets: ids are never given twice while streams are held.
     pub next_stream: u64,
+    /// The id the next UDP flow gets, and whether ids came round: the agent may still hold
+    /// the flows numbered before.
+    pub next_flow: (FlowId, bool),
     /// What the session asked for, as its Hello or latest Update did.
     pub forwards: Vec<(ForwardId, ForwardRequest)>,
     pub streams: Vec<StreamState>,
@@ -99,6 +104,8 @@ impl State {
             put_text(&mut buf, &agent.name);
             buf.put_u64(agent.session);
             buf.put_u64(agent.next_stream);
+            buf.put_u32(agent.next_flow.0);
+            buf.put_u8(u8::from(agent.next_flow.1));
             let body = Update {
                 forwards: agent.forwards.clone(),
             }
@@ -169,6 +176,12 @@ fn decode_body(buf: &mut &[u8], agents: usize) -> Result<State, &'static str> {
         }
         let session = get_u64(buf)?;
         let next_stream = get_u64(buf)?;
+        let next_flow = get_u32(buf)?;
+        let flows_wrapped = match get_u8(buf)? {
+            0 => false,
+            1 => true,
+            _ => return Err("flow numbering"),
+        };
         let len = get_u32(buf)? as usize;
         if len > MAX_FRAME_LEN || buf.len() < len {
             return Err("forwards");
@@ -218,6 +231,7 @@ fn decode_body(buf: &mut &[u8], agents: usize) -> Result<State, &'static str> {
             name,
             session,
             next_stream,
+            next_flow: (next_flow, flows_wrapped),
             forwards,
             streams: kept,
         });
@@ -326,6 +340,7 @@ mod tests {
                 name: "dorm".into(),
                 session: 0x0102_0304_0506_0708,
                 next_stream: 3,
+                next_flow: (9, true),
                 forwards: vec![(0, forward)],
                 streams: vec![stream(1, b"not yet confirmed"), stream(2, b"")],
             }],
