@@ -72,6 +72,26 @@ fn units_start_the_binaries_as_they_expect() {
 }
 
 #[test]
+fn a_restart_of_the_relay_unit_keeps_its_connections_and_a_stop_does_not() {
+    let text = std::fs::read_to_string(unit("tether-relay")).unwrap();
+    // `systemctl restart` sends the signal the relay hands its connections over on; a stop
+    // sends SIGTERM, on which it drains.
+    assert_eq!(setting(&text, "RestartKillSignal"), "SIGUSR2");
+    assert!(!text.lines().any(|line| line.starts_with("KillSignal=")));
+    // Room in systemd's store for every visitor connection the relay takes, and its ports.
+    let store: u64 = setting(&text, "FileDescriptorStoreMax").parse().unwrap();
+    let files: u64 = setting(&text, "LimitNOFILE").parse().unwrap();
+    assert!(store >= files * 3 / 4 + 1024, "store {store}, files {files}");
+    // The state file waits beside the status socket, in a folder kept across a restart.
+    assert_eq!(setting(&text, "RuntimeDirectoryPreserve"), "restart");
+    let state = tether_relay::handover::state_path(Path::new(
+        tether_common::config::RELAY_STATUS_SOCKET,
+    ));
+    let folder = format!("/run/{}", setting(&text, "RuntimeDirectory"));
+    assert_eq!(state.parent(), Some(Path::new(&folder)));
+}
+
+#[test]
 fn systemd_accepts_the_units_and_rates_them_two_or_lower() {
     let test = "systemd_accepts_the_units_and_rates_them_two_or_lower";
     if !tools::available(test, &["systemd-analyze"]) {

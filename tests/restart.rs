@@ -11,6 +11,7 @@ use sha2::{Digest, Sha256};
 use tether_tests::lab::{binary, Peer};
 use tether_tests::manager::Manager;
 use tether_tests::process::Process;
+use tether_tests::status::relay_status_once;
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -449,6 +450,51 @@ async fn a_udp_visitor_is_answered_again_on_the_same_port_after_a_restart() {
             });
             answered.await;
         }
+        let _ = scene.agent.signal_and_wait("TERM").await;
+        let _ = scene.relay.signal_and_wait("TERM").await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_hundred_kept_connections_go_on_and_give_their_places_back_when_they_close() {
+    within_for("the whole test", Duration::from_secs(120), async {
+        let keys = Keys::new();
+        let echo = echo_service().await;
+        let mut scene = Scene::start(&keys, echo, None, "").await;
+        let mut visitors = Vec::new();
+        for _ in 0..200 {
+            let mut tcp = TcpStream::connect(public(scene.echo_port)).await.unwrap();
+            assert!(echoes(&mut tcp).await);
+            visitors.push(tcp);
+        }
+        let before = scene.ask_restart();
+        let line = scene.take_over(before).await;
+        assert!(line.contains("connections=200"), "{line}");
+        for tcp in &mut visitors {
+            assert!(echoes(tcp).await, "a kept connection answers");
+        }
+        // Each one closes, early or not: each gives its places back.
+        for (n, tcp) in visitors.into_iter().enumerate() {
+            if n % 2 == 0 {
+                let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+            }
+            drop(tcp);
+        }
+        let socket = keys.path().join("run/relay.sock");
+        relay_status_once(&socket, |status| {
+            status.agents[0]
+                .forwards
+                .iter()
+                .all(|f| f.connections.is_empty())
+        })
+        .await;
+        // And the next restart has none to keep.
+        let before = scene.ask_restart();
+        let line = scene.take_over(before).await;
+        assert!(line.contains("connections=0"), "{line}");
+        let mut fresh = TcpStream::connect(public(scene.echo_port)).await.unwrap();
+        assert!(echoes(&mut fresh).await);
         let _ = scene.agent.signal_and_wait("TERM").await;
         let _ = scene.relay.signal_and_wait("TERM").await;
     })
