@@ -81,12 +81,14 @@ fn a_restart_of_the_relay_unit_keeps_its_connections_and_a_stop_does_not() {
     // Room in systemd's store for every visitor connection the relay takes, and its ports.
     let store: u64 = setting(&text, "FileDescriptorStoreMax").parse().unwrap();
     let files: u64 = setting(&text, "LimitNOFILE").parse().unwrap();
-    assert!(store >= files * 3 / 4 + 1024, "store {store}, files {files}");
+    assert!(
+        store >= files * 3 / 4 + 1024,
+        "store {store}, files {files}"
+    );
     // The state file waits beside the status socket, in a folder kept across a restart.
     assert_eq!(setting(&text, "RuntimeDirectoryPreserve"), "restart");
-    let state = tether_relay::handover::state_path(Path::new(
-        tether_common::config::RELAY_STATUS_SOCKET,
-    ));
+    let state =
+        tether_relay::handover::state_path(Path::new(tether_common::config::RELAY_STATUS_SOCKET));
     let folder = format!("/run/{}", setting(&text, "RuntimeDirectory"));
     assert_eq!(state.parent(), Some(Path::new(&folder)));
 }

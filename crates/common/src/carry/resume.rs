@@ -832,6 +832,90 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_restored_stream_is_what_its_snapshot_was_and_takes_its_room_back_with_it() {
+        within(async {
+            let before = Arc::new(HeldStreams::with_caps(100, 150));
+            let (stream, registration) = before.add(header(1), 7).unwrap();
+            stream.reserve(60).await.hold(Bytes::from(vec![1; 60]));
+            stream.confirm(20).unwrap();
+            stream.add_received(33);
+            stream.sent_end();
+            let snapshot = stream.snapshot();
+            assert_eq!((snapshot.start, snapshot.held.len()), (20, 40));
+            drop((stream, registration));
+
+            let after = Arc::new(HeldStreams::with_caps(100, 150));
+            let (restored, registration) = after.restore(snapshot.clone(), 9).unwrap();
+            assert_eq!(restored.snapshot(), snapshot);
+            assert_eq!(restored.missed_from(30).unwrap().concat(), vec![1; 30]);
+            assert!(
+                after.restore(snapshot.clone(), 9).is_none(),
+                "an id held already"
+            );
+            // The room its bytes take is the table's: 30 held of 150, so 120 more fit.
+            let mut bigger = snapshot.clone();
+            bigger.header = header(2);
+            bigger.held = Bytes::from(vec![0; 100]);
+            bigger.confirmed = bigger.start;
+            let (second, second_registration) = after.restore(bigger.clone(), 9).unwrap();
+            let mut third = bigger.clone();
+            third.header = header(3);
+            assert!(
+                after.restore(third.clone(), 9).is_none(),
+                "past the table's room"
+            );
+            drop((second, second_registration, restored, registration));
+            assert!(after.restore(third, 9).is_some(), "room given back");
+        })
+        .await;
+    }
+
+    #[test]
+    fn a_snapshot_whose_offsets_disagree_or_that_holds_too_much_is_not_restored() {
+        let streams = Arc::new(HeldStreams::with_caps(100, 1000));
+        let good = Snapshot {
+            header: header(1),
+            opened: 0,
+            start: 10,
+            held: Bytes::from(vec![0; 5]),
+            ended: false,
+            confirmed: 10,
+            received: 0,
+            peer_ended: false,
+        };
+        let bad = [
+            Snapshot {
+                confirmed: 9,
+                ..good.clone()
+            },
+            Snapshot {
+                confirmed: 16,
+                ..good.clone()
+            },
+            Snapshot {
+                peer_ended: true,
+                ..good.clone()
+            },
+            Snapshot {
+                start: u64::MAX - 2,
+                confirmed: u64::MAX - 2,
+                ..good.clone()
+            },
+            Snapshot {
+                held: Bytes::from(vec![0; 101]),
+                ..good.clone()
+            },
+        ];
+        for snapshot in bad {
+            assert!(
+                streams.restore(snapshot.clone(), 1).is_none(),
+                "{snapshot:?}"
+            );
+        }
+        assert!(streams.restore(good, 1).is_some());
+    }
+
+    #[tokio::test]
     async fn a_stream_at_its_cap_waits_until_the_peer_confirms() {
         within(async {
             let streams = Arc::new(HeldStreams::with_caps(100, 1000));

@@ -396,6 +396,31 @@ mod tests {
         );
     }
 
+    /// `body` as a file signed with `key`, whatever it says.
+    fn signed(body: &[u8], key: &ring::hmac::Key) -> Vec<u8> {
+        let mut file = body.to_vec();
+        file.extend_from_slice(ring::hmac::sign(key, body).as_ref());
+        file
+    }
+
+    #[test]
+    fn whatever_a_signed_file_says_decoding_it_never_panics() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(26);
+        let file = state().encode(&key(1));
+        let body = &file[..file.len() - SIGNATURE_LEN];
+        for _ in 0..20_000 {
+            let mut changed = body.to_vec();
+            for _ in 0..rng.gen_range(1..8) {
+                // Past the magic and the format, which are checked before the signature.
+                let at = rng.gen_range(18..changed.len());
+                changed[at] = rng.gen();
+            }
+            let cut = rng.gen_range(18..=changed.len());
+            let _ = State::decode(&signed(&changed[..cut], &key(1)), &key(1), 4);
+        }
+    }
+
     #[test]
     fn a_signed_state_past_the_running_caps_is_refused() {
         // More agents than the relay lists.
