@@ -272,7 +272,7 @@ async fn restart_on_sigusr2(control: Control, shutdown: CancellationToken) {
     };
     tokio::select! {
         _ = restart.recv() => {
-            tracing::info!("SIGUSR2 received, restarting: connections go to the next process");
+            tracing::info!("SIGUSR2 received, restarting");
             control.request_restart();
             shutdown.cancel();
         }
