@@ -92,7 +92,7 @@ fn relay_restarting(error: &quinn::ConnectionError) -> Option<&'static str> {
     match error {
         quinn::ConnectionError::ApplicationClosed(close) => {
             match CloseCode::from_code(close.error_code)? {
-                CloseCode::RelayShutdown => Some("relay is restarting"),
+                CloseCode::RelayShutdown => Some("relay is stopping or restarting"),
                 CloseCode::RelayRestart => Some("relay is restarting and holds the connections"),
                 CloseCode::Reconfigured => Some("the relay's config for this agent changed"),
                 _ => None,
