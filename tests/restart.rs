@@ -153,6 +153,7 @@ async fn start_sshd(dir: &Path) -> (Process, SocketAddr, impl Fn(u16) -> Vec<Str
     )
     .unwrap();
     std::fs::create_dir_all("/run/sshd").unwrap();
+    // sshd re-executes itself, by an absolute path only.
     let mut command = Command::new("/usr/sbin/sshd");
     command.args(["-D", "-e", "-f"]).arg(&config);
     let mut sshd = Process::start(command);
@@ -183,17 +184,17 @@ async fn start_sshd(dir: &Path) -> (Process, SocketAddr, impl Fn(u16) -> Vec<Str
     (sshd, listen, login)
 }
 
-/// Whether sshd can be run here: it needs root and the openssh-server package, which
-/// `.ci/run` installs.
-fn can_run_sshd() -> bool {
-    let here = tether_tests::lab::is_root() && Path::new("/usr/sbin/sshd").exists();
-    if !here {
-        eprintln!(
-            "NOT RUN: the ssh part of this test needs root and /usr/sbin/sshd \
-             (openssh-server); CI has both"
-        );
+/// Whether sshd can be run here: it needs root and openssh, which `.ci/run` installs (where a
+/// missing one fails the test).
+fn can_run_sshd(test: &str) -> bool {
+    if !tether_tests::tools::available(test, &["sshd", "ssh", "ssh-keygen"]) {
+        return false;
     }
-    here
+    if !tether_tests::lab::is_root() {
+        tether_tests::tools::not_run(test, "root, for sshd");
+        return false;
+    }
+    true
 }
 
 /// Restarts in a row in the test below, and the median pause it allows: the README quotes it.
@@ -205,7 +206,8 @@ async fn ten_restarts_in_a_row_lose_no_byte_and_the_ssh_session_answers_after_ea
     within_for("the whole test", Duration::from_secs(180), async {
         let keys = Keys::new();
         let echo = echo_service().await;
-        let sshd = match can_run_sshd() {
+        let test = "ten_restarts_in_a_row_lose_no_byte_and_the_ssh_session_answers_after_each";
+        let sshd = match can_run_sshd(test) {
             true => {
                 let dir = keys.path().join("ssh");
                 std::fs::create_dir_all(&dir).unwrap();
