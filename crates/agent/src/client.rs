@@ -48,8 +48,9 @@ pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 /// close of the oldest handshake given up (see [`MAX_HANDSHAKES`]).
 const RESTART_PROBE: Duration = Duration::from_millis(250);
 
-/// How soon the agent tries again when a relay that just said goodbye for a restart refuses the
-/// attempt as it drains: the old process is about to hand over and exit, the new one to answer.
+/// How soon the agent tries again when a relay that just said goodbye for a restart that keeps
+/// the connections ([`CloseCode::RelayRestart`]) refuses the attempt as it drains: the old
+/// process is about to hand over and exit, the new one to answer.
 /// Trying at the usual backoff (0.5 s) made most of a restart's pause (seen under systemd:
 /// the new relay answered 0.18 s before the agent asked again).
 const DRAINING_RETRY: Duration = Duration::from_millis(50);
@@ -171,8 +172,11 @@ pub struct Connected {
 /// What the connect loop does after a session.
 enum Next {
     Stop,
-    /// The relay is restarting: reconnect without waiting.
-    AtOnce,
+    /// The relay is restarting: reconnect without waiting; `handing_over` if its next process
+    /// keeps the connections and is about to answer.
+    AtOnce {
+        handing_over: bool,
+    },
     /// Wait out the backoff; the string says why, for the log and the status.
     AfterBackoff(String),
     /// The relay went silent (the link may be down): wait out the backoff, then try with a
@@ -324,10 +328,10 @@ impl Agent {
                     }
                     match next {
                         Next::Stop => break,
-                        Next::AtOnce => {
+                        Next::AtOnce { handing_over } => {
                             backoff.reset();
                             probe = Some(RESTART_PROBE);
-                            restarted_at = Some(Instant::now());
+                            restarted_at = handing_over.then(Instant::now);
                             continue;
                         }
                         Next::AfterBackoff(error) => error,
@@ -359,7 +363,10 @@ impl Agent {
                 true => DRAINING_RETRY,
                 false => backoff.next_delay(rand::random()),
             };
-            if restarting {
+            if restarting && just_restarted {
+                // Expected for a moment, and asked again every 50 ms: not for the log each time.
+                tracing::debug!(%error, "the relay is handing over to its next process; asking again");
+            } else if restarting {
                 // Expected while a relay restarts: it refuses new sessions as it drains.
                 tracing::info!(%error, "the relay is restarting; reconnecting in {:.1}s", retry_in.as_secs_f64());
             } else {
@@ -541,10 +548,14 @@ impl Agent {
             .await;
         match end {
             SessionEnd::Stopped => Next::Stop,
-            SessionEnd::RelayRestarting { session, why } => {
+            SessionEnd::RelayRestarting {
+                session,
+                why,
+                handing_over,
+            } => {
                 tracing::info!("{why}; reconnecting at once");
                 *last_session = session.or(*last_session);
-                Next::AtOnce
+                Next::AtOnce { handing_over }
             }
             // TLS 1.3 lets the client finish first: a relay that refuses this agent's key says
             // so by closing the connection right after.

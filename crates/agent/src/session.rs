@@ -58,6 +58,9 @@ pub enum SessionEnd {
     RelayRestarting {
         session: Option<SessionId>,
         why: &'static str,
+        /// The relay said it keeps the connections for its next process, which is about to
+        /// answer ([`CloseCode::RelayRestart`]).
+        handing_over: bool,
     },
     /// Anything else; `error` says what, for the log.
     Lost {
@@ -75,7 +78,11 @@ impl SessionEnd {
         error: String,
     ) -> Self {
         match relay_restarting(reason) {
-            Some(why) => SessionEnd::RelayRestarting { session, why },
+            Some(why) => SessionEnd::RelayRestarting {
+                session,
+                why,
+                handing_over: is_handing_over(reason),
+            },
             // The relay's reason for closing is in it: its words, made safe to print.
             None => SessionEnd::Lost {
                 session,
@@ -83,6 +90,15 @@ impl SessionEnd {
             },
         }
     }
+}
+
+/// Whether the relay closed the session because it restarts and keeps its connections.
+fn is_handing_over(error: &quinn::ConnectionError) -> bool {
+    matches!(
+        error,
+        quinn::ConnectionError::ApplicationClosed(close)
+            if CloseCode::from_code(close.error_code) == Some(CloseCode::RelayRestart)
+    )
 }
 
 /// Why a lost session calls for reconnecting at once, if it does: the relay said goodbye

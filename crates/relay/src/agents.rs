@@ -542,7 +542,7 @@ pub struct KeptAgent {
     /// The agent's latest session, which its next Hello resumes.
     pub session: SessionId,
     pub next_stream: u64,
-    /// Where the numbering of UDP flows stood (see [`SessionFlows::numbering`]).
+    /// Where the numbering of UDP flows stood: the next id, and whether ids came round.
     pub flows: (FlowId, bool),
     pub forwards: Vec<(ForwardId, ForwardRequest)>,
     pub ports: Vec<((Proto, u16), Listening)>,

@@ -206,9 +206,8 @@ fn run(
         // Every visitor connection holds a descriptor: as many as the system lets us have, and
         // visitors capped below that.
         let limits = Limits::default().within_open_files(common::raise_open_files_limit());
-        match Relay::bind_with(config, &identity, limits) {
+        match Relay::take_over(config, &identity, limits, passed) {
             Ok(relay) => {
-                relay.adopt(passed);
                 let control = relay.control();
                 tokio::spawn(restart_on_sigusr2(control.clone(), shutdown.clone()));
                 let metrics = metrics.map(|at| (at, crate::metrics::registry(control.clone())));

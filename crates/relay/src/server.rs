@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -60,6 +61,8 @@ pub struct Relay {
     fingerprint: tether_common::trust::identity::Fingerprint,
     /// Signs the state a restart leaves for the next process.
     state_key: ring::hmac::Key,
+    /// The sockets where agents connect (UDP, and TCP if any), handed over on a restart.
+    own_sockets: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Relay {
@@ -73,6 +76,46 @@ impl Relay {
         config: RelayConfig,
         identity: &Identity,
         limits: Limits,
+    ) -> Result<Self, RelayError> {
+        Self::bind_on(config, identity, limits, handover::Adopted::default())
+    }
+
+    /// [`Relay::bind_with`], taking over what the previous process handed over through
+    /// systemd (`passed`, see [`handover`]): its sockets where agents connect, and each agent
+    /// it kept, put back as if its session had just been lost, its ports listening on the
+    /// same sockets and its visitor connections held for its next session. Within the
+    /// runtime: the visitors' tasks start here.
+    pub fn take_over(
+        config: RelayConfig,
+        identity: &Identity,
+        limits: Limits,
+        passed: Vec<(String, std::os::fd::OwnedFd)>,
+    ) -> Result<Self, RelayError> {
+        let passed_any = !passed.is_empty();
+        let adopted = handover::adopt(
+            passed,
+            &handover::state_path(&config.status_socket),
+            &handover::state_key(identity),
+            config.agents.len(),
+            config.resume_window,
+        );
+        // Kept by systemd until now, taken or refused: a connection closed from here on must
+        // close for real.
+        if passed_any {
+            if let Some(store) = Store::from_env().and_then(Result::ok) {
+                if let Err(error) = store.forget(handover::FD_NAME) {
+                    tracing::warn!(%error, "cannot ask systemd to forget the handed-over sockets");
+                }
+            }
+        }
+        Self::bind_on(config, identity, limits, adopted)
+    }
+
+    fn bind_on(
+        config: RelayConfig,
+        identity: &Identity,
+        limits: Limits,
+        mut adopted: handover::Adopted,
     ) -> Result<Self, RelayError> {
         let refused_handshakes = Arc::new(Tally::new("handshake refused"));
         let pins = {
@@ -96,25 +139,47 @@ impl Relay {
             .max_incoming(1024)
             .incoming_buffer_size(64 * 1024)
             .incoming_buffer_size_total(4 * 1024 * 1024);
-        let endpoint = quic::udp_socket(config.listen)
-            .and_then(|socket| {
-                let runtime = Arc::new(socket::Runtime);
-                let endpoint = quic::relay_endpoint(identity);
-                quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
-            })
-            .map_err(|source| RelayError::Bind {
-                address: config.listen,
-                source,
-            })?;
+        // Where agents connect: the previous process's sockets if it handed them over, so that
+        // an agent's first packets after the restart wait there for this process.
+        let mut own_sockets = Vec::new();
+        let endpoint = match adopted.take(Proto::Udp, config.listen) {
+            Some(fd) => Ok(std::net::UdpSocket::from(fd)),
+            None => quic::udp_socket(config.listen),
+        }
+        .and_then(|socket| {
+            own_sockets.push(std::os::fd::OwnedFd::from(socket.try_clone()?));
+            let runtime = Arc::new(socket::Runtime);
+            let endpoint = quic::relay_endpoint(identity);
+            quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
+        })
+        .map_err(|source| RelayError::Bind {
+            address: config.listen,
+            source,
+        })?;
         let tcp = match config.listen_tcp {
             None => None,
-            Some(address) => Some(TcpPath {
-                listener: carriers::bind(address)
-                    .map_err(|source| RelayError::BindTcp { address, source })?,
-                tls: TlsAcceptor::from(tls::tcp_server_config(identity, pins.clone())?),
-                endpoint: quic::relay_endpoint(identity),
-                server: tcp_server,
-            }),
+            Some(address) => {
+                let listener = match adopted.take(Proto::Tcp, address) {
+                    Some(fd) => {
+                        let listener = std::net::TcpListener::from(fd);
+                        listener
+                            .set_nonblocking(true)
+                            .and_then(|()| tokio::net::TcpListener::from_std(listener))
+                    }
+                    None => carriers::bind(address),
+                }
+                .and_then(|listener| {
+                    own_sockets.push(listener.as_fd().try_clone_to_owned()?);
+                    Ok(listener)
+                })
+                .map_err(|source| RelayError::BindTcp { address, source })?;
+                Some(TcpPath {
+                    listener,
+                    tls: TlsAcceptor::from(tls::tcp_server_config(identity, pins.clone())?),
+                    endpoint: quic::relay_endpoint(identity),
+                    server: tcp_server,
+                })
+            }
         };
         let visitors = Arc::new(Seats::new(limits.max_visitors));
         let shared = Arc::new(Shared {
@@ -134,12 +199,14 @@ impl Relay {
             hand_over: HandOver::default(),
             adopted_ports: Mutex::default(),
         });
+        restore(&shared, adopted);
         Ok(Self {
             endpoint,
             tcp,
             shared,
             fingerprint: identity.fingerprint(),
             state_key: handover::state_key(identity),
+            own_sockets,
         })
     }
 
@@ -178,33 +245,6 @@ impl Relay {
         self.shared.udp.clone()
     }
 
-    /// Takes over what the previous process handed over (see [`handover`]): each agent it
-    /// kept is put back as if its session had just been lost, its ports listening on the same
-    /// sockets and its visitor connections held for its next session. Call before
-    /// [`Relay::run`], within the runtime.
-    pub fn adopt(&self, passed: Vec<(String, std::os::fd::OwnedFd)>) -> handover::Counts {
-        let shared = &self.shared;
-        let path = handover::state_path(&shared.config.status_socket);
-        let passed_any = !passed.is_empty();
-        let adopted = handover::adopt(
-            passed,
-            &path,
-            &self.state_key,
-            shared.agents().len(),
-            shared.config.resume_window,
-        );
-        // Kept by systemd until now, taken or refused: a connection closed from here on must
-        // close for real.
-        if passed_any {
-            if let Some(store) = Store::from_env().and_then(Result::ok) {
-                if let Err(error) = store.forget(handover::FD_NAME) {
-                    tracing::warn!(%error, "cannot ask systemd to forget the handed-over sockets");
-                }
-            }
-        }
-        restore(shared, adopted)
-    }
-
     /// Serves agents and visitors until `shutdown` is cancelled, then drains: stops accepting,
     /// closes every session with [`CloseCode::RelayShutdown`] so agents reconnect at once, and
     /// returns within [`Limits::shutdown_grace`]. If the relay was asked to restart
@@ -218,6 +258,7 @@ impl Relay {
             shared,
             fingerprint,
             state_key,
+            own_sockets,
         } = self;
         tracing::info!(
             listen = %endpoint.local_addr().map_or("?".into(), |a| a.to_string()),
@@ -308,7 +349,7 @@ impl Relay {
             tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
         if let Some(store) = store {
-            match hand_over(&shared, &store, &state_key) {
+            match hand_over(&shared, &store, &state_key, own_sockets) {
                 Ok(counts) => tracing::info!(
                     agents = counts.agents,
                     ports = counts.ports,
@@ -356,11 +397,12 @@ fn hand_over(
     shared: &Shared,
     store: &Store,
     key: &ring::hmac::Key,
+    own_sockets: Vec<std::os::fd::OwnedFd>,
 ) -> io::Result<handover::Counts> {
     let handed = shared.hand_over.take();
     let kept = shared.table().hand_over();
     let mut counts = handover::Counts::default();
-    let mut sockets = Vec::new();
+    let mut sockets = own_sockets;
     let mut owner = HashMap::new();
     let mut agents = Vec::with_capacity(kept.len());
     for (index, agent) in kept.into_iter().enumerate() {
@@ -413,7 +455,7 @@ fn hand_over(
 }
 
 /// Puts back each agent of the previous process's state that is still listed (see
-/// [`Relay::adopt`]); whatever is not put back is closed, with a log line.
+/// [`Relay::take_over`]); whatever is not put back is closed, with a log line.
 fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts {
     let mut counts = handover::Counts::default();
     let handover::Adopted {
@@ -421,14 +463,19 @@ fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts
         mut connections,
         state,
     } = adopted;
-    let Some(state) = state else {
-        return counts;
-    };
     let (port_count, sockets) = (ports.len(), ports.len() + connections.len());
     *shared
         .adopted_ports
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = ports;
+    let Some(state) = state else {
+        // Ports without a state (it was refused): each goes to its agent when the agent asks
+        // for it again, and closes if no agent does within the port hold.
+        if port_count > 0 {
+            release_adopted_after(shared, shared.limits.port_hold);
+        }
+        return counts;
+    };
     let streams: usize = state.agents.iter().map(|a| a.streams.len()).sum();
     if sockets == 0 && streams > 0 {
         tracing::warn!(
@@ -519,6 +566,23 @@ fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts
     );
     counts.ports = port_count - leftover.len();
     counts
+}
+
+/// Closes, after `hold`, the public ports the previous process left that no agent asked for
+/// again.
+fn release_adopted_after(shared: &Arc<Shared>, hold: Duration) {
+    let shared2 = shared.clone();
+    shared.tasks.spawn(async move {
+        tokio::select! {
+            () = tokio::time::sleep(hold) => {}
+            () = shared2.shutdown.cancelled() => {}
+        }
+        shared2
+            .adopted_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    });
 }
 
 /// What a reload changed, by agent name.

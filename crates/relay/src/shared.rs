@@ -3,6 +3,7 @@
 //! places that every public port uses.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -47,7 +48,7 @@ pub struct Shared {
     pub hand_over: HandOver,
     /// Public ports' sockets the previous process left, until the agent that held each one
     /// asks for it again (see `handover`).
-    pub(crate) adopted_ports: Mutex<HashMap<(Proto, u16), OwnedFd>>,
+    pub(crate) adopted_ports: Mutex<HashMap<(Proto, SocketAddr), OwnedFd>>,
 }
 
 impl Shared {
@@ -65,20 +66,22 @@ impl Shared {
     }
 
     /// The socket of public `port` that the previous process left, if it is bound where this
-    /// relay's `public_bind` says; one bound elsewhere is closed.
+    /// relay's `public_bind` says.
     pub fn adopted_port(&self, proto: Proto, port: u16) -> Option<socket2::Socket> {
-        let fd = self
-            .adopted_ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(proto, port))?;
-        let socket = socket2::Socket::from(fd);
-        let ip = socket.local_addr().ok()?.as_socket()?.ip().to_canonical();
-        let here = match self.config.public_bind {
-            Some(bind) => bind.to_canonical() == ip,
-            None => ip.is_unspecified(),
+        let mut adopted = self.adopted_ports.lock().unwrap_or_else(|e| e.into_inner());
+        let here = |address: &SocketAddr| {
+            address.port() == port
+                && match self.config.public_bind {
+                    Some(bind) => bind.to_canonical() == address.ip(),
+                    None => address.ip().is_unspecified(),
+                }
         };
-        (here && socket.set_nonblocking(true).is_ok()).then_some(socket)
+        let key = *adopted
+            .keys()
+            .find(|(p, address)| *p == proto && here(address))?;
+        let socket = socket2::Socket::from(adopted.remove(&key)?);
+        socket.set_nonblocking(true).ok()?;
+        Some(socket)
     }
 
     /// The listed agent with this key, if any.

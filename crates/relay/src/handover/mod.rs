@@ -154,17 +154,20 @@ fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// What the previous process left: its sockets by what they are, and its state if it holds.
 #[derive(Default)]
 pub struct Adopted {
-    /// Public ports' sockets, listening (TCP) or bound (UDP), by protocol and port.
-    pub ports: HashMap<(Proto, u16), OwnedFd>,
+    /// Sockets that listen (TCP) or are bound (UDP), by protocol and address: the relay's own
+    /// (where agents connect) and its public ports'. Kept whether the state holds or not: they
+    /// carry nothing of a connection, and a port systemd still holds could not be bound again
+    /// until it let go.
+    pub ports: HashMap<(Proto, SocketAddr), OwnedFd>,
     /// Visitor connections, by (the relay's end, the visitor's end).
     pub connections: HashMap<(SocketAddr, SocketAddr), std::net::TcpStream>,
     pub state: Option<State>,
 }
 
 impl Adopted {
-    /// Whether nothing was left.
-    pub fn is_empty(&self) -> bool {
-        self.ports.is_empty() && self.connections.is_empty() && self.state.is_none()
+    /// The socket bound at `address`, if one was left.
+    pub fn take(&mut self, proto: Proto, address: SocketAddr) -> Option<OwnedFd> {
+        self.ports.remove(&(proto, canonical(address)))
     }
 }
 
@@ -187,8 +190,8 @@ pub fn adopt(
             continue;
         }
         match classify(fd) {
-            Ok(Socket::Port(proto, port, fd)) => {
-                adopted.ports.insert((proto, port), fd);
+            Ok(Socket::Port(proto, address, fd)) => {
+                adopted.ports.insert((proto, address), fd);
             }
             Ok(Socket::Connection(ends, tcp)) => {
                 adopted.connections.insert(ends, tcp);
@@ -196,18 +199,23 @@ pub fn adopt(
             Err(why) => tracing::warn!("a descriptor systemd passed is refused: {why}; closed"),
         }
     }
+    let closed = |adopted: Adopted| Adopted {
+        ports: adopted.ports,
+        ..Adopted::default()
+    };
     let file = match read_once(path, State::max_len(agents)) {
         Ok(file) => file,
         Err(error) => {
-            if !(adopted.ports.is_empty() && adopted.connections.is_empty()) {
+            if !adopted.connections.is_empty() {
                 tracing::warn!(
                     path = %path.display(),
                     %error,
-                    "systemd passed {} sockets but the hand-over state cannot be read; they are closed",
-                    adopted.ports.len() + adopted.connections.len(),
+                    "systemd passed {} visitor connections but the hand-over state cannot be \
+                     read; they are closed",
+                    adopted.connections.len(),
                 );
             }
-            return Adopted::default();
+            return closed(adopted);
         }
     };
     let state = State::decode(&file, key, agents)
@@ -218,10 +226,11 @@ pub fn adopt(
         Err(why) => {
             tracing::warn!(
                 path = %path.display(),
-                "the hand-over state is refused: {why}; the {} sockets that came with it are closed",
-                adopted.ports.len() + adopted.connections.len(),
+                "the hand-over state is refused: {why}; the {} visitor connections that came \
+                 with it are closed",
+                adopted.connections.len(),
             );
-            return Adopted::default();
+            return closed(adopted);
         }
     }
     adopted
@@ -256,7 +265,7 @@ fn read_once(path: &Path, max: usize) -> io::Result<Vec<u8>> {
 }
 
 enum Socket {
-    Port(Proto, u16, OwnedFd),
+    Port(Proto, SocketAddr, OwnedFd),
     Connection((SocketAddr, SocketAddr), std::net::TcpStream),
 }
 
@@ -274,13 +283,13 @@ fn classify(fd: OwnedFd) -> Result<Socket, String> {
         .ok_or("it is not an IP socket")?;
     let local = canonical(local);
     if kind == socket2::Type::DGRAM {
-        return Ok(Socket::Port(Proto::Udp, local.port(), fd));
+        return Ok(Socket::Port(Proto::Udp, local, fd));
     }
     if kind != socket2::Type::STREAM {
         return Err(format!("a socket of another type ({kind:?})"));
     }
     if socket.is_listener().unwrap_or(false) {
-        return Ok(Socket::Port(Proto::Tcp, local.port(), fd));
+        return Ok(Socket::Port(Proto::Tcp, local, fd));
     }
     let peer = socket
         .peer_addr()
