@@ -5,9 +5,11 @@
 //! upgrade), the relay stops accepting, freezes every visitor connection where it is (the
 //! splice stops between two reads and two writes, touching neither the connection nor its
 //! stream), closes each agent's session with [`CloseCode::RelayRestart`] (the agent holds its
-//! connections and reconnects at once), hands the sockets of its public ports and visitor
-//! connections to systemd's descriptor store, writes what each stream was in a state file
-//! beside the status socket ([`state`]), and exits. A stop (`SIGTERM`) drains as before.
+//! connections and reconnects at once), hands its own sockets (where agents connect, so that
+//! their first packets after the goodbye wait there for the next process), its public ports
+//! and its visitor connections to systemd's descriptor store, writes what each stream was in a
+//! state file beside the status socket ([`state`]), and exits. A stop (`SIGTERM`) drains as
+//! before.
 //!
 //! The next process takes the sockets back ([`adopt`]), reads the state file once and deletes
 //! it, asks systemd to forget the sockets (so that a connection it closes is closed), and puts
@@ -16,10 +18,11 @@
 //! the old process closed, and every stream resumes from the offsets both sides kept.
 //!
 //! Nothing is taken on trust: a state file that another relay wrote, that is changed, cut,
-//! too old or of another format is refused whole, with a log line saying why, and the sockets
-//! that came with it are closed; a socket that no stream names, or a stream whose socket did
-//! not come, is closed; an agent no longer listed gets nothing back. What is restored takes
-//! the same places and room as on a running relay.
+//! too old or of another format is refused whole, with a log line saying why, and the visitor
+//! connections that came with it are closed (listening sockets carry nothing of a connection
+//! and stay: a port systemd still held could not be bound again at once); a connection that no
+//! stream names, or a stream whose socket did not come, is closed; an agent no longer listed
+//! gets nothing back. What is restored takes the same places and room as on a running relay.
 //!
 //! [`CloseCode::RelayRestart`]: tether_common::wire::protocol::CloseCode::RelayRestart
 
