@@ -368,7 +368,7 @@ impl Agent {
                 tracing::debug!(%error, "the relay is handing over to its next process; asking again");
             } else if restarting {
                 // Expected while a relay restarts: it refuses new sessions as it drains.
-                tracing::info!(%error, "the relay is restarting; reconnecting in {:.1}s", retry_in.as_secs_f64());
+                tracing::info!(%error, "the relay is stopping or restarting; reconnecting in {:.1}s", retry_in.as_secs_f64());
             } else {
                 tracing::warn!(%error, "reconnecting in {:.1}s", retry_in.as_secs_f64());
             }
