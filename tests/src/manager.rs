@@ -59,9 +59,18 @@ impl Manager {
         &self.path
     }
 
-    /// How many descriptors the store holds now.
-    pub fn stored(&self) -> usize {
-        self.lock().stored.len()
+    /// How many descriptors the store holds now under `name`.
+    pub fn stored(&self, name: &str) -> usize {
+        self.lock().stored.iter().filter(|(n, _)| n == name).count()
+    }
+
+    /// Returns once every notification sent before this call has been taken in: the socket
+    /// delivers in order, so a message of the manager's own, once seen, comes after them.
+    pub async fn settle(&self) {
+        let marker = format!("X_SETTLED={}", rand::random::<u64>());
+        let socket = UnixDatagram::unbound().expect("a socket");
+        socket.send_to(marker.as_bytes(), &self.path).expect("send");
+        self.wait_for(&marker, 0).await;
     }
 
     /// Every notification so far.

@@ -3,11 +3,12 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tether_common::net::ports::Proto;
+use tether_common::service::fdstore::Store;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
@@ -19,18 +20,64 @@ pub struct Listening {
     pub tcp: Option<Arc<TcpListener>>,
     /// A UDP port's socket, where answers to its visitors leave from.
     pub udp: Option<Arc<UdpSocket>>,
+    /// Where systemd keeps a copy of the socket while the port is open, so that the port
+    /// outlives a crash of the relay (see `handover`); it is taken out when the port closes.
+    pub kept: Option<Kept>,
+}
+
+/// A socket in systemd's store under a name of its own.
+pub struct Kept {
+    pub store: Arc<Store>,
+    pub name: String,
+}
+
+impl Kept {
+    /// Has `store`, if any, keep a copy of `socket` under `name`; `adopted`: a socket the
+    /// previous process left, which the store keeps already. `None` if there is no store or
+    /// it cannot take the socket.
+    pub fn keep(
+        store: Option<&Arc<Store>>,
+        name: String,
+        socket: BorrowedFd<'_>,
+        adopted: bool,
+    ) -> Option<Self> {
+        let store = store?.clone();
+        if !adopted {
+            if let Err(error) = store.keep(&name, &[socket]) {
+                tracing::debug!(%error, name, "cannot hand a socket to systemd's store");
+                return None;
+            }
+        }
+        Some(Self { store, name })
+    }
+
+    /// Asks systemd to close and forget its copy.
+    pub fn forget(self) {
+        if let Err(error) = self.store.forget(&self.name) {
+            tracing::debug!(%error, name = self.name, "cannot take a socket out of systemd's store");
+        }
+    }
+}
+
+/// The name a public port's socket is kept under in systemd's store.
+pub fn kept_name(proto: Proto, port: u16) -> String {
+    format!("{proto}-{port}")
 }
 
 impl Listening {
-    /// The port's socket, for the next process to take over (see `handover`): from here on,
-    /// dropping this no longer stops the listener, which goes on in that process.
-    pub fn hand_over(mut self) -> io::Result<OwnedFd> {
-        let socket = match (self.tcp.take(), &self.udp) {
-            (Some(tcp), _) => tcp.as_fd().try_clone_to_owned(),
-            (None, Some(udp)) => udp.as_fd().try_clone_to_owned(),
+    /// Leaves the port's socket to the next process (see `handover`): from here on, dropping
+    /// this no longer stops the listener, which goes on in that process. The socket, if
+    /// systemd does not keep a copy already.
+    pub fn hand_over(mut self) -> io::Result<Option<OwnedFd>> {
+        let tcp = self.tcp.take();
+        if self.kept.take().is_some() {
+            return Ok(None);
+        }
+        match (tcp, &self.udp) {
+            (Some(tcp), _) => tcp.as_fd().try_clone_to_owned().map(Some),
+            (None, Some(udp)) => udp.as_fd().try_clone_to_owned().map(Some),
             (None, None) => Err(io::Error::other("a port without a socket")),
-        };
-        socket
+        }
     }
 }
 
@@ -41,6 +88,9 @@ impl Drop for Listening {
             if let Err(error) = SockRef::from(&**listener).shutdown(Shutdown::Both) {
                 tracing::debug!(%error, "cannot stop listening");
             }
+        }
+        if let Some(kept) = self.kept.take() {
+            kept.forget();
         }
     }
 }

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -28,6 +28,7 @@ use crate::handshakes::{Pending, Verdict};
 use crate::invites::Invites;
 use crate::limits::Limits;
 use crate::places::Seats;
+use crate::public::Kept;
 use crate::session;
 use crate::shared::Shared;
 use crate::status::RelayStatus;
@@ -61,8 +62,6 @@ pub struct Relay {
     fingerprint: tether_common::trust::identity::Fingerprint,
     /// Signs the state a restart leaves for the next process.
     state_key: ring::hmac::Key,
-    /// The sockets where agents connect (UDP, and TCP if any), handed over on a restart.
-    own_sockets: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Relay {
@@ -100,9 +99,9 @@ impl Relay {
             config.resume_window,
         );
         // Kept by systemd until now, taken or refused: a connection closed from here on must
-        // close for real.
+        // close for real. Listening sockets stay kept under their own names.
         if passed_any {
-            if let Some(store) = Store::from_env().and_then(Result::ok) {
+            if let Ok(store) = handover::systemd_store() {
                 if let Err(error) = store.forget(handover::FD_NAME) {
                     tracing::warn!(%error, "cannot ask systemd to forget the handed-over sockets");
                 }
@@ -139,15 +138,21 @@ impl Relay {
             .max_incoming(1024)
             .incoming_buffer_size(64 * 1024)
             .incoming_buffer_size_total(4 * 1024 * 1024);
-        // Where agents connect: the previous process's sockets if it handed them over, so that
-        // an agent's first packets after the restart wait there for this process.
-        let mut own_sockets = Vec::new();
-        let endpoint = match adopted.take(Proto::Udp, config.listen) {
+        // Where agents connect: the previous process's sockets if it left them, so that an
+        // agent's first packets after a restart or a crash wait there for this process; kept
+        // in systemd's store from here on, for the next.
+        let store = handover::systemd_store().ok();
+        let keep = |name: &str, socket: BorrowedFd<'_>, adopted: bool| {
+            Kept::keep(store.as_ref(), name.to_owned(), socket, adopted)
+        };
+        let adopted_udp = adopted.take(Proto::Udp, config.listen);
+        let udp_was_kept = adopted_udp.is_some();
+        let endpoint = match adopted_udp {
             Some(fd) => Ok(std::net::UdpSocket::from(fd)),
             None => quic::udp_socket(config.listen),
         }
         .and_then(|socket| {
-            own_sockets.push(std::os::fd::OwnedFd::from(socket.try_clone()?));
+            keep(handover::LISTEN_UDP, socket.as_fd(), udp_was_kept);
             let runtime = Arc::new(socket::Runtime);
             let endpoint = quic::relay_endpoint(identity);
             quinn::Endpoint::new(endpoint, Some(server), socket, runtime)
@@ -159,7 +164,9 @@ impl Relay {
         let tcp = match config.listen_tcp {
             None => None,
             Some(address) => {
-                let listener = match adopted.take(Proto::Tcp, address) {
+                let adopted_tcp = adopted.take(Proto::Tcp, address);
+                let tcp_was_kept = adopted_tcp.is_some();
+                let listener = match adopted_tcp {
                     Some(fd) => {
                         let listener = std::net::TcpListener::from(fd);
                         listener
@@ -168,11 +175,8 @@ impl Relay {
                     }
                     None => carriers::bind(address),
                 }
-                .and_then(|listener| {
-                    own_sockets.push(listener.as_fd().try_clone_to_owned()?);
-                    Ok(listener)
-                })
                 .map_err(|source| RelayError::BindTcp { address, source })?;
+                keep(handover::LISTEN_TCP, listener.as_fd(), tcp_was_kept);
                 Some(TcpPath {
                     listener,
                     tls: TlsAcceptor::from(tls::tcp_server_config(identity, pins.clone())?),
@@ -198,6 +202,7 @@ impl Relay {
             refused_handshakes,
             hand_over: HandOver::default(),
             adopted_ports: Mutex::default(),
+            store,
         });
         restore(&shared, adopted);
         Ok(Self {
@@ -206,7 +211,6 @@ impl Relay {
             shared,
             fingerprint: identity.fingerprint(),
             state_key: handover::state_key(identity),
-            own_sockets,
         })
     }
 
@@ -258,7 +262,6 @@ impl Relay {
             shared,
             fingerprint,
             state_key,
-            own_sockets,
         } = self;
         tracing::info!(
             listen = %endpoint.local_addr().map_or("?".into(), |a| a.to_string()),
@@ -313,11 +316,10 @@ impl Relay {
         shared.audit.flush(period);
         // No new agent over TCP; those connected are closed with their sessions.
         drop(tcp);
-        let store = shared
-            .hand_over
-            .is_requested()
-            .then(store_for_restart)
-            .flatten();
+        let store = match shared.hand_over.is_requested() {
+            true => store_for_restart(),
+            false => None,
+        };
         let code = match store {
             Some(_) => {
                 // First, so that every visitor connection stops where it is before the
@@ -349,7 +351,7 @@ impl Relay {
             tracing::warn!("drain took longer than {grace:?}; exiting anyway");
         }
         if let Some(store) = store {
-            match hand_over(&shared, &store, &state_key, own_sockets) {
+            match hand_over(&shared, &store, &state_key) {
                 Ok(counts) => tracing::info!(
                     agents = counts.agents,
                     ports = counts.ports,
@@ -369,22 +371,11 @@ impl Relay {
 
 /// systemd's descriptor store, for a relay asked to restart; `None`, with a log line saying
 /// why, where there is none to keep its connections (it then drains as for a stop).
-fn store_for_restart() -> Option<Store> {
-    let no_store = |why: &str| {
-        tracing::warn!("asked to restart keeping connections, but {why}: draining instead");
-    };
-    if std::env::var("FDSTORE").is_ok_and(|max| max.trim() == "0") {
-        no_store("the unit keeps no descriptors (FileDescriptorStoreMax=0)");
-        return None;
-    }
-    match Store::from_env() {
-        Some(Ok(store)) => Some(store),
-        Some(Err(error)) => {
-            no_store(&format!("systemd's notify socket cannot be used ({error})"));
-            None
-        }
-        None => {
-            no_store("no service manager keeps descriptors here (not started by systemd)");
+fn store_for_restart() -> Option<Arc<Store>> {
+    match handover::systemd_store() {
+        Ok(store) => Some(store),
+        Err(why) => {
+            tracing::warn!("asked to restart keeping connections, but {why}: draining instead");
             None
         }
     }
@@ -397,12 +388,12 @@ fn hand_over(
     shared: &Shared,
     store: &Store,
     key: &ring::hmac::Key,
-    own_sockets: Vec<std::os::fd::OwnedFd>,
 ) -> io::Result<handover::Counts> {
     let handed = shared.hand_over.take();
     let kept = shared.table().hand_over();
     let mut counts = handover::Counts::default();
-    let mut sockets = own_sockets;
+    // Listening sockets are in the store already, under names of their own.
+    let mut sockets = Vec::new();
     let mut owner = HashMap::new();
     let mut agents = Vec::with_capacity(kept.len());
     for (index, agent) in kept.into_iter().enumerate() {
@@ -412,7 +403,7 @@ fn hand_over(
             }
             match listening.hand_over() {
                 Ok(fd) => {
-                    sockets.push(fd);
+                    sockets.extend(fd);
                     counts.ports += 1;
                 }
                 Err(error) => tracing::warn!(port, %error, "cannot hand a public port over"),
@@ -558,13 +549,13 @@ fn restore(shared: &Arc<Shared>, adopted: handover::Adopted) -> handover::Counts
         );
     }
     // Ports no agent asked for again close here.
-    let leftover = std::mem::take(
-        &mut *shared
-            .adopted_ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()),
-    );
-    counts.ports = port_count - leftover.len();
+    let leftover = shared
+        .adopted_ports
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .len();
+    shared.release_adopted();
+    counts.ports = port_count - leftover;
     counts
 }
 
@@ -577,11 +568,7 @@ fn release_adopted_after(shared: &Arc<Shared>, hold: Duration) {
             () = tokio::time::sleep(hold) => {}
             () = shared2.shutdown.cancelled() => {}
         }
-        shared2
-            .adopted_ports
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        shared2.release_adopted();
     });
 }
 

@@ -4,11 +4,12 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tether_common::config::{AgentEntry, RelayConfig};
 use tether_common::net::ports::Proto;
+use tether_common::service::fdstore::Store;
 use tether_common::trust::identity::Fingerprint;
 use tether_common::trust::tls::AgentPins;
 use tether_common::wire::datagram::UdpCounters;
@@ -21,6 +22,7 @@ use crate::handover::HandOver;
 use crate::invites::Invites;
 use crate::limits::Limits;
 use crate::places::Seats;
+use crate::public::Kept;
 use crate::tally::Tally;
 
 /// What every task of the relay shares.
@@ -48,7 +50,9 @@ pub struct Shared {
     pub hand_over: HandOver,
     /// Public ports' sockets the previous process left, until the agent that held each one
     /// asks for it again (see `handover`).
-    pub(crate) adopted_ports: Mutex<HashMap<(Proto, SocketAddr), OwnedFd>>,
+    pub(crate) adopted_ports: Mutex<HashMap<(Proto, SocketAddr), (String, OwnedFd)>>,
+    /// systemd's store of descriptors, under systemd with room for them; `None` elsewhere.
+    pub store: Option<Arc<Store>>,
 }
 
 impl Shared {
@@ -65,6 +69,25 @@ impl Shared {
             .clone()
     }
 
+    /// Has systemd keep a copy of a socket the relay just bound, under `name`, for as long
+    /// as the returned [`Kept`] is held; `adopted`: a socket the previous process left, which
+    /// systemd keeps already. `None` outside systemd, or if systemd cannot take it.
+    pub fn keep(&self, name: String, socket: BorrowedFd<'_>, adopted: bool) -> Option<Kept> {
+        Kept::keep(self.store.as_ref(), name, socket, adopted)
+    }
+
+    /// Closes the sockets the previous process left that were not taken again, and has
+    /// systemd forget them.
+    pub fn release_adopted(&self) {
+        let left =
+            std::mem::take(&mut *self.adopted_ports.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, _) in left.into_values() {
+            if let Some(store) = &self.store {
+                let _ = store.forget(&name);
+            }
+        }
+    }
+
     /// The socket of public `port` that the previous process left, if it is bound where this
     /// relay's `public_bind` says.
     pub fn adopted_port(&self, proto: Proto, port: u16) -> Option<socket2::Socket> {
@@ -79,7 +102,8 @@ impl Shared {
         let key = *adopted
             .keys()
             .find(|(p, address)| *p == proto && here(address))?;
-        let socket = socket2::Socket::from(adopted.remove(&key)?);
+        let (_, fd) = adopted.remove(&key)?;
+        let socket = socket2::Socket::from(fd);
         socket.set_nonblocking(true).ok()?;
         Some(socket)
     }

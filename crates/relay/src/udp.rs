@@ -8,6 +8,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,10 +35,11 @@ pub fn listen(
     port: u16,
     session: SessionWatch,
 ) -> io::Result<Listening> {
-    let socket = match shared.adopted_port(Proto::Udp, port) {
-        Some(socket) => UdpSocket::from_std(socket.into())?,
-        None => bind_udp(shared.config.public_bind, port)?,
+    let (socket, adopted) = match shared.adopted_port(Proto::Udp, port) {
+        Some(socket) => (UdpSocket::from_std(socket.into())?, true),
+        None => (bind_udp(shared.config.public_bind, port)?, false),
     };
+    let kept = shared.keep(public::kept_name(Proto::Udp, port), socket.as_fd(), adopted);
     let socket = Arc::new(socket);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port, proto = "udp");
@@ -53,6 +55,7 @@ pub fn listen(
         cancel,
         tcp: None,
         udp: Some(socket),
+        kept,
     })
 }
 

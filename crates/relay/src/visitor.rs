@@ -6,6 +6,7 @@
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,10 +32,15 @@ pub fn listen(
     port: u16,
     session: SessionWatch,
 ) -> io::Result<Listening> {
-    let listener = match shared.adopted_port(Proto::Tcp, port) {
-        Some(socket) => TcpListener::from_std(socket.into())?,
-        None => bind_tcp(shared.config.public_bind, port)?,
+    let (listener, adopted) = match shared.adopted_port(Proto::Tcp, port) {
+        Some(socket) => (TcpListener::from_std(socket.into())?, true),
+        None => (bind_tcp(shared.config.public_bind, port)?, false),
     };
+    let kept = shared.keep(
+        public::kept_name(Proto::Tcp, port),
+        listener.as_fd(),
+        adopted,
+    );
     let listener = Arc::new(listener);
     let cancel = shared.shutdown.child_token();
     let span = tracing::info_span!("port", agent, port);
@@ -54,6 +60,7 @@ pub fn listen(
         cancel,
         tcp: Some(listener),
         udp: None,
+        kept,
     })
 }
 

@@ -17,6 +17,11 @@
 //! sockets, its visitors held for the resume window. The agent's next Hello names the session
 //! the old process closed, and every stream resumes from the offsets both sides kept.
 //!
+//! Listening sockets (the relay's own, where agents connect, and each public port's) go to the
+//! store as they open, under a name of their own, and out of it as they close: a crash closes
+//! the visitor connections, but the ports keep listening, and a visitor who connects while the
+//! relay is down waits in the port's queue for the next process.
+//!
 //! Nothing is taken on trust: a state file that another relay wrote, that is changed, cut,
 //! too old or of another format is refused whole, with a log line saying why, and the visitor
 //! connections that came with it are closed (listening sockets carry nothing of a connection
@@ -47,6 +52,25 @@ pub use state::{AgentState, State, StateError, StreamState};
 
 /// The name the relay's descriptors are kept under in systemd's store.
 pub const FD_NAME: &str = "tether-relay";
+
+/// The names the relay's own sockets are kept under in systemd's store while it runs: where
+/// agents connect over UDP and over TCP. Public ports are kept under their own
+/// (`public::kept_name`). Kept from the moment they are bound, these outlive even a crash.
+pub const LISTEN_UDP: &str = "listen-udp";
+pub const LISTEN_TCP: &str = "listen-tcp";
+
+/// systemd's store of descriptors for this service, or why there is none: not started by
+/// systemd, a unit that keeps no descriptors, or a notify socket that cannot be used.
+pub fn systemd_store() -> Result<std::sync::Arc<Store>, String> {
+    if std::env::var("FDSTORE").is_ok_and(|max| max.trim() == "0") {
+        return Err("the unit keeps no descriptors (FileDescriptorStoreMax=0)".into());
+    }
+    match Store::from_env() {
+        Some(Ok(store)) => Ok(std::sync::Arc::new(store)),
+        Some(Err(error)) => Err(format!("systemd's notify socket cannot be used ({error})")),
+        None => Err("no service manager keeps descriptors here (not started by systemd)".into()),
+    }
+}
 
 /// The state file's name, in the folder of the status socket (the unit's runtime directory).
 const STATE_FILE: &str = "handover";
@@ -161,7 +185,8 @@ pub struct Adopted {
     /// (where agents connect) and its public ports'. Kept whether the state holds or not: they
     /// carry nothing of a connection, and a port systemd still holds could not be bound again
     /// until it let go.
-    pub ports: HashMap<(Proto, SocketAddr), OwnedFd>,
+    /// Each with the name systemd keeps it under.
+    pub ports: HashMap<(Proto, SocketAddr), (String, OwnedFd)>,
     /// Visitor connections, by (the relay's end, the visitor's end).
     pub connections: HashMap<(SocketAddr, SocketAddr), std::net::TcpStream>,
     pub state: Option<State>,
@@ -170,7 +195,8 @@ pub struct Adopted {
 impl Adopted {
     /// The socket bound at `address`, if one was left.
     pub fn take(&mut self, proto: Proto, address: SocketAddr) -> Option<OwnedFd> {
-        self.ports.remove(&(proto, canonical(address)))
+        let (_, fd) = self.ports.remove(&(proto, canonical(address)))?;
+        Some(fd)
     }
 }
 
@@ -188,17 +214,18 @@ pub fn adopt(
 ) -> Adopted {
     let mut adopted = Adopted::default();
     for (name, fd) in passed {
-        if name != FD_NAME {
-            tracing::warn!(name = %tether_common::wire::text::printable(&name), "a descriptor systemd passed is not one of the relay's; closed");
-            continue;
-        }
         match classify(fd) {
             Ok(Socket::Port(proto, address, fd)) => {
-                adopted.ports.insert((proto, address), fd);
+                adopted.ports.insert((proto, address), (name, fd));
             }
-            Ok(Socket::Connection(ends, tcp)) => {
+            // Connections come with a state, under the hand-over's name.
+            Ok(Socket::Connection(ends, tcp)) if name == FD_NAME => {
                 adopted.connections.insert(ends, tcp);
             }
+            Ok(Socket::Connection(..)) => tracing::warn!(
+                name = %tether_common::wire::text::printable(&name),
+                "a connection systemd passed under another name than the relay's; closed"
+            ),
             Err(why) => tracing::warn!("a descriptor systemd passed is refused: {why}; closed"),
         }
     }
