@@ -43,7 +43,7 @@ impl Kept {
     ) -> Option<Self> {
         let store = store?.clone();
         if !adopted {
-            if let Err(error) = store.keep(&name, &[socket]) {
+            if let Err(error) = store.keep_at_once(&name, &[socket]) {
                 tracing::debug!(%error, name, "cannot hand a socket to systemd's store");
                 return None;
             }

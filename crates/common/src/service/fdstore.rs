@@ -76,8 +76,19 @@ impl Store {
         Ok(Self { socket })
     }
 
-    /// Hands `fds` to systemd to keep under `name`, [`PER_MESSAGE`] at a time.
+    /// Hands `fds` to systemd to keep under `name`, [`PER_MESSAGE`] at a time, waiting for
+    /// systemd to take each message: for a service on its way out.
     pub fn keep(&self, name: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_fds(name, fds, SendFlags::empty())
+    }
+
+    /// [`Store::keep`] without waiting: for a running service, which must not stall on a
+    /// busy systemd; a message systemd cannot take at once fails with `WouldBlock`.
+    pub fn keep_at_once(&self, name: &str, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        self.send_fds(name, fds, SendFlags::DONTWAIT)
+    }
+
+    fn send_fds(&self, name: &str, fds: &[BorrowedFd<'_>], flags: SendFlags) -> io::Result<()> {
         let message = format!("FDSTORE=1\nFDNAME={name}");
         for batch in fds.chunks(PER_MESSAGE) {
             let mut space =
@@ -87,15 +98,71 @@ impl Store {
                 return Err(io::Error::other("descriptors do not fit one message"));
             }
             let iov = [IoSlice::new(message.as_bytes())];
-            rustix::net::sendmsg(&self.socket, &iov, &mut control, SendFlags::empty())?;
+            rustix::net::sendmsg(&self.socket, &iov, &mut control, flags)?;
         }
         Ok(())
     }
 
-    /// Asks systemd to close and forget every descriptor it keeps under `name`.
+    /// Asks systemd to close and forget every descriptor it keeps under `name`, without
+    /// waiting for it to take the message.
     pub fn forget(&self, name: &str) -> io::Result<()> {
         let message = format!("FDSTOREREMOVE=1\nFDNAME={name}");
-        self.socket.send(message.as_bytes())?;
+        rustix::net::send(&self.socket, message.as_bytes(), SendFlags::DONTWAIT)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    use std::io::IoSliceMut;
+    use std::os::fd::AsFd;
+
+    /// The next message on `socket`: its text and how many descriptors came with it.
+    fn receive(socket: &UnixDatagram) -> (String, usize) {
+        let mut buffer = [0u8; 256];
+        let mut space =
+            vec![std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(PER_MESSAGE))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut buffer)];
+        let got = rustix::net::recvmsg(socket, &mut iov, &mut control, RecvFlags::CMSG_CLOEXEC)
+            .expect("a message");
+        let mut fds = 0;
+        for message in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = message {
+                fds += rights.count();
+            }
+        }
+        (
+            String::from_utf8_lossy(&buffer[..got.bytes]).into_owned(),
+            fds,
+        )
+    }
+
+    #[test]
+    fn descriptors_go_to_the_store_in_messages_of_at_most_the_kernels_limit_and_come_out_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let systemd = UnixDatagram::bind(&path).unwrap();
+        let store = Store::at(path.to_str().unwrap()).unwrap();
+        let sockets: Vec<_> = (0..300)
+            .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let fds: Vec<_> = sockets.iter().map(AsFd::as_fd).collect();
+        store.keep("tcp-2222", &fds).unwrap();
+        store.keep_at_once("listen-udp", &fds[..1]).unwrap();
+        store.forget("tcp-2222").unwrap();
+        let kept = "FDSTORE=1\nFDNAME=tcp-2222".to_owned();
+        assert_eq!(receive(&systemd), (kept.clone(), PER_MESSAGE));
+        assert_eq!(receive(&systemd), (kept, 300 - PER_MESSAGE));
+        assert_eq!(
+            receive(&systemd),
+            ("FDSTORE=1\nFDNAME=listen-udp".to_owned(), 1)
+        );
+        assert_eq!(
+            receive(&systemd),
+            ("FDSTOREREMOVE=1\nFDNAME=tcp-2222".to_owned(), 0)
+        );
     }
 }
