@@ -100,8 +100,10 @@ pub struct Held<'a> {
     pub window: Duration,
     /// Cancelled when this process stops.
     pub stop: &'a CancellationToken,
-    /// Cancelled when this process hands its connections over to the next one (a relay that
-    /// restarts); `None` where that never happens.
+    /// Cancelled, before `stop` is, when this process hands its connections over to the next
+    /// one (a relay that restarts): `stop` then stops the splice as a hand-over. `None` where
+    /// that never happens. Read when `stop` fires rather than waited for beside it, so that
+    /// it costs no room in every connection's future.
     pub hand_over: Option<&'a CancellationToken>,
     pub meter: Meter<'a>,
 }
@@ -183,8 +185,7 @@ async fn wait_for_link(held: &Held<'_>) -> Result<Link, SpliceError> {
     let give_up = async {
         tokio::select! {
             biased;
-            () = handing_over(held.hand_over) => SpliceError::HandedOver(None),
-            () = held.stop.cancelled() => SpliceError::Stopping,
+            () = held.stop.cancelled() => held.stopped(),
             () = held.stream.revoked() => SpliceError::Revoked,
             () = tokio::time::sleep_until(deadline) => SpliceError::NotResumed(held.window),
         }
@@ -251,11 +252,10 @@ async fn carry(
     let (mut outgoing_done, mut incoming_done) = (false, false);
     while !(outgoing_done && incoming_done) {
         tokio::select! {
-            // Checked first: once stopping, the errors of the closing session are no failures;
-            // a hand-over first of all, as the relay stops its sessions after it asked for one.
+            // Checked first: once stopping (or handing over), the errors of the closing session
+            // are no failures.
             biased;
-            () = handing_over(held.hand_over) => return Err(SpliceError::HandedOver(None)),
-            () = held.stop.cancelled() => return Err(SpliceError::Stopping),
+            () = held.stop.cancelled() => return Err(held.stopped()),
             () = stream.revoked() => return Err(SpliceError::Revoked),
             // The directions may both be waiting on something other than the session: the
             // session's end must end them.
@@ -273,11 +273,13 @@ async fn carry(
     Ok(())
 }
 
-/// Completes once `token`, if any, is cancelled.
-async fn handing_over(token: Option<&CancellationToken>) {
-    match token {
-        Some(token) => token.cancelled().await,
-        None => std::future::pending().await,
+impl Held<'_> {
+    /// Why the splice stops now that `stop` fired: a hand-over if one was asked for first.
+    fn stopped(&self) -> SpliceError {
+        match self.hand_over.is_some_and(CancellationToken::is_cancelled) {
+            true => SpliceError::HandedOver(None),
+            false => SpliceError::Stopping,
+        }
     }
 }
 
