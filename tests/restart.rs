@@ -1,7 +1,8 @@
 //! The relay restarted as systemd restarts it (`RestartKillSignal=SIGUSR2`, then a new process
 //! given back what the old one stored), with a stand-in for systemd (`tests/src/manager.rs`):
 //! visitor connections and a real ssh session go on with every byte; a state that does not
-//! hold closes them cleanly; a stop still closes everything.
+//! hold closes them cleanly; a stop still closes everything; after a crash the ports, kept in
+//! the store from when they opened, still take visitors in.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
