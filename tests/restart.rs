@@ -13,6 +13,7 @@ use tether_tests::lab::{binary, Peer};
 use tether_tests::manager::Manager;
 use tether_tests::process::Process;
 use tether_tests::status::relay_status_once;
+use tether_tests::tools::SshdFiles;
 use tether_tests::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -88,6 +89,19 @@ impl Scene {
         }
     }
 
+    /// A visitor connection to the echo forward, served once.
+    async fn visitor(&self) -> TcpStream {
+        let mut tcp = TcpStream::connect(public(self.echo_port)).await.unwrap();
+        assert!(echoes(&mut tcp).await, "a visitor is served");
+        tcp
+    }
+
+    /// Stops the agent and the relay as systemd stops them.
+    async fn stop(mut self) {
+        let _ = self.agent.signal_and_wait("TERM").await;
+        let _ = self.relay.signal_and_wait("TERM").await;
+    }
+
     /// Asks the relay to restart as `systemctl restart` does with the unit's
     /// `RestartKillSignal`.
     fn ask_restart(&self) -> usize {
@@ -128,61 +142,16 @@ fn free_udp_port() -> u16 {
 }
 
 /// sshd on loopback, letting root in with a key of the test's own; returns it, where it
-/// listens, and the arguments of `ssh` that log in through the relay's public `port`.
-async fn start_sshd(dir: &Path) -> (Process, SocketAddr, impl Fn(u16) -> Vec<String>) {
-    let keygen = |name: &str| {
-        let path = dir.join(name);
-        let status = std::process::Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(&path)
-            .status();
-        assert!(status.expect("run ssh-keygen").success());
-        path
-    };
-    let (host_key, user_key) = (keygen("ssh_host_key"), keygen("ssh_user_key"));
+/// listens, and its files (with the arguments of `ssh` that log in).
+async fn start_sshd(dir: &Path) -> (Process, SocketAddr, SshdFiles) {
     let listen = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let config = dir.join("sshd_config");
-    std::fs::write(
-        &config,
-        format!(
-            "ListenAddress {listen}\nHostKey {}\nAuthorizedKeysFile {}.pub\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n\
-             StrictModes no\nUseDNS no\nPidFile none\n",
-            host_key.display(),
-            user_key.display()
-        ),
-    )
-    .unwrap();
-    std::fs::create_dir_all("/run/sshd").unwrap();
+    let files = SshdFiles::write(dir, &listen.to_string());
     // sshd re-executes itself, by an absolute path only.
     let mut command = Command::new("/usr/sbin/sshd");
-    command.args(["-D", "-e", "-f"]).arg(&config);
+    command.args(["-D", "-e", "-f"]).arg(&files.config);
     let mut sshd = Process::start(command);
     sshd.wait_for_line("Server listening").await;
-    let login = move |port: u16| {
-        [
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-            &user_key.display().to_string(),
-            "-p",
-            &port.to_string(),
-            "root@127.0.0.1",
-        ]
-        .map(String::from)
-        .to_vec()
-    };
-    (sshd, listen, login)
+    (sshd, listen, files)
 }
 
 /// Whether sshd can be run here: it needs root and openssh, which `.ci/run` installs (where a
@@ -217,9 +186,11 @@ async fn ten_restarts_in_a_row_lose_no_byte_and_the_ssh_session_answers_after_ea
             false => None,
         };
         let mut scene = Scene::start(&keys, echo, sshd.as_ref().map(|(_, at, _)| *at), "").await;
-        let mut ssh = sshd.as_ref().map(|(_, _, login)| {
+        let mut ssh = sshd.as_ref().map(|(_, _, files)| {
             let mut command = Command::new("ssh");
-            command.args(login(scene.ssh_port)).arg("sh");
+            command
+                .args(files.login("127.0.0.1", scene.ssh_port))
+                .arg("sh");
             Peer::start(command)
         });
         if let Some(ssh) = &mut ssh {
@@ -230,8 +201,7 @@ async fn ten_restarts_in_a_row_lose_no_byte_and_the_ssh_session_answers_after_ea
         let data = pattern(48 << 20);
         let tcp = TcpStream::connect(public(scene.echo_port)).await.unwrap();
         let (reader, mut write) = echo_through(tcp);
-        let mut typing = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut typing).await);
+        let mut typing = scene.visitor().await;
         let chunks: Vec<&[u8]> = data.chunks(data.len() / RESTARTS).collect();
         let mut pauses = Vec::new();
         for (round, chunk) in chunks.iter().take(RESTARTS).enumerate() {
@@ -283,8 +253,7 @@ async fn ten_restarts_in_a_row_lose_no_byte_and_the_ssh_session_answers_after_ea
             back.len()
         );
         assert!(median <= MAX_PAUSE, "median pause {median:?}");
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.stop().await;
     })
     .await;
 }
@@ -309,8 +278,7 @@ async fn a_changed_or_foreign_state_closes_the_kept_connections_and_the_relay_se
             }),
         ];
         for (why, change) in changes {
-            let mut held = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-            assert!(echoes(&mut held).await);
+            let mut held = scene.visitor().await;
             let before = scene.ask_restart();
             assert!(scene.relay.wait().await.success());
             scene.manager.wait_for("FDNAME=tether-relay", before).await;
@@ -335,11 +303,9 @@ async fn a_changed_or_foreign_state_closes_the_kept_connections_and_the_relay_se
             assert!(!state.exists(), "a state is read once");
             // The agent comes back, and visitors are served.
             scene.agent.wait_for_line("connected to relay").await;
-            let mut fresh = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-            assert!(echoes(&mut fresh).await, "a visitor after a refused state");
+            scene.visitor().await;
         }
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.stop().await;
     })
     .await;
 }
@@ -350,8 +316,7 @@ async fn a_stop_drains_and_closes_every_connection_keeping_nothing() {
         let keys = Keys::new();
         let echo = echo_service().await;
         let mut scene = Scene::start(&keys, echo, None, "").await;
-        let mut held = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut held).await);
+        let mut held = scene.visitor().await;
         let status = scene.relay.signal_and_wait("TERM").await;
         assert!(status.success());
         let mut byte = [0u8; 1];
@@ -378,8 +343,7 @@ async fn a_kept_connection_whose_agent_does_not_come_back_closes_after_the_resum
         let keys = Keys::new();
         let echo = echo_service().await;
         let mut scene = Scene::start(&keys, echo, None, "resume_window = \"2s\"").await;
-        let mut held = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut held).await);
+        let mut held = scene.visitor().await;
         // The agent stops for good as the relay restarts.
         scene.agent.signal("STOP");
         let before = scene.ask_restart();
@@ -408,8 +372,7 @@ async fn with_the_agent_restarted_at_the_same_moment_kept_connections_close_and_
         let keys = Keys::new();
         let echo = echo_service().await;
         let mut scene = Scene::start(&keys, echo, None, "").await;
-        let mut held = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut held).await);
+        let mut held = scene.visitor().await;
         let before = scene.ask_restart();
         // The agent's own connections to its services end with its process.
         assert!(scene.agent.signal_and_wait("TERM").await.success());
@@ -423,10 +386,8 @@ async fn with_the_agent_restarted_at_the_same_moment_kept_connections_close_and_
         let mut byte = [0u8; 1];
         let end = within("the kept connection to close", held.read(&mut byte)).await;
         assert!(matches!(end, Ok(0) | Err(_)), "{end:?}");
-        let mut fresh = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut fresh).await, "a visitor after both restarted");
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.visitor().await;
+        scene.stop().await;
     })
     .await;
 }
@@ -457,8 +418,7 @@ async fn a_udp_visitor_is_answered_again_on_the_same_port_after_a_restart() {
             });
             answered.await;
         }
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.stop().await;
     })
     .await;
 }
@@ -471,8 +431,7 @@ async fn two_hundred_kept_connections_go_on_and_give_their_places_back_when_they
         let mut scene = Scene::start(&keys, echo, None, "").await;
         let mut visitors = Vec::new();
         for _ in 0..200 {
-            let mut tcp = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-            assert!(echoes(&mut tcp).await);
+            let tcp = scene.visitor().await;
             visitors.push(tcp);
         }
         let before = scene.ask_restart();
@@ -500,10 +459,8 @@ async fn two_hundred_kept_connections_go_on_and_give_their_places_back_when_they
         let before = scene.ask_restart();
         let line = scene.take_over(before).await;
         assert!(line.contains("connections=0"), "{line}");
-        let mut fresh = TcpStream::connect(public(scene.echo_port)).await.unwrap();
-        assert!(echoes(&mut fresh).await);
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.visitor().await;
+        scene.stop().await;
     })
     .await;
 }
@@ -540,8 +497,7 @@ async fn after_a_crash_the_ports_still_listen_and_a_visitor_who_came_meanwhile_i
             "the visitor who came during the crash was answered {:?} after the relay started again",
             restarted.elapsed()
         );
-        let _ = scene.agent.signal_and_wait("TERM").await;
-        let _ = scene.relay.signal_and_wait("TERM").await;
+        scene.stop().await;
     })
     .await;
 }

@@ -390,58 +390,12 @@ impl Lab {
     /// Starts sshd in home on 127.0.0.1:22, admitting root with a key of its own, and returns
     /// it with the arguments that log in through the relay's port 2222 from the visitor.
     pub async fn start_sshd(&self) -> (Process, Vec<String>) {
-        let dir = self.keys.path();
-        let keygen = |name: &str| {
-            let path = dir.join(name);
-            let status = std::process::Command::new("ssh-keygen")
-                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-                .arg(&path)
-                .status();
-            assert!(
-                status.expect("run ssh-keygen").success(),
-                "ssh-keygen failed"
-            );
-            path
-        };
-        let host_key = keygen("ssh_host_key");
-        let user_key = keygen("ssh_user_key");
-        let config = format!(
-            "ListenAddress 127.0.0.1:22\nHostKey {}\nAuthorizedKeysFile {}.pub\n\
-             PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n\
-             StrictModes no\nUseDNS no\nPidFile none\n",
-            host_key.display(),
-            user_key.display()
-        );
-        let config_file = dir.join("sshd_config");
-        std::fs::write(&config_file, config).expect("write sshd_config");
-        // sshd insists on its privilege separation directory.
-        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        let files = crate::tools::SshdFiles::write(self.keys.path(), "127.0.0.1:22");
         let mut command = self.home.command("/usr/sbin/sshd");
-        command.args(["-D", "-e", "-f"]).arg(&config_file);
+        command.args(["-D", "-e", "-f"]).arg(&files.config);
         let mut sshd = Process::start(command);
         sshd.wait_for_line("Server listening").await;
-        let login = [
-            "-F",
-            "/dev/null",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "IdentitiesOnly=yes",
-            "-i",
-            &user_key.display().to_string(),
-            "-p",
-            "2222",
-            &format!("root@{RELAY_PUBLIC}"),
-        ]
-        .map(String::from)
-        .to_vec();
-        (sshd, login)
+        (sshd, files.login(RELAY_PUBLIC, 2222))
     }
 
     /// Starts the impairment shim in the relay's namespace, in front of the relay, and returns

@@ -39,3 +39,70 @@ fn is_executable(file: &Path) -> bool {
     file.metadata()
         .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
+
+/// The files of an sshd of a test's own, in `dir`: a config listening on `listen` that admits
+/// root with a key made for the test, its host key, and the user key to log in with.
+pub struct SshdFiles {
+    pub config: std::path::PathBuf,
+    pub user_key: std::path::PathBuf,
+}
+
+impl SshdFiles {
+    pub fn write(dir: &Path, listen: &str) -> Self {
+        let keygen = |name: &str| {
+            let path = dir.join(name);
+            let status = std::process::Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&path)
+                .status();
+            assert!(
+                status.expect("run ssh-keygen").success(),
+                "ssh-keygen failed"
+            );
+            path
+        };
+        let host_key = keygen("ssh_host_key");
+        let user_key = keygen("ssh_user_key");
+        let config = dir.join("sshd_config");
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress {listen}\nHostKey {}\nAuthorizedKeysFile {}.pub\n\
+                 PermitRootLogin prohibit-password\nPasswordAuthentication no\nUsePAM no\n\
+                 StrictModes no\nUseDNS no\nPidFile none\n",
+                host_key.display(),
+                user_key.display()
+            ),
+        )
+        .expect("write sshd_config");
+        // sshd insists on its privilege separation directory.
+        std::fs::create_dir_all("/run/sshd").expect("create /run/sshd");
+        Self { config, user_key }
+    }
+
+    /// The arguments of `ssh` that log in as root at `host`'s `port` with the test's key,
+    /// asking nothing.
+    pub fn login(&self, host: &str, port: u16) -> Vec<String> {
+        [
+            "-F",
+            "/dev/null",
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "LogLevel=ERROR",
+            "-o",
+            "IdentitiesOnly=yes",
+            "-i",
+            &self.user_key.display().to_string(),
+            "-p",
+            &port.to_string(),
+            &format!("root@{host}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+}

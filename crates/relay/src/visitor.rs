@@ -235,18 +235,10 @@ fn serve(
             acks: live.acks.clone(),
         };
         drop(live);
-        let held = Held {
-            stream: &stream,
-            window: shared.config.resume_window,
-            stop: &shared.shutdown,
-            hand_over: Some(&shared.hand_over.token),
-            meter: route.traffic.at_visitor(),
-        };
-        let (moved, result) = splice(tcp, Some(link), held).await;
-        if let Err(SpliceError::HandedOver(Some(tcp))) = result {
-            shared.hand_over.give(tcp, stream.snapshot());
+        let (moved, result) = splice(tcp, Some(link), held(&shared, &stream, &route)).await;
+        let Some(result) = hand_over_if_asked(&shared, &stream, result) else {
             return;
-        }
+        };
         match logged {
             Some(logged) => shared
                 .audit
@@ -289,24 +281,42 @@ pub fn adopt(
         };
         let _registration = registration;
         let _open = route.traffic.visitor();
-        let held = Held {
-            stream: &stream,
-            window: shared.config.resume_window,
-            stop: &shared.shutdown,
-            hand_over: Some(&shared.hand_over.token),
-            meter: route.traffic.at_visitor(),
-        };
-        let (_, result) = splice(tcp, None, held).await;
-        match result {
-            Err(SpliceError::HandedOver(Some(tcp))) => {
-                shared.hand_over.give(tcp, stream.snapshot());
-            }
-            result => tracing::debug!(?result, "visitor disconnected"),
+        let (_, result) = splice(tcp, None, held(&shared, &stream, &route)).await;
+        if let Some(result) = hand_over_if_asked(&shared, &stream, result) {
+            tracing::debug!(?result, "visitor disconnected");
         }
     };
     let span = tracing::debug_span!("visitor", %visitor);
     shared.tasks.spawn(task.instrument(span));
     Ok(())
+}
+
+/// What a visitor's splice needs of the relay: its resume window, its stop and hand-over, and
+/// the forward's meter.
+fn held<'a>(shared: &'a Shared, stream: &'a HeldStream, route: &'a Route) -> Held<'a> {
+    Held {
+        stream,
+        window: shared.config.resume_window,
+        stop: &shared.shutdown,
+        hand_over: Some(&shared.hand_over.token),
+        meter: route.traffic.at_visitor(),
+    }
+}
+
+/// Gives the connection of a splice that stopped for a hand-over to the relay's hand-over,
+/// with its stream as it stands; any other end is returned.
+fn hand_over_if_asked(
+    shared: &Shared,
+    stream: &HeldStream,
+    result: Result<(), SpliceError>,
+) -> Option<Result<(), SpliceError>> {
+    match result {
+        Err(SpliceError::HandedOver(Some(tcp))) => {
+            shared.hand_over.give(tcp, stream.snapshot());
+            None
+        }
+        result => Some(result),
+    }
 }
 
 /// How a held stream goes on in the new session `live`: the relay opens a data stream, says

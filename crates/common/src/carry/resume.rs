@@ -647,12 +647,24 @@ impl HeldStreams {
         header: StreamHeader,
         session: SessionId,
     ) -> Option<(Arc<HeldStream>, Registration)> {
-        let id = header.id;
+        self.insert(header.id, session, || {
+            Some(HeldStream::new(header, self.per_stream, self.room.clone()))
+        })
+    }
+
+    /// Holds the stream `make` builds as stream `id` of `session`; `None` if a stream of that
+    /// id is held already (`make` is not called then), or if `make` builds none.
+    fn insert(
+        self: &Arc<Self>,
+        id: StreamId,
+        session: SessionId,
+        make: impl FnOnce() -> Option<HeldStream>,
+    ) -> Option<(Arc<HeldStream>, Registration)> {
         let mut streams = self.lock();
         if streams.contains_key(&id) {
             return None;
         }
-        let stream = Arc::new(HeldStream::new(header, self.per_stream, self.room.clone()));
+        let stream = Arc::new(make()?);
         streams.insert(id, (stream.clone(), session));
         self.added().insert(id);
         let registration = Registration {
@@ -674,35 +686,25 @@ impl HeldStreams {
         if !snapshot.is_consistent() || len > self.per_stream {
             return None;
         }
-        let id = snapshot.header.id;
-        let mut streams = self.lock();
-        if streams.contains_key(&id) {
-            return None;
-        }
-        self.room
-            .try_acquire_many(u32::try_from(len).ok()?)
-            .ok()?
-            .forget();
-        let mut stream = HeldStream::new(snapshot.header, self.per_stream, self.room.clone());
-        let outbox = stream.outbox.get_mut().unwrap_or_else(|e| e.into_inner());
-        outbox.start = snapshot.start;
-        outbox.confirmed = snapshot.confirmed;
-        outbox.ended = snapshot.ended;
-        outbox.held_len = len as u64;
-        if len > 0 {
-            outbox.held.push_back(snapshot.held);
-        }
-        *stream.received.get_mut() = snapshot.received;
-        *stream.peer_ended.get_mut() = snapshot.peer_ended;
-        stream.opened = snapshot.opened;
-        let stream = Arc::new(stream);
-        streams.insert(id, (stream.clone(), session));
-        self.added().insert(id);
-        let registration = Registration {
-            streams: self.clone(),
-            id,
-        };
-        Some((stream, registration))
+        self.insert(snapshot.header.id, session, || {
+            self.room
+                .try_acquire_many(u32::try_from(len).ok()?)
+                .ok()?
+                .forget();
+            let mut stream = HeldStream::new(snapshot.header, self.per_stream, self.room.clone());
+            let outbox = stream.outbox.get_mut().unwrap_or_else(|e| e.into_inner());
+            outbox.start = snapshot.start;
+            outbox.confirmed = snapshot.confirmed;
+            outbox.ended = snapshot.ended;
+            outbox.held_len = len as u64;
+            if len > 0 {
+                outbox.held.push_back(snapshot.held);
+            }
+            *stream.received.get_mut() = snapshot.received;
+            *stream.peer_ended.get_mut() = snapshot.peer_ended;
+            stream.opened = snapshot.opened;
+            Some(stream)
+        })
     }
 
     /// Passes the peer's confirmations on; returns how many named a stream that is held and
