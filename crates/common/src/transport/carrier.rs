@@ -78,7 +78,10 @@ const RECV_BATCH: usize = 8;
 /// 186.5 and 175.6 Mbit/s, where without it 132.1, 120.4 and 139.4, and rathole 194.5, 170.4
 /// and 191.5 (medians: 175.6, 132.1, 191.5); a request beside a bulk transfer waited 126.0,
 /// 130.7 and 122.5 ms (p50), without it 160.2, 164.6 and 155.1; the bulk transfer beside it
-/// carried 167.3, 163.4 and 128.9 Mbit/s, without it 176.3, 185.2 and 196.6.
+/// carried 167.3, 163.4 and 128.9 Mbit/s, without it 176.3, 185.2 and 196.6. In runs as long
+/// as the bench's (`peers --lab --runs 3 --seconds 30`, medians) the gain in one stream did
+/// not hold: 161.5 against rathole's 188.6 (0.86x, as without it in bench/RESULTS.md); a
+/// request beside a bulk transfer waited 132.9 ms (p50; 159.3 there), rathole's 41.0.
 const KERNEL_UNSENT: u32 = 128 * 1024;
 
 /// Sets up a carrier's TCP connection, on either end: no Nagle delay (QUIC packets go as they
