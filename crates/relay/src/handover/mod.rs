@@ -50,7 +50,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use state::{AgentState, State, StateError, StreamState};
 
-/// The name the relay's descriptors are kept under in systemd's store.
+/// The name the visitor connections of a restart are kept under in systemd's store (the
+/// listening sockets have names of their own: see [`LISTEN_UDP`]).
 pub const FD_NAME: &str = "tether-relay";
 
 /// The names the relay's own sockets are kept under in systemd's store while it runs: where
