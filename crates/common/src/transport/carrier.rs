@@ -21,16 +21,20 @@
 //! and account for per byte carried.
 //!
 //! What it costs, measured on loopback against tether over QUIC and rathole (Noise, over TCP)
-//! (`bench/run`, bench/RESULTS.md, 2 cores, medians of 3 runs): one stream 5,797 Mbit/s, 1.73x
-//! QUIC's and 1.90x rathole's; four streams 5,673 Mbit/s; added request/response p50 158 us
-//! (QUIC 183); an idle visitor connection 6.65 KiB (QUIC 6.71); the relay at rest with one
-//! agent on TCP 7,964 KiB (on QUIC 7,924). Over the lossy lab (20 ms and 2% loss each way):
-//! one stream 156.6 Mbit/s, where QUIC carried 512.7 and rathole 182.5 (0.86x; with quinn's
-//! BBR on top of TCP, the run before: 147.5 against 179.8, 0.82x); beside a bulk transfer, a
-//! request waited 159.3 ms (p50), where QUIC's waited 48.7. Both this path and rathole are one
-//! TCP connection there, whose retransmissions hold up everything behind a loss; with a 1 MiB
-//! stream window instead of 8, this path carried 50.8 (one run). QUIC's own congestion control
-//! is left out on a carrier (`LeftToTcp`, with its side-by-side figures).
+//! (`bench/run` at 68f9eb3, bench/RESULTS.md, 2 cores, medians of 3 runs): one stream 4,686
+//! Mbit/s, 1.28x QUIC's and 1.55x rathole's; four streams 4,928 Mbit/s; added request/response
+//! p50 152 us (QUIC 170); an idle visitor connection 6.71 KiB (QUIC 6.64); the relay at rest
+//! with one agent on TCP 8,232 KiB (on QUIC 8,024). (The run before, at 6991ad5, had one
+//! stream at 5,797 Mbit/s; that build and this one side by side on the same day, three rounds
+//! of `peers --systems tether,tether-tcp --runs 1 --seconds 5` each, carried 4,923, 4,582 and
+//! 4,941 against 3,920, 4,638 and 4,844: the day's machine, within the rounds' spread.) Over the
+//! lossy lab (20 ms and 2% loss each way): one stream 211.8 Mbit/s, where QUIC carried 504.9
+//! and rathole 170.1 (1.25x; before [`SEND_BUFFER`], 156.6 against 182.5); beside a bulk
+//! transfer, a request waited 155.4 ms (p50), where QUIC's waited 47.8 and rathole's 41.4.
+//! Every stream shares the one TCP connection there, and so waits out each of its losses;
+//! rathole gives each visitor connection a TCP connection of its own. With a 1 MiB stream
+//! window instead of 8, this path carried 50.8 (one run). QUIC's own congestion control is
+//! left out on a carrier (`LeftToTcp`, with its side-by-side figures).
 //!
 //! [`tls::ALPN_TCP`]: crate::trust::tls::ALPN_TCP
 
@@ -80,7 +84,7 @@ const RECV_BATCH: usize = 8;
 /// 130.7 and 122.5 ms (p50), without it 160.2, 164.6 and 155.1; the bulk transfer beside it
 /// carried 167.3, 163.4 and 128.9 Mbit/s, without it 176.3, 185.2 and 196.6. In runs as long
 /// as the bench's (`peers --lab --runs 3 --seconds 30`, medians) the gain in one stream did
-/// not hold: 161.5 against rathole's 188.6 (0.86x, as without it in bench/RESULTS.md); a
+/// not hold: 161.5 against rathole's 188.6 (0.86x, as without it in bench/RESULTS.md then); a
 /// request beside a bulk transfer waited 132.9 ms (p50; 159.3 there), rathole's 41.0.
 const KERNEL_UNSENT: u32 = 128 * 1024;
 
