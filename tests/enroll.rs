@@ -21,9 +21,13 @@ struct Relay {
 impl Relay {
     fn init(keys: &Keys) -> Self {
         let dir = keys.path().join("relay");
-        let (ports, held) = consecutive_udp_ports(1);
+        // `init` puts the TCP listener on the same port number as QUIC's: free for both.
+        let (port, held) = consecutive(1, |address| {
+            let udp = std::net::UdpSocket::bind(address).ok()?;
+            Some((udp, std::net::TcpListener::bind(address).ok()?))
+        });
         drop(held);
-        let listen = format!("127.0.0.1:{}", ports.start());
+        let listen = format!("127.0.0.1:{port}");
         let (code, _, stderr) = run(
             &binary("tether-relay"),
             &["init", "--dir", path(&dir), "--listen", &listen],
