@@ -204,10 +204,11 @@ struct Limits {
     draining_until: Option<Instant>,
     /// The median of `rates`, and the cap, as of the last acknowledgement: quinn asks for the
     /// window several times for each packet it sends, far more often than they change. Worked
-    /// out at each ask, the sort and allocation took 2.8% of the machine's CPU time on a
-    /// loopback bulk transfer (`perf record -a`, the relay 37%); kept, one stream on loopback
-    /// carried 3,405 Mbit/s at 3.52 CPU s per GB where 3,176 at 3.81 (medians of six rounds
-    /// alternating, `peers --systems tether --runs 1 --seconds 5`).
+    /// out at each ask, the sort and the window took 2.1% of the machine's CPU time on a
+    /// loopback bulk transfer, beside 0.8% in malloc and free (`perf record -a`; the relay 37%
+    /// in all); kept, one stream on loopback carried 3,405 Mbit/s at 3.52 CPU s per GB where
+    /// 3,176 at 3.81 (medians of six rounds alternating, `peers --systems tether --runs 1
+    /// --seconds 5`).
     rate: Option<f64>,
     cap: Option<u64>,
 }
