@@ -70,7 +70,7 @@ impl Shared {
     }
 
     /// Has systemd keep a copy of a socket the relay just bound, under `name`, for as long
-    /// as the returned [`Kept`] is held; `adopted`: a socket the previous process left, which
+    /// as the returned `Kept` is held; `adopted`: a socket the previous process left, which
     /// systemd keeps already. `None` outside systemd, or if systemd cannot take it.
     pub fn keep(&self, name: String, socket: BorrowedFd<'_>, adopted: bool) -> Option<Kept> {
         Kept::keep(self.store.as_ref(), name, socket, adopted)

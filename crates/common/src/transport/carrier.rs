@@ -29,7 +29,7 @@
 //! of `peers --systems tether,tether-tcp --runs 1 --seconds 5` each, carried 4,923, 4,582 and
 //! 4,941 against 3,920, 4,638 and 4,844: the day's machine, within the rounds' spread.) Over the
 //! lossy lab (20 ms and 2% loss each way): one stream 211.8 Mbit/s, where QUIC carried 504.9
-//! and rathole 170.1 (1.25x; before [`SEND_BUFFER`], 156.6 against 182.5); beside a bulk
+//! and rathole 170.1 (1.25x; before `SEND_BUFFER`, 156.6 against 182.5); beside a bulk
 //! transfer, a request waited 155.4 ms (p50), where QUIC's waited 47.8 and rathole's 41.4.
 //! Every stream shares the one TCP connection there, and so waits out each of its losses;
 //! rathole gives each visitor connection a TCP connection of its own. With a 1 MiB stream
@@ -128,8 +128,8 @@ fn send_buffer_here() -> Option<usize> {
 }
 
 /// Sets up a carrier's TCP connection, on either end: no Nagle delay (QUIC packets go as they
-/// are written), a short unsent queue in the kernel ([`KERNEL_UNSENT`]), and room for what a
-/// lossy link keeps in flight ([`SEND_BUFFER`]).
+/// are written), a short unsent queue in the kernel (`KERNEL_UNSENT`), and room for what a
+/// lossy link keeps in flight (`SEND_BUFFER`).
 pub fn tune(tcp: &tokio::net::TcpStream) {
     let _ = tcp.set_nodelay(true);
     let socket = socket2::SockRef::from(tcp);
